@@ -1,0 +1,1 @@
+//! kubevmm API types.

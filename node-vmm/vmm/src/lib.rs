@@ -1,0 +1,1 @@
+//! kubevmm VMM.
