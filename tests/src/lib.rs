@@ -1,1 +1,228 @@
-//! e2e support.
+//! Test support for kubevmm's end-to-end tests.
+//!
+//! Each test binary starts **its own** local control plane (etcd,
+//! kube-apiserver with TLS and RBAC, kube-controller-manager, our CRDs) with
+//! `hack/cluster.sh` on free loopback ports and a private state directory,
+//! and stops it when the binary exits. Tests never talk to a cluster they
+//! did not start. Every test gets its own namespace.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// What can go wrong while preparing a test cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum SupportError {
+    /// A command could not be started at all.
+    #[error("cannot run {cmd}: {source}")]
+    Spawn {
+        /// The command line.
+        cmd: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A command ran and failed.
+    #[error("{cmd} failed ({status}):\n{stderr}")]
+    Failed {
+        /// The command line.
+        cmd: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// No free loopback port.
+    #[error("no free TCP port on 127.0.0.1: {0}")]
+    Port(std::io::Error),
+    /// The kubeconfig could not be loaded by the Rust client.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// Its path.
+        path: PathBuf,
+        /// What kube-rs said.
+        message: String,
+    },
+}
+
+/// The repository root (parent of `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn free_port() -> Result<u16, SupportError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(SupportError::Port)?;
+    Ok(l.local_addr().map_err(SupportError::Port)?.port())
+}
+
+fn run(cmd: &mut Command) -> Result<Output, SupportError> {
+    let desc = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| SupportError::Spawn {
+            cmd: desc.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(SupportError::Failed {
+            cmd: desc,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout),
+        })
+    }
+}
+
+/// A private control plane owned by this test process.
+#[derive(Debug)]
+pub struct ControlPlane {
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+    kubeconfig: PathBuf,
+}
+
+static SHARED: OnceLock<ControlPlane> = OnceLock::new();
+static STOP_DIR: Mutex<Option<(PathBuf, Vec<(String, String)>)>> = Mutex::new(None);
+
+extern "C" fn stop_shared_at_exit() {
+    let Ok(guard) = STOP_DIR.lock() else { return };
+    if let Some((_, env)) = guard.as_ref() {
+        let _ = Command::new(repo_root().join("hack/cluster.sh"))
+            .args(["down", "--purge"])
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl ControlPlane {
+    /// The control plane of this test binary, started on first use.
+    ///
+    /// Panics with the script's output when it cannot start: a test that
+    /// needs the API server must fail loudly, never skip.
+    pub fn shared() -> &'static ControlPlane {
+        SHARED.get_or_init(|| match Self::start() {
+            Ok(cp) => cp,
+            Err(e) => panic!("cannot start the test control plane: {e}"),
+        })
+    }
+
+    fn start() -> Result<Self, SupportError> {
+        let dir = std::env::temp_dir().join(format!("kubevmm-test-cluster-{}", std::process::id()));
+        let env: Vec<(String, String)> = vec![
+            ("KUBEVMM_CLUSTER_DIR".into(), dir.display().to_string()),
+            ("KUBEVMM_APISERVER_PORT".into(), free_port()?.to_string()),
+            ("KUBEVMM_ETCD_PORT".into(), free_port()?.to_string()),
+            ("KUBEVMM_ETCD_PEER_PORT".into(), free_port()?.to_string()),
+            ("KUBEVMM_KCM_PORT".into(), free_port()?.to_string()),
+        ];
+        *STOP_DIR.lock().expect("stop lock") = Some((dir.clone(), env.clone()));
+        // SAFETY: registers a plain extern "C" function with no captured state;
+        // it only reads a static behind a mutex and runs the stop script.
+        unsafe {
+            libc::atexit(stop_shared_at_exit);
+        }
+        run(Command::new(repo_root().join("hack/cluster.sh"))
+            .arg("up")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))))?;
+        let kubeconfig = dir.join("admin.kubeconfig");
+        Ok(Self {
+            dir,
+            env,
+            kubeconfig,
+        })
+    }
+
+    /// The admin kubeconfig of this control plane.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The state directory (logs, certificates).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Environment variables that select this control plane for `hack/cluster.sh`.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    /// A `kubectl` command bound to this control plane.
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new("kubectl");
+        c.env("KUBECONFIG", &self.kubeconfig);
+        c
+    }
+
+    /// A kube-rs client for this control plane.
+    pub async fn client(&self) -> Result<kube::Client, SupportError> {
+        let err = |message: String| SupportError::Kubeconfig {
+            path: self.kubeconfig.clone(),
+            message,
+        };
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)
+            .map_err(|e| err(e.to_string()))?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| err(e.to_string()))?;
+        kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+    }
+
+    /// Creates a fresh namespace for one test (`<prefix>-<pid>-<n>`).
+    pub fn namespace(&self, prefix: &str) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        if let Err(e) = run(self.kubectl().args(["create", "namespace", &name])) {
+            panic!("cannot create namespace {name}: {e}");
+        }
+        name
+    }
+}
+
+/// Result of a command the test expects may fail: exit status and output.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Whether it exited 0.
+    pub success: bool,
+    /// stdout.
+    pub stdout: String,
+    /// stderr.
+    pub stderr: String,
+}
+
+/// Runs a command feeding `input` on stdin and returns what happened.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Outcome {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin piped")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait for command");
+    Outcome {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
