@@ -1,0 +1,7 @@
+//! x86-64 machine description: address map, CPUID, registers, memory map, ACPI.
+
+pub mod acpi;
+pub mod cpuid;
+pub mod e820;
+pub mod layout;
+pub mod regs;

@@ -1,0 +1,313 @@
+//! The VMM configuration (`VmConfig`), read from JSON by the binary and built
+//! directly by the node agent and `node-vmm run`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::layout;
+
+/// Smallest guest RAM we accept: room for boot structures and a kernel.
+pub const MIN_MEMORY: u64 = 8 << 20;
+/// vCPU limit (the MADT and our APIC id scheme use 8-bit ids).
+pub const MAX_CPUS: u8 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not a valid VM config: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cpus must be between 1 and {MAX_CPUS}, got {0}")]
+    Cpus(u8),
+    #[error("memory must be at least {min} MiB, got {0} bytes", min = MIN_MEMORY >> 20)]
+    MemoryTooSmall(u64),
+    #[error("memory must be a multiple of 4 KiB, got {0} bytes")]
+    MemoryAlignment(u64),
+    #[error("kernel {0} does not exist or is not a file")]
+    Kernel(PathBuf),
+    #[error("initrd {0} does not exist or is not a file")]
+    Initrd(PathBuf),
+    #[error("disk {id}: file {path} does not exist")]
+    DiskMissing { id: String, path: PathBuf },
+    #[error("duplicate device id {0:?}: disk and network ids must be unique")]
+    DuplicateId(String),
+    #[error("at most {max} virtio devices are supported, {0} configured", max = layout::VIRTIO_MAX_DEVICES)]
+    TooManyDevices(usize),
+    #[error("network {0}: give exactly one of tap or fd")]
+    NetBackend(String),
+    #[error("network {id}: bad MAC address {mac:?} (want six hex octets like 52:54:00:12:34:56)")]
+    Mac { id: String, mac: String },
+    #[error("kernel command line is {0} bytes, the limit is {max}", max = layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
+    #[error("serial output {0:?}: a file or socket path is required")]
+    SerialPath(SerialMode),
+}
+
+/// What to do when the guest reboots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReboot {
+    /// Exit the VMM with the reboot exit code; the supervisor decides.
+    #[default]
+    Exit,
+    /// Reset the machine and boot the kernel again in the same process.
+    Restart,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    /// Guest output to the VMM's stdout, the VMM's stdin to the guest.
+    #[default]
+    Stdout,
+    /// Guest output appended to a file.
+    File,
+    /// A unix socket; every connected client sees output and may type.
+    Socket,
+    /// Serial port present but output discarded.
+    Null,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    #[serde(default)]
+    pub mode: SerialMode,
+    /// File or socket path for `file` and `socket`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Name of the disk; also the default serial.
+    pub id: String,
+    /// Raw image file (or block device).
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial reported to the guest (`VIRTIO_BLK_T_GET_ID`, 20 bytes max).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// An already-open file descriptor for `path` (inherited from the parent).
+    #[serde(default)]
+    pub fd: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub id: String,
+    /// Name of a tap device to open.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// An already-open tap file descriptor (inherited from the parent).
+    #[serde(default)]
+    pub fd: Option<i32>,
+    /// Guest MAC address, `52:54:00:xx:xx:xx`.
+    pub mac: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    #[serde(default)]
+    pub rng: bool,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// Control API socket.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    #[serde(default)]
+    pub on_reboot: OnReboot,
+    /// Apply seccomp filters once the machine is set up (default on).
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl VmConfig {
+    /// A config with one vCPU, the given RAM and kernel, and defaults elsewhere.
+    pub fn new(kernel: impl Into<PathBuf>, memory: u64) -> Self {
+        Self {
+            cpus: 1,
+            memory,
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            serial: SerialConfig::default(),
+            api_socket: None,
+            on_reboot: OnReboot::Exit,
+            seccomp: true,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks everything that can be checked without opening KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(self.cpus));
+        }
+        if self.memory < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall(self.memory));
+        }
+        if self.memory % 4096 != 0 {
+            return Err(ConfigError::MemoryAlignment(self.memory));
+        }
+        if !self.kernel.is_file() {
+            return Err(ConfigError::Kernel(self.kernel.clone()));
+        }
+        if let Some(initrd) = &self.initrd {
+            if !initrd.is_file() {
+                return Err(ConfigError::Initrd(initrd.clone()));
+            }
+        }
+        if self.cmdline.len() >= layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for d in &self.disks {
+            if !ids.insert(d.id.as_str()) {
+                return Err(ConfigError::DuplicateId(d.id.clone()));
+            }
+            if d.fd.is_none() && !d.path.exists() {
+                return Err(ConfigError::DiskMissing {
+                    id: d.id.clone(),
+                    path: d.path.clone(),
+                });
+            }
+        }
+        for n in &self.nets {
+            if !ids.insert(n.id.as_str()) {
+                return Err(ConfigError::DuplicateId(n.id.clone()));
+            }
+            if n.tap.is_some() == n.fd.is_some() {
+                return Err(ConfigError::NetBackend(n.id.clone()));
+            }
+            parse_mac(&n.mac).ok_or_else(|| ConfigError::Mac {
+                id: n.id.clone(),
+                mac: n.mac.clone(),
+            })?;
+        }
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng);
+        if devices > layout::VIRTIO_MAX_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        if matches!(self.serial.mode, SerialMode::File | SerialMode::Socket)
+            && self.serial.path.is_none()
+        {
+            return Err(ConfigError::SerialPath(self.serial.mode));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> PathBuf {
+        std::env::current_exe().unwrap()
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("52:54:00:0a:0B:ff"),
+            Some([0x52, 0x54, 0, 0xa, 0xb, 0xff])
+        );
+        assert_eq!(parse_mac("52:54:00:0a:0b"), None);
+        assert_eq!(parse_mac("52:54:00:0a:0b:ff:00"), None);
+        assert_eq!(parse_mac("5g:54:00:0a:0b:ff"), None);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<VmConfig>(
+            r#"{"cpus":1,"memory":67108864,"kernel":"/k","bogus":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_bad_item() {
+        let mut c = VmConfig::new(kernel(), 64 << 20);
+        c.validate().unwrap();
+        c.cpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Cpus(0))));
+        c.cpus = 1;
+        c.memory = 1 << 20;
+        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooSmall(_))));
+        c.memory = 64 << 20;
+        c.disks.push(DiskConfig {
+            id: "data".into(),
+            path: "/nonexistent/disk.img".into(),
+            read_only: false,
+            serial: None,
+            fd: None,
+        });
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("data") && err.contains("/nonexistent/disk.img"),
+            "{err}"
+        );
+        c.disks.clear();
+        c.kernel = "/nonexistent/vmlinux".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/vmlinux"));
+    }
+}

@@ -1,0 +1,440 @@
+//! The machine: KVM VM, guest RAM, interrupt controllers, devices, vCPUs.
+//! `Vm::build` sets everything up; `Vm::run` starts the vCPUs and runs the
+//! event loop until the guest powers off, crashes or is stopped.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{acpi, cpuid, layout, regs};
+use crate::boot::{self, BootSpec};
+use crate::config::{SerialMode, VmConfig};
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::i8042::I8042;
+use crate::devices::legacy::{PostPort, PvPanic};
+use crate::devices::serial::{SerialDevice, SerialSink, SocketClients};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::{Bus, BusDevice};
+use crate::exit::ExitSignal;
+use crate::vcpu::{self, PauseGate, VcpuContext, VcpuHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it? try `node-vmm doctor`)")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("/dev/kvm lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest RAM of {requested} bytes is more than this host has ({available} bytes)")]
+    RamTooBig { requested: u64, available: u64 },
+    #[error("cannot allocate {0} bytes of guest RAM: {1}")]
+    Memory(u64, String),
+    #[error("cpus = {requested} exceeds what KVM supports here ({max})")]
+    TooManyCpus { requested: u8, max: usize },
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Serial(#[from] crate::devices::serial::SerialError),
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error("cannot create {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bus(#[from] crate::devices::BusOverlap),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// What a virtio device is, for stats and the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Disk,
+    Net,
+    Rng,
+}
+
+/// A virtio device and the eventfds its queues notify.
+#[derive(Debug)]
+pub struct VirtioSlot {
+    pub id: String,
+    pub kind: DeviceKind,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub queue_events: Vec<EventFd>,
+}
+
+/// A built machine, ready to run.
+pub struct Vm {
+    pub config: VmConfig,
+    pub vm_fd: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    pub exit: ExitSignal,
+    pub gate: Arc<PauseGate>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub console_clients: SocketClients,
+    pub acpi_pm: Arc<Mutex<AcpiPm>>,
+    pub virtio: Vec<VirtioSlot>,
+    pub post_writes: Arc<std::sync::atomic::AtomicU64>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    pending_vcpus: Vec<kvm_ioctls::VcpuFd>,
+    pub vcpus: Vec<VcpuHandle>,
+    // Keeps /dev/kvm open for the VM's lifetime.
+    _kvm: Kvm,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let mem =
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(size, e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Memory(size, e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the Vm
+        // keeps for as long as the VM fd exists.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map guest RAM"))?;
+    }
+    Ok(mem)
+}
+
+/// COM1, ACPI PM, i8042, pvpanic and the POST port on the port I/O bus.
+struct LegacyDevices {
+    pio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    console_clients: SocketClients,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    post_writes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LegacyDevices {
+    fn create(vm_fd: &Arc<VmFd>, exit: &ExitSignal, config: &VmConfig) -> Result<Self, VmError> {
+        let mut pio = Bus::default();
+        let console_clients = SocketClients::default();
+        let sink = match (config.serial.mode, &config.serial.path) {
+            (SerialMode::File, Some(path)) => SerialSink::file(path)?,
+            (SerialMode::Socket, _) => SerialSink::Socket(console_clients.clone()),
+            (SerialMode::Null | SerialMode::File, _) => SerialSink::Null,
+            (SerialMode::Stdout, _) => SerialSink::Stdout,
+        };
+        let (serial, serial_irq) = SerialDevice::new(sink)?;
+        vm_fd
+            .register_irqfd(&serial_irq, layout::COM1_IRQ)
+            .map_err(kvm_err("wire the serial interrupt"))?;
+        let serial = Arc::new(Mutex::new(serial));
+        pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone())?;
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(vm_fd.clone(), exit.clone())));
+        pio.insert(
+            u64::from(layout::PM1_EVT_PORT),
+            AcpiPm::LEN,
+            acpi_pm.clone(),
+        )?;
+        pio.insert(
+            u64::from(layout::I8042_PORT),
+            I8042::LEN,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+        pio.insert(
+            u64::from(layout::PVPANIC_PORT),
+            1,
+            Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+        )?;
+        let post = PostPort::default();
+        let post_writes = post.writes.clone();
+        pio.insert(u64::from(layout::POST_PORT), 1, Arc::new(Mutex::new(post)))?;
+        Ok(Self {
+            pio,
+            serial,
+            console_clients,
+            acpi_pm,
+            post_writes,
+        })
+    }
+}
+
+/// Disks, NICs and the RNG as virtio-mmio devices with irqfds and ioeventfds.
+fn create_virtio_devices(
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    mmio: &mut Bus,
+) -> Result<(Vec<VirtioSlot>, Vec<acpi::MmioDeviceInfo>), VmError> {
+    let mut devices: Vec<(String, DeviceKind, Box<dyn VirtioDevice>)> = Vec::new();
+    for d in &config.disks {
+        let blk = Block::open(&d.id, &d.path, d.fd, d.read_only, d.serial.as_deref())?;
+        devices.push((d.id.clone(), DeviceKind::Disk, Box::new(blk)));
+    }
+    for n in &config.nets {
+        let net = crate::devices::virtio::net::Net::open(n)?;
+        devices.push((n.id.clone(), DeviceKind::Net, Box::new(net)));
+    }
+    if config.rng {
+        devices.push(("rng".into(), DeviceKind::Rng, Box::new(Rng::new())));
+    }
+    let mut virtio = Vec::new();
+    let mut infos = Vec::new();
+    for (index, (id, kind, device)) in devices.into_iter().enumerate() {
+        let addr = layout::virtio_mmio_addr(index);
+        let irq = layout::virtio_irq(index);
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("a virtio irqfd"))?;
+        vm_fd
+            .register_irqfd(&irqfd, irq)
+            .map_err(kvm_err("wire a virtio interrupt"))?;
+        let transport = MmioTransport::new(device, mem.clone(), Interrupt::new(irqfd));
+        let mut queue_events = Vec::new();
+        for q in 0..transport.queue_count() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("a virtio queue eventfd"))?;
+            vm_fd
+                .register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(kvm_err("register a virtio queue notifier"))?;
+            queue_events.push(evt);
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(
+            addr,
+            layout::VIRTIO_MMIO_SIZE,
+            transport.clone() as Arc<Mutex<dyn BusDevice>>,
+        )?;
+        infos.push(acpi::MmioDeviceInfo { addr, irq });
+        virtio.push(VirtioSlot {
+            id,
+            kind,
+            transport,
+            queue_events,
+        });
+    }
+    Ok((virtio, infos))
+}
+
+/// Creates the vCPUs with CPUID, MSRs, FPU and LAPIC set; the BSP gets the
+/// boot entry state.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    entry: regs::EntryMode,
+) -> Result<Vec<kvm_ioctls::VcpuFd>, VmError> {
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report supported CPUID"))?;
+    let mut vcpus = Vec::new();
+    for i in 0..cpus {
+        let vcpu = vm_fd
+            .create_vcpu(u64::from(i))
+            .map_err(kvm_err("create a vCPU"))?;
+        let mut cpuid = base_cpuid.clone();
+        cpuid::normalize(&mut cpuid, i, cpus);
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+        regs::setup_msrs(&vcpu)?;
+        regs::setup_fpu(&vcpu)?;
+        regs::setup_lapic(&vcpu)?;
+        if i == 0 {
+            regs::setup_sregs(mem, &vcpu, entry)?;
+            regs::setup_regs(&vcpu, entry)?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+impl Vm {
+    /// Sets up the whole machine. Nothing runs until `run`.
+    pub fn build(config: VmConfig) -> Result<Self, VmError> {
+        config.validate()?;
+        if let Some(available) = host_memory() {
+            if config.memory > available {
+                return Err(VmError::RamTooBig {
+                    requested: config.memory,
+                    available,
+                });
+            }
+        }
+        let kvm = open_kvm()?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.cpus) > max {
+            return Err(VmError::TooManyCpus {
+                requested: config.cpus,
+                max,
+            });
+        }
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set the TSS address"))?;
+        vm_fd
+            .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set the identity map address"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("create the in-kernel PIT"))?;
+        let mem = create_memory(&vm_fd, config.memory)?;
+        let exit = ExitSignal::new().map_err(io_err("the exit eventfd"))?;
+
+        let legacy = LegacyDevices::create(&vm_fd, &exit, &config)?;
+        let mut mmio = Bus::default();
+        let (virtio, infos) = create_virtio_devices(&vm_fd, &mem, &config, &mut mmio)?;
+        let rsdp_addr = acpi::write_tables(&mem, config.cpus, &infos)?;
+        let entry = boot::load(
+            &mem,
+            &BootSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                mem_size: config.memory,
+                rsdp_addr,
+            },
+        )?;
+
+        let pending_vcpus = create_vcpus(&kvm, &vm_fd, &mem, config.cpus, entry)?;
+
+        Ok(Self {
+            config,
+            vm_fd,
+            mem,
+            exit,
+            gate: Arc::new(PauseGate::default()),
+            serial: legacy.serial,
+            console_clients: legacy.console_clients,
+            acpi_pm: legacy.acpi_pm,
+            virtio,
+            post_writes: legacy.post_writes,
+            pio: Arc::new(legacy.pio),
+            mmio: Arc::new(mmio),
+            pending_vcpus,
+            vcpus: Vec::new(),
+            _kvm: kvm,
+        })
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start_vcpus(&mut self, filters: Option<crate::seccomp::Filters>) -> Result<(), VmError> {
+        vcpu::install_kick_handler()?;
+        let ctx = VcpuContext {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            mem: self.mem.clone(),
+            exit: self.exit.clone(),
+            gate: self.gate.clone(),
+            filters,
+        };
+        for (i, fd) in std::mem::take(&mut self.pending_vcpus)
+            .into_iter()
+            .enumerate()
+        {
+            self.vcpus
+                .push(VcpuHandle::spawn(i as u8, fd, ctx.clone())?);
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self) {
+        vcpu::pause_all(&self.gate, &self.vcpus);
+    }
+
+    pub fn resume(&self) {
+        vcpu::resume_all(&self.gate);
+    }
+
+    /// Presses the ACPI power button.
+    pub fn request_shutdown(&self) {
+        self.acpi_pm
+            .lock()
+            .expect("acpi lock poisoned")
+            .press_power_button();
+    }
+}
+
+/// The path of a unix socket the VMM creates, removing a stale one first.
+pub fn bind_unix(path: &PathBuf) -> std::io::Result<std::os::unix::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}

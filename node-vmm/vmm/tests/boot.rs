@@ -1,0 +1,92 @@
+//! Machine basics on the real /dev/kvm: serial output, ACPI power-off, crash
+//! reporting, bad input.
+
+mod common;
+
+use common::*;
+use kubevmm_vmm::exit::code;
+
+#[test]
+fn hello_prints_and_powers_off_via_acpi() {
+    let dir = scratch("hello");
+    let out = run(&config("hello", &dir), &dir);
+    assert!(out.serial.contains("hello from kubevmm guest"), "{out:?}");
+    // The guest read our PVH memory map (3 entries: low RAM, BIOS area, high RAM).
+    assert!(out.serial.contains("memmap entries: 3"), "{out:?}");
+    assert_eq!(out.code, Some(code::POWER_OFF), "{out:?}");
+}
+
+#[test]
+fn hello_on_stdout() {
+    let dir = scratch("stdout");
+    let mut c = config("hello", &dir);
+    c.serial = kubevmm_vmm::config::SerialConfig::default();
+    let out = run(&c, &dir);
+    assert!(out.stdout.contains("hello from kubevmm guest"), "{out:?}");
+    assert_eq!(out.code, Some(code::POWER_OFF));
+}
+
+#[test]
+fn triple_fault_is_reported_as_crash() {
+    let dir = scratch("triple");
+    let mut c = config("crash", &dir);
+    c.cmdline = "triple".into();
+    let out = run(&c, &dir);
+    assert!(out.serial.contains("crash guest running"), "{out:?}");
+    assert_eq!(out.code, Some(code::GUEST_CRASH), "{out:?}");
+    assert!(out.stderr.contains("triple fault"), "{out:?}");
+}
+
+#[test]
+fn guest_panic_is_reported_as_crash() {
+    let dir = scratch("panic");
+    let mut c = config("crash", &dir);
+    c.cmdline = "panic".into();
+    let out = run(&c, &dir);
+    assert_eq!(out.code, Some(code::GUEST_CRASH), "{out:?}");
+    assert!(out.stderr.contains("pvpanic"), "{out:?}");
+}
+
+fn expect_error(c: &kubevmm_vmm::VmConfig, dir: &std::path::Path, needle: &str) {
+    let out = run(c, dir);
+    assert_eq!(out.code, Some(code::VMM_ERROR), "{out:?}");
+    assert!(
+        out.stderr.contains(needle),
+        "stderr lacks {needle:?}: {out:?}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{out:?}");
+}
+
+#[test]
+fn bad_input_is_named_in_the_error() {
+    let dir = scratch("bad");
+    let mut c = config("hello", &dir);
+    c.kernel = dir.join("missing-vmlinux");
+    expect_error(&c, &dir, "missing-vmlinux");
+
+    let corrupt = dir.join("corrupt-kernel");
+    std::fs::write(&corrupt, vec![0x42u8; 4096]).unwrap();
+    let mut c = config("hello", &dir);
+    c.kernel = corrupt;
+    expect_error(&c, &dir, "corrupt-kernel");
+
+    let mut c = config("hello", &dir);
+    c.initrd = Some(dir.join("big-initrd"));
+    let f = std::fs::File::create(dir.join("big-initrd")).unwrap();
+    f.set_len(128 << 20).unwrap();
+    expect_error(&c, &dir, "big-initrd");
+
+    let mut c = config("hello", &dir);
+    c.memory = 1 << 50;
+    expect_error(&c, &dir, "more than this host has");
+
+    let mut c = config("hello", &dir);
+    c.disks.push(kubevmm_vmm::config::DiskConfig {
+        id: "data".into(),
+        path: dir.join("no-such-disk.img"),
+        read_only: false,
+        serial: None,
+        fd: None,
+    });
+    expect_error(&c, &dir, "no-such-disk.img");
+}

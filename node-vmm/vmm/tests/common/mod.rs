@@ -1,0 +1,187 @@
+//! Test harness: builds the guests in tests/guests, runs the VMM binary on
+//! the real /dev/kvm, and collects its output.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kubevmm_vmm::config::{SerialConfig, SerialMode};
+use kubevmm_vmm::VmConfig;
+
+/// Generous guard against a hung guest; not a performance assertion.
+pub const HANG_GUARD: Duration = Duration::from_secs(120);
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Fails (never skips) when KVM is missing.
+pub fn require_kvm() {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    if let Err(e) = f {
+        panic!("/dev/kvm is not usable ({e}): the VMM tests need KVM on this machine");
+    }
+}
+
+/// Builds all guests once per test run and returns the path of `name`.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| {
+            let dir = repo_root().join("tests/guests");
+            let out = Command::new("make")
+                .arg("-s")
+                .arg("-C")
+                .arg(&dir)
+                .output()
+                .map_err(|e| format!("cannot run make for the test guests: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building test guests failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(dir.join("build"))
+        })
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = dir.join(format!("{name}.elf"));
+    assert!(p.is_file(), "guest {name} was not built at {}", p.display());
+    p
+}
+
+/// A private scratch directory for one test.
+pub fn scratch(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kubevmm-vmm-test-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A config booting guest `name` with serial output to a log file in `dir`.
+pub fn config(name: &str, dir: &Path) -> VmConfig {
+    let mut c = VmConfig::new(guest(name), 64 << 20);
+    c.serial = SerialConfig {
+        mode: SerialMode::File,
+        path: Some(dir.join("serial.log")),
+    };
+    c
+}
+
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kubevmm-vmm")
+}
+
+pub fn spawn(config: &VmConfig, dir: &Path) -> Child {
+    require_kvm();
+    let path = dir.join("vm.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    Command::new(vmm_bin())
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kubevmm-vmm")
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub serial: String,
+}
+
+pub fn serial_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default()
+}
+
+/// Waits for the child (killing it after the hang guard) and collects output.
+pub fn wait(mut child: Child, dir: &Path) -> Outcome {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > HANG_GUARD {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "VMM did not exit within {HANG_GUARD:?}; serial:\n{}",
+                serial_log(dir)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    Outcome {
+        code: status.code(),
+        stdout,
+        stderr,
+        serial: serial_log(dir),
+    }
+}
+
+pub fn run(config: &VmConfig, dir: &Path) -> Outcome {
+    wait(spawn(config, dir), dir)
+}
+
+/// Polls `f` until it returns Some or the hang guard expires.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < HANG_GUARD, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One HTTP request on the VMM's API socket; returns (status, JSON body).
+pub fn api(sock: &Path, method: &str, path: &str) -> (u16, serde_json::Value) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect API socket");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: vmm\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).expect("JSON body"))
+}
