@@ -110,13 +110,20 @@ void guest_poweroff(void)
 
 u32 crc32(const u8 *p, usize n, u32 crc)
 {
-	int k;
-	crc = ~crc;
-	while (n--) {
-		crc ^= *p++;
-		for (k = 0; k < 8; k++)
-			crc = (crc >> 1) ^ (0xedb88320u & (0u - (crc & 1)));
+	/* Table-driven: the bitwise loop is too slow in KVM's emulator. */
+	static u32 table[256];
+	u32 i, k, c;
+	if (!table[1]) {
+		for (i = 0; i < 256; i++) {
+			c = i;
+			for (k = 0; k < 8; k++)
+				c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1)));
+			table[i] = c;
+		}
 	}
+	crc = ~crc;
+	while (n--)
+		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
 	return ~crc;
 }
 

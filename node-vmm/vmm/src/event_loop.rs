@@ -153,7 +153,7 @@ impl LoopState<'_> {
             }
             TOKEN_CONSOLE => self.accept_console(),
             t if t & !0xffff_ffff == CONSOLE_CLIENT_BASE => {
-                self.console_input((t & 0xffff_ffff) as usize)
+                self.console_input((t & 0xffff_ffff) as usize);
             }
             t if t & !0xffff_ffff == QUEUE_BASE || t & !0xffff_ffff == BACKEND_BASE => {
                 let d = ((t >> 16) & 0xffff) as usize;

@@ -52,9 +52,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, RunError> {
         },
     };
     let filters = if config.seccomp {
-        Some(seccomp::Filters::build(
-            config.on_reboot == config::OnReboot::Restart,
-        )?)
+        Some(seccomp::Filters::build()?)
     } else {
         None
     };

@@ -45,28 +45,65 @@ fn main() -> ExitCode {
     if api.is_some() {
         config.api_socket = api;
     }
-    let on_reboot = config.on_reboot;
+    if config.on_reboot == OnReboot::Restart {
+        return ExitCode::from(supervise(&config) as u8);
+    }
+    ExitCode::from(run_once(config) as u8)
+}
+
+/// Runs the machine in this process; returns the exit code.
+fn run_once(config: VmConfig) -> i32 {
     let reason = match kubevmm_vmm::run(config) {
         Ok(r) => r,
         Err(e) => ExitReason::Error(e.to_string()),
     };
-    if reason == ExitReason::Reboot && on_reboot == OnReboot::Restart {
-        restart_in_place();
-    }
     if reason != ExitReason::PowerOff {
         eprintln!("kubevmm-vmm: {}", reason.describe());
     }
-    ExitCode::from(reason.code() as u8)
+    reason.code()
 }
 
-/// Reboot with `on_reboot = restart`: boot a fresh machine in this same
-/// process (same pid, same inherited fds) by re-executing ourselves.
-fn restart_in_place() -> ! {
-    use std::os::unix::process::CommandExt;
-    eprintln!("kubevmm-vmm: guest rebooted, restarting in place");
-    let err = std::process::Command::new("/proc/self/exe")
-        .args(std::env::args_os().skip(1))
-        .exec();
-    eprintln!("kubevmm-vmm: restart failed: {err}");
-    std::process::exit(code::VMM_ERROR);
+/// `on_reboot = restart`: this process stays a small unfiltered supervisor
+/// (same pid for the caller) and boots each incarnation of the machine in a
+/// forked child, which installs its own seccomp filter. A guest reboot
+/// starts a fresh machine; any other outcome ends the supervisor with the
+/// child's exit code.
+fn supervise(config: &VmConfig) -> i32 {
+    loop {
+        // SAFETY: no other threads exist yet in this process, so the child
+        // may run arbitrary code after fork.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            eprintln!(
+                "kubevmm-vmm: fork failed: {}",
+                std::io::Error::last_os_error()
+            );
+            return code::VMM_ERROR;
+        }
+        if pid == 0 {
+            // SAFETY: prctl with constant arguments; the machine dies with its supervisor.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            std::process::exit(run_once(config.clone()));
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child, writing into a local.
+        while unsafe { libc::waitpid(pid, &raw mut status, 0) } < 0 {
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return code::VMM_ERROR;
+            }
+        }
+        let rc = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            eprintln!(
+                "kubevmm-vmm: machine process killed by signal {}",
+                libc::WTERMSIG(status)
+            );
+            code::VMM_ERROR
+        };
+        if rc != code::REBOOT {
+            return rc;
+        }
+        eprintln!("kubevmm-vmm: guest rebooted, restarting");
+    }
 }

@@ -79,13 +79,9 @@ pub struct Filters {
 }
 
 impl Filters {
-    /// `allow_exec` permits execve (used to restart in place on reboot).
-    pub fn build(allow_exec: bool) -> Result<Self, SeccompError> {
-        let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    pub fn build() -> Result<Self, SeccompError> {
+        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
             ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-        if allow_exec {
-            rules.insert(libc::SYS_execve, Vec::new());
-        }
         let filter = SeccompFilter::new(
             rules,
             SeccompAction::KillProcess,
@@ -108,8 +104,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filter_compiles_with_and_without_exec() {
-        assert!(!Filters::build(false).unwrap().program.is_empty());
-        assert!(!Filters::build(true).unwrap().program.is_empty());
+    fn filter_compiles() {
+        assert!(!Filters::build().unwrap().program.is_empty());
     }
 }

@@ -90,3 +90,29 @@ fn bad_input_is_named_in_the_error() {
     });
     expect_error(&c, &dir, "no-such-disk.img");
 }
+
+#[test]
+fn i8042_reset_exits_with_reboot_code() {
+    let dir = scratch("reset");
+    let out = run(&config("reset", &dir), &dir);
+    assert!(out.serial.contains("reset guest booted"), "{out:?}");
+    assert_eq!(out.code, Some(code::REBOOT), "{out:?}");
+}
+
+#[test]
+fn i8042_reset_restarts_in_place_when_asked() {
+    let dir = scratch("reset-restart");
+    let mut c = config("reset", &dir);
+    c.on_reboot = kubevmm_vmm::config::OnReboot::Restart;
+    let mut child = spawn(&c, &dir);
+    // The same VMM process booted the guest again: the appended serial log shows two boots.
+    wait_for("a second boot", || {
+        (serial_log(&dir).matches("reset guest booted").count() >= 2).then_some(())
+    });
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "VMM exited instead of restarting"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

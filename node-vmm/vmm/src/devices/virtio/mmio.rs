@@ -192,7 +192,7 @@ impl MmioTransport {
             0x020 if driver_ready && self.status & STATUS_FEATURES_OK == 0 => {
                 match self.driver_features_sel {
                     0 => {
-                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v);
                     }
                     1 => {
                         self.driver_features =
