@@ -1,4 +1,4 @@
-//! The CustomResourceDefinitions generated from the types, as committed
+//! The `CustomResourceDefinitions` generated from the types, as committed
 //! under `crds/` and shipped in the Helm chart.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

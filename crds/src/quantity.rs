@@ -18,27 +18,38 @@ pub enum QuantityError {
     Overflow(String),
 }
 
-/// Deserializes a `Quantity` written either as a string (`512Mi`) or as a
-/// plain integer (`536870912`), as the CRD schema (`int-or-string`) allows.
-pub fn int_or_string<'de, D>(
+/// Schema of a quantity field: a string (`512Mi`) of at most 64 characters.
+/// The API server's CEL cost estimate needs a bounded string type: with
+/// `int-or-string`, or without `maxLength`, the quantity rules exceed the
+/// budget, so integers are refused with "must be of type string".
+pub fn string_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "maxLength": 64
+    })
+}
+
+/// Deserializes a `Quantity` only from a string, as the CRD schema demands
+/// (`k8s-openapi` alone would also take a number).
+pub fn string_only<'de, D>(
     de: D,
 ) -> Result<k8s_openapi::apimachinery::pkg::api::resource::Quantity, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Int(u64),
-        Str(String),
+    struct StrOnly;
+    impl serde::de::Visitor<'_> for StrOnly {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a quantity string such as 512Mi (quote plain numbers: \"1073741824\")")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
     }
-    let raw = <Raw as serde::Deserialize>::deserialize(de)?;
-    Ok(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
-        match raw {
-            Raw::Int(i) => i.to_string(),
-            Raw::Str(s) => s,
-        },
-    ))
+    // deserialize_any: YAML formats would otherwise turn an unquoted number into a string.
+    de.deserialize_any(StrOnly)
+        .map(k8s_openapi::apimachinery::pkg::api::resource::Quantity)
 }
 
 /// Parses a quantity into a whole number of bytes (rounding up).

@@ -109,6 +109,85 @@ impl Collector {
         }
     }
 
+    fn disks(&mut self, spec: &VirtualMachineSpec) {
+        let mut seen = HashSet::new();
+        for (i, d) in spec.disks.iter().enumerate() {
+            let f = format!("spec.disks[{i}]");
+            self.check(dns_label(&d.name), format!("{f}.name"), "disk name must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit");
+            self.check(
+                seen.insert(d.name.as_str()),
+                "spec.disks",
+                "spec.disks: disk names must be unique",
+            );
+            let sources = [
+                d.image.is_some(),
+                d.empty_disk.is_some(),
+                d.cloud_init.is_some(),
+                d.host_disk.is_some(),
+            ];
+            self.check(
+                sources.iter().filter(|s| **s).count() == 1,
+                f.as_str(),
+                "each disk needs exactly one source: image, emptyDisk, cloudInit or hostDisk",
+            );
+            if let Some(img) = &d.image {
+                self.check(
+                    dns_subdomain(&img.name),
+                    format!("{f}.image.name"),
+                    "image name must be a VirtualMachineImage name (lowercase RFC 1123 subdomain)",
+                );
+            }
+            if let Some(e) = &d.empty_disk {
+                let field = format!("{f}.emptyDisk.size");
+                if let Some(size) = self.quantity(
+                    &e.size.0,
+                    &field,
+                    "emptyDisk.size must be a Kubernetes quantity such as 1Gi",
+                ) {
+                    self.check(size > 0, field, "emptyDisk.size must be greater than zero");
+                }
+            }
+            if let Some(ci) = &d.cloud_init {
+                self.check(
+                    ci.user_data.is_some() || ci.meta_data.is_some() || ci.network_data.is_some(),
+                    format!("{f}.cloudInit"),
+                    "cloudInit needs at least one of userData, metaData or networkData",
+                );
+            }
+            if let Some(h) = &d.host_disk {
+                self.check(
+                    absolute_clean_path(&h.path),
+                    format!("{f}.hostDisk.path"),
+                    "hostDisk.path must be absolute and must not contain '..'",
+                );
+            }
+        }
+    }
+
+    fn networks(&mut self, spec: &VirtualMachineSpec) {
+        let mut seen = HashSet::new();
+        for (i, n) in spec.networks.iter().enumerate() {
+            let f = format!("spec.networks[{i}]");
+            self.check(dns_label(&n.name), format!("{f}.name"), "network name must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit");
+            self.check(
+                seen.insert(n.name.as_str()),
+                "spec.networks",
+                "spec.networks: network names must be unique",
+            );
+            self.check(
+                n.masquerade.is_some() != n.bridge.is_some(),
+                f.as_str(),
+                "each network needs exactly one binding: masquerade or bridge",
+            );
+            if let Some(b) = &n.bridge {
+                self.check(ifname(&b.name), format!("{f}.bridge.name"), "bridge.name must be a Linux interface name: 1 to 15 of letters, digits, '_', '.', '-'");
+            }
+            if let Some(mac) = &n.mac_address {
+                self.check(unicast_mac(mac), format!("{f}.macAddress"), "macAddress must be a unicast MAC such as 52:54:00:12:34:56 (six hex pairs separated by ':', lowest bit of the first octet clear)");
+            }
+        }
+    }
+
     fn quantity(&mut self, q: &str, field: &str, syntax_msg: &str) -> Option<u64> {
         match parse_bytes(q) {
             Ok(v) => Some(v),
@@ -163,80 +242,8 @@ pub fn validate_vm_spec(spec: &VirtualMachineSpec) -> Result<(), ValidationError
         );
     }
 
-    let mut seen = HashSet::new();
-    for (i, d) in spec.disks.iter().enumerate() {
-        let f = format!("spec.disks[{i}]");
-        c.check(dns_label(&d.name), format!("{f}.name"), "disk name must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit");
-        c.check(
-            seen.insert(d.name.as_str()),
-            "spec.disks",
-            "spec.disks: disk names must be unique",
-        );
-        let sources = [
-            d.image.is_some(),
-            d.empty_disk.is_some(),
-            d.cloud_init.is_some(),
-            d.host_disk.is_some(),
-        ];
-        c.check(
-            sources.iter().filter(|s| **s).count() == 1,
-            f.as_str(),
-            "each disk needs exactly one source: image, emptyDisk, cloudInit or hostDisk",
-        );
-        if let Some(img) = &d.image {
-            c.check(
-                dns_subdomain(&img.name),
-                format!("{f}.image.name"),
-                "image name must be a VirtualMachineImage name (lowercase RFC 1123 subdomain)",
-            );
-        }
-        if let Some(e) = &d.empty_disk {
-            let field = format!("{f}.emptyDisk.size");
-            if let Some(size) = c.quantity(
-                &e.size.0,
-                &field,
-                "emptyDisk.size must be a Kubernetes quantity such as 1Gi",
-            ) {
-                c.check(size > 0, field, "emptyDisk.size must be greater than zero");
-            }
-        }
-        if let Some(ci) = &d.cloud_init {
-            c.check(
-                ci.user_data.is_some() || ci.meta_data.is_some() || ci.network_data.is_some(),
-                format!("{f}.cloudInit"),
-                "cloudInit needs at least one of userData, metaData or networkData",
-            );
-        }
-        if let Some(h) = &d.host_disk {
-            c.check(
-                absolute_clean_path(&h.path),
-                format!("{f}.hostDisk.path"),
-                "hostDisk.path must be absolute and must not contain '..'",
-            );
-        }
-    }
-
-    let mut seen = HashSet::new();
-    for (i, n) in spec.networks.iter().enumerate() {
-        let f = format!("spec.networks[{i}]");
-        c.check(dns_label(&n.name), format!("{f}.name"), "network name must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit");
-        c.check(
-            seen.insert(n.name.as_str()),
-            "spec.networks",
-            "spec.networks: network names must be unique",
-        );
-        c.check(
-            n.masquerade.is_some() != n.bridge.is_some(),
-            f.as_str(),
-            "each network needs exactly one binding: masquerade or bridge",
-        );
-        if let Some(b) = &n.bridge {
-            c.check(ifname(&b.name), format!("{f}.bridge.name"), "bridge.name must be a Linux interface name: 1 to 15 of letters, digits, '_', '.', '-'");
-        }
-        if let Some(mac) = &n.mac_address {
-            c.check(unicast_mac(mac), format!("{f}.macAddress"), "macAddress must be a unicast MAC such as 52:54:00:12:34:56 (six hex pairs separated by ':', lowest bit of the first octet clear)");
-        }
-    }
+    c.disks(spec);
+    c.networks(spec);
     if c.0.is_empty() {
         Ok(())
     } else {

@@ -2,9 +2,13 @@
 //!
 //! Field names are fixed by DESIGN.md ("API"). Every rule the API server
 //! enforces is declared here, next to the field it guards, either as an
-//! OpenAPI constraint or as a CEL rule (`x-kubernetes-validations`); the
+//! `OpenAPI` constraint or as a CEL rule (`x-kubernetes-validations`); the
 //! same rules are checked client-side by [`crate::validation`] for standalone
 //! mode, and a test keeps both in agreement.
+
+// CloudInit mirrors cloud-init's userData/metaData/networkData names; the
+// derive re-emits the struct, so the allow has to sit on the module.
+#![allow(clippy::struct_field_names)]
 
 use std::collections::BTreeMap;
 
@@ -58,10 +62,10 @@ pub enum RunStrategy {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[x_kube(validation = Rule::new("self.disks.all(d, self.disks.exists_one(e, e.name == d.name))").message("spec.disks: disk names must be unique").reason(Reason::FieldValueDuplicate).field_path(".disks"))]
-#[x_kube(validation = Rule::new("self.networks.all(n, self.networks.exists_one(e, e.name == n.name))").message("spec.networks: network names must be unique").reason(Reason::FieldValueDuplicate).field_path(".networks"))]
+#[x_kube(validation = Rule::new("self.disks.all(d, self.disks.exists_one(e, e.name == d.name))").message("spec.disks: disk names must be unique").field_path(".disks"))]
+#[x_kube(validation = Rule::new("self.networks.all(n, self.networks.exists_one(e, e.name == n.name))").message("spec.networks: network names must be unique").field_path(".networks"))]
 pub struct VirtualMachineSpec {
-    /// When the guest runs: Always (default), RerunOnFailure, Manual, Halted or Once.
+    /// When the guest runs: `Always` (default), `RerunOnFailure`, `Manual`, `Halted` or `Once`.
     #[serde(default)]
     pub run_strategy: RunStrategy,
 
@@ -70,11 +74,12 @@ pub struct VirtualMachineSpec {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 256").message("spec.cpus must be between 1 and 256"))]
     pub cpus: u32,
 
-    /// Guest RAM as a Kubernetes quantity (e.g. 512Mi, 2Gi), at least 64Mi.
-    #[x_kube(validation = Rule::new("isQuantity(string(self))").message("spec.memory must be a Kubernetes quantity such as 512Mi or 2Gi"))]
-    #[x_kube(validation = Rule::new("!isQuantity(string(self)) || quantity(string(self)).compareTo(quantity('64Mi')) >= 0").message("spec.memory must be at least 64Mi"))]
-    #[x_kube(validation = Rule::new("!isQuantity(string(self)) || quantity(string(self)).compareTo(quantity('16Ti')) <= 0").message("spec.memory must be at most 16Ti"))]
-    #[serde(deserialize_with = "crate::quantity::int_or_string")]
+    /// Guest RAM as a Kubernetes quantity string (e.g. 512Mi, 2Gi), at least 64Mi.
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("spec.memory must be a Kubernetes quantity such as 512Mi or 2Gi"))]
+    #[x_kube(validation = Rule::new("!isQuantity(self) || quantity(self).compareTo(quantity('64Mi')) >= 0").message("spec.memory must be at least 64Mi"))]
+    #[x_kube(validation = Rule::new("!isQuantity(self) || quantity(self).compareTo(quantity('16Ti')) <= 0").message("spec.memory must be at most 16Ti"))]
+    #[serde(deserialize_with = "crate::quantity::string_only")]
+    #[schemars(schema_with = "crate::quantity::string_schema")]
     pub memory: Quantity,
 
     /// true pauses the vCPUs of a running guest; false resumes them.
@@ -186,13 +191,14 @@ pub struct ImageDisk {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EmptyDisk {
     /// Size as a Kubernetes quantity, greater than zero (e.g. 1Gi).
-    #[x_kube(validation = Rule::new("isQuantity(string(self))").message("emptyDisk.size must be a Kubernetes quantity such as 1Gi"))]
-    #[x_kube(validation = Rule::new("!isQuantity(string(self)) || quantity(string(self)).isGreaterThan(quantity('0'))").message("emptyDisk.size must be greater than zero"))]
-    #[serde(deserialize_with = "crate::quantity::int_or_string")]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("emptyDisk.size must be a Kubernetes quantity such as 1Gi"))]
+    #[x_kube(validation = Rule::new("!isQuantity(self) || quantity(self).isGreaterThan(quantity('0'))").message("emptyDisk.size must be greater than zero"))]
+    #[serde(deserialize_with = "crate::quantity::string_only")]
+    #[schemars(schema_with = "crate::quantity::string_schema")]
     pub size: Quantity,
 }
 
-/// Cloud-init `NoCloud` data.
+/// Cloud-init `NoCloud` data (field names follow cloud-init's own).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("has(self.userData) || has(self.networkData) || has(self.metaData)").message("cloudInit needs at least one of userData, metaData or networkData"))]
@@ -238,6 +244,7 @@ pub struct Network {
     pub bridge: Option<BridgeBinding>,
     /// Fixed guest MAC (unicast, e.g. 52:54:00:12:34:56); generated when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 17))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F][02468aAcCeE](:[0-9a-fA-F]{2}){5}$')").message("macAddress must be a unicast MAC such as 52:54:00:12:34:56 (six hex pairs separated by ':', lowest bit of the first octet clear)"))]
     pub mac_address: Option<String>,
 }
@@ -251,6 +258,7 @@ pub struct Masquerade {}
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BridgeBinding {
     /// Name of the host bridge, e.g. br0.
+    #[schemars(length(min = 1, max = 15))]
     #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9_.-]{1,15}$')").message("bridge.name must be a Linux interface name: 1 to 15 of letters, digits, '_', '.', '-'"))]
     pub name: String,
 }

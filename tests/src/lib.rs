@@ -84,22 +84,30 @@ fn run(cmd: &mut Command) -> Result<Output, SupportError> {
 #[derive(Debug)]
 pub struct ControlPlane {
     dir: PathBuf,
-    env: Vec<(String, String)>,
+    env: ClusterEnv,
     kubeconfig: PathBuf,
 }
 
 static SHARED: OnceLock<ControlPlane> = OnceLock::new();
-static STOP_DIR: Mutex<Option<(PathBuf, Vec<(String, String)>)>> = Mutex::new(None);
+/// Environment selecting a control plane for `hack/cluster.sh`.
+type ClusterEnv = Vec<(String, String)>;
+
+static STOP_DIR: Mutex<Option<(PathBuf, ClusterEnv)>> = Mutex::new(None);
 
 extern "C" fn stop_shared_at_exit() {
     let Ok(guard) = STOP_DIR.lock() else { return };
-    if let Some((_, env)) = guard.as_ref() {
-        let _ = Command::new(repo_root().join("hack/cluster.sh"))
+    if let Some((dir, env)) = guard.as_ref() {
+        let stopped = Command::new(repo_root().join("hack/cluster.sh"))
             .args(["down", "--purge"])
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        // Keep the state (logs) of a control plane that would not stop, for diagnosis.
+        if stopped {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -117,7 +125,7 @@ impl ControlPlane {
 
     fn start() -> Result<Self, SupportError> {
         let dir = std::env::temp_dir().join(format!("kubevmm-test-cluster-{}", std::process::id()));
-        let env: Vec<(String, String)> = vec![
+        let env: ClusterEnv = vec![
             ("KUBEVMM_CLUSTER_DIR".into(), dir.display().to_string()),
             ("KUBEVMM_APISERVER_PORT".into(), free_port()?.to_string()),
             ("KUBEVMM_ETCD_PORT".into(), free_port()?.to_string()),

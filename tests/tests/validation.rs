@@ -58,7 +58,8 @@ macro_rules! refused {
     ($($test:ident: $spec:expr => [$($expect:expr),+];)+) => {$(
         #[test]
         fn $test() {
-            assert_refused(&stringify!($test).replace('_', "-"), &$spec, &[$($expect),+]);
+            let spec: String = $spec.into();
+            assert_refused(&stringify!($test).replace('_', "-"), &spec, &[$($expect),+]);
         }
     )+};
 }
@@ -68,14 +69,15 @@ refused! {
     too_many_cpus: format!("  cpus: 257\n  memory: 128Mi\n{BOOT}") => ["spec.cpus must be between 1 and 256"];
     memory_too_small: format!("  memory: 32Mi\n{BOOT}") => ["spec.memory", "spec.memory must be at least 64Mi"];
     memory_not_a_quantity: format!("  memory: lots\n{BOOT}") => ["spec.memory must be a Kubernetes quantity"];
-    memory_missing: BOOT.to_string() => ["memory"];
+    memory_missing: BOOT => ["memory"];
+    memory_as_integer: format!("  memory: 134217728\n{BOOT}") => ["spec.memory", "string"];
     kernel_missing: "  memory: 128Mi\n  boot: {cmdline: console=ttyS0}\n".to_string() => ["kernel"];
-    kernel_two_sources: "  memory: 128Mi\n  boot:\n    kernel: {path: /boot/vmlinux, image: debian-6-1}\n".to_string()
+    kernel_two_sources: "  memory: 128Mi\n  boot:\n    kernel: {path: /boot/vmlinux, image: debian-6-1}\n"
         => ["spec.boot.kernel", "exactly one of image or path must be set"];
     initrd_no_source: format!("  memory: 128Mi\n{BOOT}    initrd: {{}}\n") => ["spec.boot.initrd", "exactly one of image or path must be set"];
-    kernel_relative_path: "  memory: 128Mi\n  boot:\n    kernel: {path: boot/vmlinux}\n".to_string()
+    kernel_relative_path: "  memory: 128Mi\n  boot:\n    kernel: {path: boot/vmlinux}\n"
         => ["spec.boot.kernel.path", "path must be absolute and must not contain '..'"];
-    kernel_dotdot_path: "  memory: 128Mi\n  boot:\n    kernel: {path: /var/lib/kubevmm/../../etc/shadow}\n".to_string()
+    kernel_dotdot_path: "  memory: 128Mi\n  boot:\n    kernel: {path: /var/lib/kubevmm/../../etc/shadow}\n"
         => ["spec.boot.kernel.path", "path must be absolute and must not contain '..'"];
     cmdline_too_long: format!("  memory: 128Mi\n{BOOT}    cmdline: \"{}\"\n", "x".repeat(2049)) => ["spec.boot.cmdline", "2048"];
     bad_run_strategy: format!("  runStrategy: Sometimes\n  memory: 128Mi\n{BOOT}") => ["runStrategy", "Sometimes", "Always"];
@@ -106,18 +108,20 @@ refused! {
     malformed_mac: format!("  memory: 128Mi\n{BOOT}  networks:\n  - {{name: lan, masquerade: {{}}, macAddress: \"52:54:00:12:34\"}}\n")
         => ["spec.networks[0].macAddress", "macAddress must be a unicast MAC"];
     bridge_name_too_long: format!("  memory: 128Mi\n{BOOT}  networks:\n  - {{name: lan, bridge: {{name: a-very-long-bridge-name}}}}\n")
+        => ["spec.networks[0].bridge.name", "15"];
+    bridge_name_bad_chars: format!("  memory: 128Mi\n{BOOT}  networks:\n  - {{name: lan, bridge: {{name: \"br 0\"}}}}\n")
         => ["spec.networks[0].bridge.name", "bridge.name must be a Linux interface name"];
     negative_grace_period: format!("  memory: 128Mi\n  terminationGracePeriodSeconds: -1\n{BOOT}")
         => ["spec.terminationGracePeriodSeconds must be between 0 and 3600"];
     unknown_field: format!("  memory: 128Mi\n  colour: blue\n{BOOT}") => ["colour"];
 }
 
-/// A quantity written as a plain integer is accepted by both sides.
+/// Defaults are filled in by the API server and the stored object parses back.
 #[test]
-fn memory_as_integer_bytes_is_accepted() {
+fn defaults_are_applied_by_the_api_server() {
     let cp = ControlPlane::shared();
     let ns = cp.namespace("validation");
-    let manifest = vm("int-memory", &format!("  memory: 134217728\n{BOOT}"));
+    let manifest = vm("defaults", &format!("  memory: 128Mi\n{BOOT}"));
     let out = run_with_input(
         cp.kubectl().args(["apply", "-n", &ns, "-f", "-"]),
         &manifest,
@@ -126,15 +130,14 @@ fn memory_as_integer_bytes_is_accepted() {
     assert_eq!(client_side_error(&manifest), None);
     let got = cp
         .kubectl()
-        .args(["get", "vm", "int-memory", "-n", &ns, "-o", "yaml"])
+        .args(["get", "vm", "defaults", "-n", &ns, "-o", "yaml"])
         .output()
         .expect("kubectl get");
     let back: VirtualMachine = serde_yaml::from_slice(&got.stdout).expect("stored VM parses back");
-    assert_eq!(back.spec.memory.0, "134217728");
-    // Defaults are applied by the API server.
     assert_eq!(back.spec.cpus, 1);
     assert_eq!(back.spec.termination_grace_period_seconds, 30);
     assert_eq!(back.spec.run_strategy, kubevmm_crds::RunStrategy::Always);
+    assert!(!back.spec.paused);
 }
 
 /// Every manifest in examples/ is accepted by the API server (and by the
@@ -197,3 +200,30 @@ fn examples_are_accepted_and_listed_with_printer_columns() {
 }
 
 use serde::Deserialize as _;
+
+/// `VirtualMachineImage` sources are checked by the API server too.
+#[test]
+fn bad_images_are_refused() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("images");
+    let cases = [
+        ("two-sources", "source:\n    path: /var/lib/kubevmm/images/a.img\n    http: {url: \"https://example.org/a.img\"}", "source needs exactly one of http or path"),
+        ("no-source", "source: {}", "source needs exactly one of http or path"),
+        ("bad-url", "source:\n    http: {url: \"ftp://example.org/a.img\"}", "source.http.url must be an http:// or https:// URL"),
+        ("bad-sha", "source:\n    http: {url: \"https://example.org/a.img\", sha256: abc}", "source.http.sha256 must be 64 hex digits"),
+        ("relative-path", "source:\n    path: images/a.img", "source.path must be absolute and must not contain '..'"),
+    ];
+    for (name, spec, expect) in cases {
+        let manifest = format!("apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachineImage\nmetadata:\n  name: {name}\nspec:\n  {spec}\n");
+        let out = run_with_input(
+            cp.kubectl().args(["apply", "-n", &ns, "-f", "-"]),
+            &manifest,
+        );
+        assert!(!out.success, "API server accepted\n{manifest}");
+        assert!(
+            out.stderr.contains(expect),
+            "{name}: message lacks {expect:?}:\n{}",
+            out.stderr
+        );
+    }
+}
