@@ -1,0 +1,285 @@
+//! `node-vmm doctor`: what this machine has and lacks for running guests.
+//!
+//! Each check yields a [`Finding`]; gathering facts (I/O) is kept apart from
+//! judging them (pure functions, unit-tested). The exit status is non-zero
+//! when guests cannot run at all.
+
+use std::fmt::Write as _;
+use std::fs;
+
+use kubevmm_vmm::host_check::{self, KvmKind, KvmReport};
+
+/// Smallest guest the VMM accepts; less free memory than this means no guest fits.
+const MIN_GUEST_BYTES: u64 = 64 << 20;
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Present and usable.
+    Ok,
+    /// Works, with a limitation the user should know about.
+    Warn,
+    /// Guests cannot run until this is fixed.
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Severity.
+    pub level: Level,
+    /// What was checked.
+    pub item: String,
+    /// What was found, and what to do if it is not ok.
+    pub detail: String,
+}
+
+fn finding(level: Level, item: &str, detail: impl Into<String>) -> Finding {
+    Finding {
+        level,
+        item: item.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// Judges the KVM probe.
+pub fn judge_kvm(r: &KvmReport) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if let Some(problem) = &r.problem {
+        out.push(finding(Level::Fail, "/dev/kvm", problem.clone()));
+        return out;
+    }
+    out.push(finding(
+        Level::Ok,
+        "/dev/kvm",
+        format!(
+            "opened; KVM API version {}",
+            r.api_version.unwrap_or_default()
+        ),
+    ));
+    let module = r.module.as_deref().unwrap_or("unknown module");
+    out.push(match r.kind {
+        KvmKind::Hardware => finding(
+            Level::Ok,
+            "KVM kind",
+            format!("hardware virtualization ({module}): guests run natively; stock Linux boots to userspace"),
+        ),
+        KvmKind::Software => finding(
+            Level::Warn,
+            "KVM kind",
+            format!(
+                "software KVM ({module}), no VT-x/AMD-V: guest kernel code runs in KVM's instruction \
+                 emulator (~1.3M instructions/s) and some instructions are not emulated; small test \
+                 guests run, Linux guests do not reach userspace, full-Linux tests are not run"
+            ),
+        ),
+        KvmKind::None => finding(Level::Fail, "KVM kind", "no KVM"),
+    });
+    for (name, purpose) in &r.present {
+        out.push(finding(Level::Ok, name, *purpose));
+    }
+    for (name, purpose) in &r.missing {
+        out.push(finding(
+            Level::Fail,
+            name,
+            format!("missing, needed for {purpose}: upgrade the host kernel"),
+        ));
+    }
+    out
+}
+
+/// Judges `/dev/net/tun` access (`Ok(())` when it opened).
+pub fn judge_tun(open: Result<(), std::io::Error>) -> Finding {
+    match open {
+        Ok(()) => finding(
+            Level::Ok,
+            "/dev/net/tun",
+            "opened: tap networking available",
+        ),
+        Err(e) => finding(
+            Level::Warn,
+            "/dev/net/tun",
+            format!("cannot open ({e}): guests get no network; run `modprobe tun` and run as root"),
+        ),
+    }
+}
+
+/// Judges the cgroup layout from the text of `/proc/self/mounts`.
+pub fn judge_cgroup(mounts: &str) -> Finding {
+    let mut v2_at = None;
+    let mut v1 = false;
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (_, Some(dir), Some(fstype)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        match fstype {
+            "cgroup2" => v2_at = Some(dir.to_string()),
+            "cgroup" => v1 = true,
+            _ => {}
+        }
+    }
+    match (v2_at, v1) {
+        (Some(dir), false) => finding(Level::Ok, "cgroup", format!("v2 (unified) at {dir}")),
+        (Some(dir), true) => finding(
+            Level::Warn,
+            "cgroup",
+            format!("hybrid: v1 controllers plus v2 at {dir}; per-VM resource limits use v2 only where controllers are enabled"),
+        ),
+        (None, true) => finding(Level::Warn, "cgroup", "v1 only: per-VM cgroup limits are not applied; boot with systemd.unified_cgroup_hierarchy=1"),
+        (None, false) => finding(Level::Warn, "cgroup", "no cgroup filesystem mounted: per-VM limits are not applied"),
+    }
+}
+
+/// Judges `MemAvailable` from the text of `/proc/meminfo`.
+pub fn judge_memory(meminfo: &str) -> Finding {
+    let avail_kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok());
+    match avail_kib {
+        None => finding(
+            Level::Warn,
+            "memory",
+            "cannot read MemAvailable from /proc/meminfo",
+        ),
+        Some(kib) if kib * 1024 < MIN_GUEST_BYTES => finding(
+            Level::Fail,
+            "memory",
+            format!(
+                "{} MiB available: not enough for the smallest guest (64 MiB)",
+                kib / 1024
+            ),
+        ),
+        Some(kib) => finding(
+            Level::Ok,
+            "memory",
+            format!(
+                "{:.1} GiB available for guests",
+                kib as f64 / (1024.0 * 1024.0)
+            ),
+        ),
+    }
+}
+
+/// Gathers every finding on this host.
+pub fn examine() -> Vec<Finding> {
+    let mut out = judge_kvm(&host_check::probe());
+    if let Some(model) = host_check::cpu_model() {
+        out.insert(0, finding(Level::Ok, "CPU", model));
+    }
+    out.push(judge_tun(
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map(drop),
+    ));
+    out.push(judge_cgroup(
+        &fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
+    ));
+    out.push(judge_memory(
+        &fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+    ));
+    out
+}
+
+/// Renders the report and the verdict.
+pub fn render(findings: &[Finding]) -> String {
+    let mut s = String::from("node-vmm doctor\n");
+    for f in findings {
+        let tag = match f.level {
+            Level::Ok => "ok  ",
+            Level::Warn => "warn",
+            Level::Fail => "FAIL",
+        };
+        let _ = writeln!(s, "  {tag}  {:<30} {}", f.item, f.detail);
+    }
+    let worst = findings.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
+    let software = findings
+        .iter()
+        .any(|f| f.item == "KVM kind" && f.level == Level::Warn);
+    let verdict = match (worst, software) {
+        (Level::Fail, _) => "guests cannot run here: fix the FAIL lines above",
+        (_, true) => "guests can run here (software KVM: our test guests only; Linux will not reach userspace)",
+        _ => "guests can run here",
+    };
+    let _ = writeln!(s, "result: {verdict}");
+    s
+}
+
+/// Whether the findings allow guests to run.
+pub fn can_run(findings: &[Finding]) -> bool {
+    findings.iter().all(|f| f.level != Level::Fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_kvm_fails_with_advice() {
+        let r = KvmReport {
+            kind: KvmKind::None,
+            module: None,
+            api_version: None,
+            present: vec![],
+            missing: vec![],
+            problem: Some("/dev/kvm does not exist: load kvm_intel".into()),
+        };
+        let f = judge_kvm(&r);
+        assert_eq!(f[0].level, Level::Fail);
+        assert!(!can_run(&f));
+        assert!(render(&f).contains("guests cannot run here"));
+    }
+
+    #[test]
+    fn software_kvm_is_a_warning() {
+        let r = KvmReport {
+            kind: KvmKind::Software,
+            module: Some("kvm_pvm".into()),
+            api_version: Some(12),
+            present: vec![("KVM_CAP_IRQCHIP", "x")],
+            missing: vec![],
+            problem: None,
+        };
+        let f = judge_kvm(&r);
+        assert!(can_run(&f));
+        assert!(render(&f).contains("software KVM"));
+    }
+
+    #[test]
+    fn missing_capability_fails() {
+        let r = KvmReport {
+            kind: KvmKind::Hardware,
+            module: Some("kvm_intel".into()),
+            api_version: Some(12),
+            present: vec![],
+            missing: vec![("KVM_CAP_IRQFD", "device interrupts")],
+            problem: None,
+        };
+        assert!(!can_run(&judge_kvm(&r)));
+    }
+
+    #[test]
+    fn cgroup_layouts() {
+        assert_eq!(
+            judge_cgroup("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n").level,
+            Level::Ok
+        );
+        let hybrid = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert!(judge_cgroup(hybrid).detail.contains("hybrid"));
+        assert_eq!(judge_cgroup("").level, Level::Warn);
+    }
+
+    #[test]
+    fn memory_thresholds() {
+        assert_eq!(
+            judge_memory("MemAvailable:   24000000 kB\n").level,
+            Level::Ok
+        );
+        assert_eq!(judge_memory("MemAvailable:   1000 kB\n").level, Level::Fail);
+        assert_eq!(judge_memory("").level, Level::Warn);
+    }
+}
