@@ -156,8 +156,9 @@ pub fn judge_memory(meminfo: &str) -> Finding {
             Level::Ok,
             "memory",
             format!(
-                "{:.1} GiB available for guests",
-                kib as f64 / (1024.0 * 1024.0)
+                "{}.{} GiB available for guests",
+                kib >> 20,
+                ((kib & ((1 << 20) - 1)) * 10) >> 20
             ),
         ),
     }
