@@ -52,6 +52,7 @@ PACKAGES=(
 	xz-utils
 	zstd
 	util-linux      # flock, setsid
+	shellcheck      # make lint: hack/*.sh, .ci/run
 )
 
 need_root() {

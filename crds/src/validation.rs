@@ -117,7 +117,7 @@ impl Collector {
             self.check(
                 seen.insert(d.name.as_str()),
                 "spec.disks",
-                "spec.disks: disk names must be unique",
+                "disk names must be unique",
             );
             let sources = [
                 d.image.is_some(),
@@ -172,7 +172,7 @@ impl Collector {
             self.check(
                 seen.insert(n.name.as_str()),
                 "spec.networks",
-                "spec.networks: network names must be unique",
+                "network names must be unique",
             );
             self.check(
                 n.masquerade.is_some() != n.bridge.is_some(),

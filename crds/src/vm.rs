@@ -62,8 +62,8 @@ pub enum RunStrategy {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[x_kube(validation = Rule::new("self.disks.all(d, self.disks.exists_one(e, e.name == d.name))").message("spec.disks: disk names must be unique").field_path(".disks"))]
-#[x_kube(validation = Rule::new("self.networks.all(n, self.networks.exists_one(e, e.name == n.name))").message("spec.networks: network names must be unique").field_path(".networks"))]
+#[x_kube(validation = Rule::new("self.disks.all(d, self.disks.exists_one(e, e.name == d.name))").message("disk names must be unique").field_path(".disks"))]
+#[x_kube(validation = Rule::new("self.networks.all(n, self.networks.exists_one(e, e.name == n.name))").message("network names must be unique").field_path(".networks"))]
 pub struct VirtualMachineSpec {
     /// When the guest runs: `Always` (default), `RerunOnFailure`, `Manual`, `Halted` or `Once`.
     #[serde(default)]

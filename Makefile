@@ -1,0 +1,77 @@
+# kubevmm — the commands users and CI rely on (DESIGN.md, "Commands").
+#   make demo          build, boot the demo guest standalone (then through the cluster, once the operator lands)
+#   make test          every test, installing what it needs (what .ci/run calls)
+#   make cluster-up    local control plane (etcd, kube-apiserver, kube-controller-manager, CRDs)
+#   make cluster-down  stop it, free its ports
+#   make bench         benchmarks beside their anchors
+#   make doctor        what this machine has and lacks for guests
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+RELEASE_BIN := $(TARGET_DIR)/release
+
+.PHONY: all build deps guests fixtures crds lint test test-rust demo demo-standalone demo-cluster \
+	cluster-up cluster-down bench doctor clean
+
+all: build
+
+build:
+	$(CARGO) build --release -p node-vmm -p kubevmm-vmm
+
+## Debian packages, Go-built control plane, Linux guest fixtures (cached under ~/.cache/kubevmm).
+deps:
+	hack/install-deps.sh --fixtures
+
+## Our freestanding test guests (tests/guests/build/*.elf).
+guests:
+	$(MAKE) -s -C tests/guests
+
+fixtures:
+	hack/fixtures-linux.sh
+
+## Regenerate the committed CRD YAML from the Rust types.
+crds:
+	$(CARGO) run -q -p kubevmm-crds --bin crdgen
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	shellcheck hack/*.sh .ci/run
+
+test-rust:
+	$(CARGO) test --workspace --no-fail-fast
+
+## The README's test command.
+test: deps guests lint test-rust
+
+doctor: build
+	$(RELEASE_BIN)/node-vmm doctor
+
+demo: build guests demo-standalone
+	@echo
+	@echo "demo: the cluster half (kubectl apply -> a running guest) arrives with the operator;"
+	@echo "      'make cluster-up' already starts the control plane with the CRDs."
+
+demo-standalone: build guests
+	$(RELEASE_BIN)/node-vmm doctor || true
+	@echo
+	@echo "demo: booting examples/demo-standalone.yaml (node-vmm run): console below"
+	$(RELEASE_BIN)/node-vmm run examples/demo-standalone.yaml
+
+demo-cluster:
+	@echo "demo-cluster: not available yet: the operator and node agent are still to come" >&2
+	@exit 2
+
+cluster-up:
+	hack/cluster.sh up
+
+cluster-down:
+	hack/cluster.sh down
+
+bench: build guests
+	hack/bench-vmm.sh
+
+clean:
+	$(CARGO) clean
+	$(MAKE) -C tests/guests clean
