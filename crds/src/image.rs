@@ -99,5 +99,6 @@ pub struct VirtualMachineImageStatus {
     pub virtual_size: Option<Quantity>,
     /// Per-node readiness and errors.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

@@ -2,6 +2,7 @@
 //! and `VirtualMachineImage`, their CRDs, and client-side validation with
 //! the same rules the API server enforces.
 
+pub mod contract;
 pub mod crd;
 pub mod image;
 pub mod node;

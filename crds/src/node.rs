@@ -91,5 +91,6 @@ pub struct HypervisorNodeStatus {
     pub last_heartbeat_time: Option<Time>,
     /// Ready and similar conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

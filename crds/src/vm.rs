@@ -318,6 +318,7 @@ pub struct VirtualMachineStatus {
     pub interfaces: Vec<InterfaceStatus>,
     /// Ready, Scheduled, Paused, `NodeLost`, ... with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// When the current guest run started.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,58 @@
+//! The contract between the operator and node-vmm, through the API server
+//! only (DESIGN.md decision 1): labels, annotations, finalizer, Lease names,
+//! field managers and condition types. Both sides import these names; the
+//! meaning of each is documented in docs/architecture.md ("The contract").
+
+/// Label the operator sets on a bound `VirtualMachine`: the node that runs it.
+/// node-vmm watches only VMs carrying its own node name here.
+pub const LABEL_NODE: &str = "kubevmm.io/node";
+
+/// Finalizer the operator adds to every VM; removed once the guest is
+/// stopped and its resources are released (by node-vmm when bound, by the
+/// operator when unbound or when the node is confirmed gone).
+pub const FINALIZER: &str = "kubevmm.io/guest-cleanup";
+
+/// Annotation on a VM: setting a new value (e.g. a timestamp) asks for a
+/// restart of the guest (graceful shutdown, then start). The value handled
+/// last is recorded in [`ANNOTATION_RESTART_DONE`].
+pub const ANNOTATION_RESTART: &str = "kubevmm.io/restart-requested";
+
+/// Annotation node-vmm writes back with the value of
+/// [`ANNOTATION_RESTART`] it has carried out.
+pub const ANNOTATION_RESTART_DONE: &str = "kubevmm.io/restart-handled";
+
+/// Annotation on a `HypervisorNode`: `"true"` confirms that the node is
+/// powered off or isolated (fenced), so its guests are certainly dead and
+/// `Always` VMs may be placed elsewhere.
+pub const ANNOTATION_FENCED: &str = "kubevmm.io/fenced";
+
+/// Namespace of the heartbeat and leader-election Leases.
+pub const LEASE_NAMESPACE: &str = "kubevmm-system";
+
+/// Name of node `node`'s heartbeat Lease in [`LEASE_NAMESPACE`].
+pub fn node_lease_name(node: &str) -> String {
+    format!("node-vmm-{node}")
+}
+
+/// Name of the operator's leader-election Lease.
+pub const OPERATOR_LEASE: &str = "kubevmm-operator";
+
+/// Server-side-apply field manager of the operator.
+pub const MANAGER_OPERATOR: &str = "kubevmm-operator";
+
+/// Server-side-apply field manager of node-vmm.
+pub const MANAGER_NODE: &str = "node-vmm";
+
+/// Condition types on `VirtualMachine.status.conditions`.
+pub mod condition {
+    /// Operator: the VM is bound to a node (`True`), or why not (`False`,
+    /// reason `Unschedulable`, message naming what is short).
+    pub const SCHEDULED: &str = "Scheduled";
+    /// node-vmm: the guest runs (`True`), or why not (`False`, with reasons
+    /// such as `Starting`, `GuestCrashed`, `VmmFailed`, `Stopped`).
+    pub const READY: &str = "Ready";
+    /// node-vmm: the vCPUs are paused.
+    pub const PAUSED: &str = "Paused";
+    /// Operator: the node's heartbeat Lease expired; the guest's fate is unknown.
+    pub const NODE_LOST: &str = "NodeLost";
+}
