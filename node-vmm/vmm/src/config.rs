@@ -83,6 +83,9 @@ pub struct SerialConfig {
     /// File or socket path for `file` and `socket`.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Also append all guest output to this file (any mode).
+    #[serde(default)]
+    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

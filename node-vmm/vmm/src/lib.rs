@@ -10,6 +10,7 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod host_check;
 pub mod rss;
 pub mod seccomp;
 pub mod vcpu;

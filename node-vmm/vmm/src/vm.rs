@@ -189,7 +189,7 @@ impl LegacyDevices {
             (SerialMode::Null | SerialMode::File, _) => SerialSink::Null,
             (SerialMode::Stdout, _) => SerialSink::Stdout,
         };
-        let (serial, serial_irq) = SerialDevice::new(sink)?;
+        let (serial, serial_irq) = SerialDevice::new(sink, config.serial.log.as_deref())?;
         vm_fd
             .register_irqfd(&serial_irq, layout::COM1_IRQ)
             .map_err(kvm_err("wire the serial interrupt"))?;

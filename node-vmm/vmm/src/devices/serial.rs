@@ -83,21 +83,49 @@ impl Write for SerialSink {
     }
 }
 
+/// A sink plus an optional copy of everything to a log file.
+#[derive(Debug)]
+pub struct Tee {
+    pub sink: SerialSink,
+    pub log: Option<File>,
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(log) = &mut self.log {
+            // A full or broken log must not take the console down.
+            let _ = log.write_all(buf);
+        }
+        self.sink.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sink.flush()
+    }
+}
+
 /// COM1 as a bus device.
 #[derive(Debug)]
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, NoEvents, SerialSink>,
+    uart: Serial<IrqTrigger, NoEvents, Tee>,
     /// Bytes written by the guest (stats).
     pub tx_bytes: u64,
 }
 
 impl SerialDevice {
-    pub fn new(sink: SerialSink) -> Result<(Self, EventFd), SerialError> {
+    pub fn new(sink: SerialSink, log: Option<&Path>) -> Result<(Self, EventFd), SerialError> {
+        let log = match log {
+            Some(path) => match SerialSink::file(path)? {
+                SerialSink::File(f) => Some(f),
+                _ => None,
+            },
+            None => None,
+        };
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let irq = evt.try_clone().map_err(SerialError::EventFd)?;
         Ok((
             Self {
-                uart: Serial::new(IrqTrigger(irq), sink),
+                uart: Serial::new(IrqTrigger(irq), Tee { sink, log }),
                 tx_bytes: 0,
             },
             evt,

@@ -81,6 +81,7 @@ pub fn config(name: &str, dir: &Path) -> VmConfig {
     c.serial = SerialConfig {
         mode: SerialMode::File,
         path: Some(dir.join("serial.log")),
+        log: None,
     };
     c
 }

@@ -1,0 +1,371 @@
+//! `kubevmm-operator`: places `VirtualMachine`s onto `HypervisorNode`s,
+//! manages the guest-cleanup finalizer, marks VMs of nodes that stopped
+//! heartbeating and re-places them once their node is confirmed gone.
+//! Leader-elected: any number of replicas, one acts.
+
+mod leader;
+mod metrics;
+mod reconcile;
+mod scheduling;
+mod telemetry;
+
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{watcher, WatchStreamExt};
+use kubevmm_crds::contract;
+use kubevmm_crds::{HypervisorNode, VirtualMachine};
+use tokio::sync::{watch, Notify};
+
+use crate::leader::{Elector, LeaderConfig};
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, Settings};
+use crate::scheduling::Overcommit;
+
+/// kubevmm operator: schedules VirtualMachines onto HypervisorNodes.
+#[derive(Debug, Parser)]
+#[command(name = "kubevmm-operator", version, about)]
+struct Flags {
+    /// Identity in the leader-election Lease [default: <hostname>-<pid>].
+    #[arg(long)]
+    id: Option<String>,
+    /// Kubeconfig file [default: $KUBECONFIG, ~/.kube/config, or in-cluster].
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    metrics_addr: String,
+    /// vCPU overcommit ratio (allocatable vCPUs × ratio may be bound).
+    #[arg(long, default_value_t = 1.0)]
+    cpu_overcommit: f64,
+    /// Memory overcommit ratio (allocatable memory × ratio may be bound).
+    #[arg(long, default_value_t = 1.0)]
+    memory_overcommit: f64,
+    /// Only manage VirtualMachines in this namespace [default: all].
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only place onto HypervisorNodes matching this label selector, e.g. `pool=a`.
+    #[arg(long)]
+    node_selector: Option<String>,
+    /// Name of the leader-election Lease in kubevmm-system.
+    #[arg(long, default_value = contract::OPERATOR_LEASE)]
+    leader_lease: String,
+    /// Leader Lease duration in seconds (renewal every third of it).
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Full pass at least this often even when nothing changes, in seconds.
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+/// Startup failures (the process exits 1 with the message).
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Scheduling(#[from] scheduling::SchedulingError),
+    #[error("--lease-duration-seconds must be at least 3, got {0}")]
+    LeaseDuration(u64),
+    #[error("cannot load the kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("cannot create namespace {ns}: {source}")]
+    Namespace {
+        ns: &'static str,
+        source: kube::Error,
+    },
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signal(std::io::Error),
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn client(flags: &Flags) -> Result<kube::Client, MainError> {
+    let err = |e: &dyn std::fmt::Display| MainError::Kubeconfig(e.to_string());
+    match &flags.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+            let cfg = kube::Config::from_custom_kubeconfig(
+                kc,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(|e| err(&e))?;
+            kube::Client::try_from(cfg).map_err(|e| err(&e))
+        }
+        None => kube::Client::try_default().await.map_err(|e| err(&e)),
+    }
+}
+
+async fn ensure_namespace(client: &kube::Client) -> Result<(), MainError> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(contract::LEASE_NAMESPACE.into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => {
+            tracing::info!(namespace = contract::LEASE_NAMESPACE, "created namespace");
+            Ok(())
+        }
+        Err(e) if leader::is_status(&e, 409) => Ok(()),
+        // Without the right to create namespaces it may still exist: the
+        // Lease calls will say so if it does not.
+        Err(e) if leader::is_status(&e, 403) => {
+            tracing::warn!(error = %e, "cannot create namespace {}; assuming it exists", contract::LEASE_NAMESPACE);
+            Ok(())
+        }
+        Err(source) => Err(MainError::Namespace {
+            ns: contract::LEASE_NAMESPACE,
+            source,
+        }),
+    }
+}
+
+/// Watches VMs, HypervisorNodes and node Leases (metadata only): every
+/// change pokes `notify`; `synced` turns true once all three have listed.
+fn spawn_watchers(
+    client: &kube::Client,
+    flags: &Flags,
+    notify: &std::sync::Arc<Notify>,
+    metrics: &Metrics,
+) {
+    let vms: Api<PartialObjectMeta<VirtualMachine>> = match &flags.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let nodes: Api<PartialObjectMeta<HypervisorNode>> = Api::all(client.clone());
+    let leases: Api<PartialObjectMeta<Lease>> =
+        Api::namespaced(client.clone(), contract::LEASE_NAMESPACE);
+    let mut node_cfg = watcher::Config::default();
+    if let Some(sel) = &flags.node_selector {
+        node_cfg = node_cfg.labels(sel);
+    }
+    let synced = std::sync::Arc::new(std::sync::Mutex::new([false; 3]));
+    let streams = [
+        watcher(vms, watcher::Config::default())
+            .default_backoff()
+            .map(|e| e.map(|ev| matches!(ev, watcher::Event::InitDone)))
+            .boxed(),
+        watcher(nodes, node_cfg)
+            .default_backoff()
+            .map(|e| e.map(|ev| matches!(ev, watcher::Event::InitDone)))
+            .boxed(),
+        watcher(leases, watcher::Config::default())
+            .default_backoff()
+            .map(|e| e.map(|ev| matches!(ev, watcher::Event::InitDone)))
+            .boxed(),
+    ];
+    for (i, mut stream) in streams.into_iter().enumerate() {
+        let notify = notify.clone();
+        let synced = synced.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(init_done) => {
+                        if init_done {
+                            let mut s = synced
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            s[i] = true;
+                            if s.iter().all(|x| *x) {
+                                metrics.set_ready(true);
+                            }
+                        }
+                        notify.notify_one();
+                    }
+                    Err(e) => {
+                        metrics
+                            .reconcile_errors_total
+                            .with_label_values(&["watch"])
+                            .inc();
+                        tracing::warn!(error = %e, "watch failed; retrying with backoff");
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Runs passes while leader: after each change (coalesced), when a Lease
+/// is due to expire, on resync, and after errors with exponential backoff.
+async fn control_loop(ctx: Context, notify: std::sync::Arc<Notify>, resync: Duration) {
+    let mut leader_rx = ctx.leadership.subscribe();
+    let mut backoff = Duration::ZERO;
+    loop {
+        if !*leader_rx.borrow() {
+            if leader_rx.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        // Coalesce bursts of watch events into one pass.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let outcome = reconcile::reconcile_all(&ctx).await;
+        ctx.metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        let mut wake = resync;
+        match outcome {
+            Ok(report) if report.errors.is_empty() => {
+                ctx.metrics
+                    .reconcile_total
+                    .with_label_values(&["success"])
+                    .inc();
+                backoff = Duration::ZERO;
+                if let Some(w) = report.wake_in {
+                    wake = wake.min(w);
+                }
+            }
+            Ok(report) => {
+                ctx.metrics
+                    .reconcile_total
+                    .with_label_values(&["error"])
+                    .inc();
+                for e in &report.errors {
+                    ctx.metrics
+                        .reconcile_errors_total
+                        .with_label_values(&[e.kind()])
+                        .inc();
+                    tracing::warn!(error = %e, "reconcile");
+                }
+                backoff = next_backoff(backoff);
+                wake = wake.min(backoff);
+            }
+            Err(e) => {
+                ctx.metrics
+                    .reconcile_total
+                    .with_label_values(&["error"])
+                    .inc();
+                ctx.metrics
+                    .reconcile_errors_total
+                    .with_label_values(&[e.kind()])
+                    .inc();
+                tracing::warn!(error = %e, "reconcile pass failed");
+                backoff = next_backoff(backoff);
+                wake = wake.min(backoff);
+            }
+        }
+        tokio::select! {
+            () = notify.notified(), if backoff.is_zero() => {}
+            () = tokio::time::sleep(wake) => {}
+            _ = leader_rx.changed() => {}
+        }
+    }
+}
+
+fn next_backoff(d: Duration) -> Duration {
+    if d.is_zero() {
+        Duration::from_millis(200)
+    } else {
+        (d * 2).min(Duration::from_secs(30))
+    }
+}
+
+async fn run(flags: Flags) -> Result<(), MainError> {
+    telemetry::init(telemetry::parse_level(&flags.log_level)?)?;
+    let overcommit = Overcommit::new(flags.cpu_overcommit, flags.memory_overcommit)?;
+    if flags.lease_duration_seconds < 3 {
+        return Err(MainError::LeaseDuration(flags.lease_duration_seconds));
+    }
+    let identity = flags.id.clone().unwrap_or_else(default_identity);
+    let metrics = Metrics::new()?;
+    let server = metrics.clone().serve(&flags.metrics_addr).await?;
+    tokio::spawn(server);
+    let client = client(&flags).await?;
+    tracing::info!(%identity, metrics = %flags.metrics_addr, cpu_overcommit = overcommit.cpu, memory_overcommit = overcommit.memory, "kubevmm-operator starting");
+    ensure_namespace(&client).await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (elector, leadership) = Elector::new(
+        client.clone(),
+        LeaderConfig::new(
+            flags.leader_lease.clone(),
+            contract::LEASE_NAMESPACE.into(),
+            identity.clone(),
+            Duration::from_secs(flags.lease_duration_seconds),
+        ),
+        metrics.clone(),
+    );
+    let election = tokio::spawn(elector.run(shutdown_rx));
+
+    let notify = std::sync::Arc::new(Notify::new());
+    spawn_watchers(&client, &flags, &notify, &metrics);
+    let ctx = Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: contract::MANAGER_OPERATOR.into(),
+                instance: Some(identity),
+            },
+        ),
+        client,
+        settings: Settings {
+            overcommit,
+            namespace: flags.namespace.clone(),
+            node_selector: flags.node_selector.clone(),
+        },
+        metrics,
+        leadership,
+    };
+    let control = tokio::spawn(control_loop(
+        ctx,
+        notify,
+        Duration::from_secs(flags.resync_seconds.max(1)),
+    ));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(MainError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    control.abort();
+    shutdown_tx.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+    Ok(())
+}
+
+fn main() {
+    let flags = Flags::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kubevmm-operator: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(flags)) {
+        eprintln!("kubevmm-operator: {e}");
+        std::process::exit(1);
+    }
+}

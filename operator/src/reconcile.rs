@@ -1,0 +1,1083 @@
+//! The reconciler: one pass reads every `VirtualMachine`, `HypervisorNode`
+//! and heartbeat Lease, decides (with [`crate::scheduling`]) what the
+//! operator's part of each VM should be, and writes only the differences.
+//!
+//! A pass is global rather than per object because placement is: every
+//! binding changes the free capacity the next one sees. VMs are read with a
+//! fresh (quorum) LIST at the start of each pass, so a pass always sees the
+//! bindings the previous one wrote; every write carries the
+//! `resourceVersion` it was decided on, so a stale decision (or a second
+//! replica that still believes it leads) fails with a conflict instead of
+//! overwriting, and the pass is retried.
+//!
+//! What the operator owns on a VM (see docs/architecture.md, "The contract"):
+//! the finalizer, the `kubevmm.io/node` label, and in the status (server-side
+//! apply, field manager `kubevmm-operator`, force) `nodeName`, the
+//! `Scheduled` and `NodeLost` conditions, `Ready=Unknown` while the node is
+//! lost, and `phase`/`restartCount` at the moments it decides them (binding,
+//! unschedulable, re-placement, release). Owned fields it does not decide in
+//! a pass are re-applied with their current value, so nothing the operator
+//! once wrote disappears by omission.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::ResourceExt;
+use kubevmm_crds::contract::{self, condition};
+use kubevmm_crds::quantity::parse_bytes;
+use kubevmm_crds::{HypervisorNode, RunStrategy, VirtualMachine, VmPhase};
+use serde_json::{json, Value};
+
+use crate::leader::{is_status, Leadership};
+use crate::metrics::Metrics;
+use crate::scheduling::{self, BoundVm, NodeInfo, Overcommit, Request};
+
+/// What can fail in a pass. Every error is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Listing VMs, nodes or Leases failed.
+    #[error("cannot list {what}: {source}")]
+    List {
+        /// What was listed.
+        what: &'static str,
+        /// The client error.
+        source: kube::Error,
+    },
+    /// A write to one VM failed.
+    #[error("{action} {namespace}/{name}: {source}")]
+    Write {
+        /// What the operator tried to do.
+        action: &'static str,
+        /// VM namespace.
+        namespace: String,
+        /// VM name.
+        name: String,
+        /// The client error.
+        source: kube::Error,
+    },
+    /// Leadership was lost in the middle of a pass; the rest is skipped.
+    #[error("no longer the leader; stopping the pass")]
+    NotLeader,
+}
+
+impl ReconcileError {
+    /// Label value for `kubevmm_operator_reconcile_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::List { .. } => "list",
+            Self::Write { source, .. } if is_status(source, 409) => "conflict",
+            Self::Write { .. } => "write",
+            Self::NotLeader => "not_leader",
+        }
+    }
+}
+
+/// Operator settings that shape decisions.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// vCPU and memory overcommit.
+    pub overcommit: Overcommit,
+    /// Only VMs in this namespace (all when `None`).
+    pub namespace: Option<String>,
+    /// Only `HypervisorNode`s matching this label selector (all when `None`).
+    pub node_selector: Option<String>,
+}
+
+/// Everything a pass needs.
+pub struct Context {
+    /// API client.
+    pub client: kube::Client,
+    /// Settings.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Whether we may write.
+    pub leadership: Leadership,
+    /// Event publisher.
+    pub recorder: Recorder,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Outcome of a pass.
+#[derive(Debug, Default)]
+pub struct PassReport {
+    /// Errors on individual VMs (the pass went on with the others).
+    pub errors: Vec<ReconcileError>,
+    /// When the next pass is due even if nothing changes (a heartbeat Lease
+    /// that will expire).
+    pub wake_in: Option<Duration>,
+}
+
+/// The heartbeat state of one node.
+#[derive(Debug, Clone)]
+struct NodeState {
+    info: NodeInfo,
+    /// `renewTime` of its Lease, if any.
+    last_heartbeat: Option<Timestamp>,
+    /// When the Lease expires (or expired).
+    expires: Option<Timestamp>,
+    fenced: bool,
+}
+
+/// Why the bound node is considered gone.
+fn gone_reason(node: &str, state: Option<&NodeState>) -> Option<String> {
+    match state {
+        None => Some(format!("HypervisorNode {node} was deleted")),
+        Some(s) if s.fenced => Some(format!(
+            "HypervisorNode {node} is fenced ({}=true)",
+            contract::ANNOTATION_FENCED
+        )),
+        Some(_) => None,
+    }
+}
+
+fn node_state(node: &HypervisorNode, lease: Option<&Lease>, now: Timestamp) -> NodeState {
+    let status = node.status.clone().unwrap_or_default();
+    let (last_heartbeat, expires) = match lease.and_then(|l| l.spec.as_ref()) {
+        Some(spec) => {
+            let renew = spec.renew_time.as_ref().map(|t| t.0);
+            let secs = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
+            (
+                renew,
+                renew.map(|r| {
+                    r.saturating_add(SignedDuration::from_secs(secs))
+                        .unwrap_or(r)
+                }),
+            )
+        }
+        None => (None, None),
+    };
+    let alloc = status.allocatable.unwrap_or_default();
+    let allocatable_memory = if alloc.memory.0.is_empty() {
+        0
+    } else {
+        parse_bytes(&alloc.memory.0).unwrap_or_else(|e| {
+            tracing::warn!(node = %node.name_any(), error = %e, "HypervisorNode allocatable memory unusable; treating as 0");
+            0
+        })
+    };
+    NodeState {
+        info: NodeInfo {
+            name: node.name_any(),
+            labels: node.labels().clone(),
+            cordoned: node.spec.cordoned,
+            ready: expires.is_some_and(|e| e > now),
+            kvm_available: status.kvm.is_some_and(|k| k.available),
+            allocatable_cpus: alloc.cpus,
+            allocatable_memory,
+        },
+        last_heartbeat,
+        expires,
+        fenced: node
+            .annotations()
+            .get(contract::ANNOTATION_FENCED)
+            .is_some_and(|v| v == "true"),
+    }
+}
+
+/// Which status fields the operator's field manager owns now.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Owned {
+    phase: bool,
+    restart_count: bool,
+    conditions: BTreeSet<String>,
+}
+
+fn owned_by_operator(obj: &DynamicObject) -> Owned {
+    let mut owned = Owned::default();
+    for entry in obj.metadata.managed_fields.iter().flatten() {
+        if entry.manager.as_deref() != Some(contract::MANAGER_OPERATOR)
+            || entry.subresource.as_deref() != Some("status")
+        {
+            continue;
+        }
+        let Some(status) = entry.fields_v1.as_ref().and_then(|f| f.0.get("f:status")) else {
+            continue;
+        };
+        owned.phase |= status.get("f:phase").is_some();
+        owned.restart_count |= status.get("f:restartCount").is_some();
+        if let Some(conds) = status.get("f:conditions").and_then(Value::as_object) {
+            for key in conds.keys() {
+                let ty = key
+                    .strip_prefix("k:")
+                    .and_then(|k| serde_json::from_str::<Value>(k).ok())
+                    .and_then(|k| k.get("type").and_then(Value::as_str).map(String::from));
+                if let Some(ty) = ty {
+                    owned.conditions.insert(ty);
+                }
+            }
+        }
+    }
+    owned
+}
+
+/// A condition the operator wants, without its transition time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Want {
+    status: &'static str,
+    reason: String,
+    message: String,
+}
+
+impl Want {
+    fn new(status: &'static str, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// An Event to publish about a VM.
+#[derive(Debug, Clone)]
+struct Ev {
+    warning: bool,
+    reason: &'static str,
+    note: String,
+}
+
+/// What one pass decided for one VM.
+#[derive(Debug)]
+struct Work {
+    obj: DynamicObject,
+    vm: Option<VirtualMachine>,
+    name: String,
+    namespace: String,
+    owned: Owned,
+    /// Node it is bound to when the pass is done (label and nodeName).
+    bind: Option<String>,
+    add_finalizer: bool,
+    remove_finalizer: bool,
+    phase: Option<VmPhase>,
+    restart_count: Option<i32>,
+    conditions: BTreeMap<&'static str, Want>,
+    /// Operator-owned condition types to drop.
+    drop_conditions: BTreeSet<&'static str>,
+    /// Wants placement in this pass.
+    candidate: bool,
+    request: Option<Request>,
+    first_binding: bool,
+    failure_reason: Option<&'static str>,
+    events: Vec<Ev>,
+}
+
+impl Work {
+    fn current_status(&self) -> kubevmm_crds::VirtualMachineStatus {
+        self.vm
+            .as_ref()
+            .and_then(|v| v.status.clone())
+            .unwrap_or_default()
+    }
+
+    fn current_condition(&self, ty: &str) -> Option<Condition> {
+        self.current_status()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == ty)
+    }
+
+    fn label(&self) -> Option<String> {
+        self.obj.labels().get(contract::LABEL_NODE).cloned()
+    }
+
+    fn phase_now(&self) -> Option<VmPhase> {
+        self.current_status().phase
+    }
+}
+
+fn vm_resource() -> ApiResource {
+    ApiResource::erase::<VirtualMachine>(&())
+}
+
+fn now_time(now: Timestamp) -> Value {
+    serde_json::to_value(Time(now)).unwrap_or(Value::Null)
+}
+
+/// Runs one pass. `Err` only when nothing could be read; per-VM failures are
+/// in the report.
+pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> {
+    let client = ctx.client.clone();
+    let now = Timestamp::now();
+    let ar = vm_resource();
+    let vm_api: Api<DynamicObject> = match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    let node_api: Api<HypervisorNode> = Api::all(client.clone());
+    let lease_api: Api<Lease> = Api::namespaced(client.clone(), contract::LEASE_NAMESPACE);
+
+    let mut node_lp = ListParams::default();
+    if let Some(sel) = &ctx.settings.node_selector {
+        node_lp = node_lp.labels(sel);
+    }
+    let nodes = node_api
+        .list(&node_lp)
+        .await
+        .map_err(|source| ReconcileError::List {
+            what: "HypervisorNodes",
+            source,
+        })?;
+    let leases = lease_api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List {
+            what: "Leases in kubevmm-system",
+            source,
+        })?;
+    let vms = vm_api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| ReconcileError::List {
+            what: "VirtualMachines",
+            source,
+        })?;
+
+    let leases: BTreeMap<String, Lease> = leases
+        .items
+        .into_iter()
+        .map(|l| (l.name_any(), l))
+        .collect();
+    let mut states: BTreeMap<String, NodeState> = nodes
+        .items
+        .iter()
+        .map(|n| {
+            let lease = leases.get(&contract::node_lease_name(&n.name_any()));
+            (n.name_any(), node_state(n, lease, now))
+        })
+        .collect();
+
+    let mut report = PassReport::default();
+
+    // Nodes outside --node-selector that VMs are bound to: look them up so a
+    // node is never taken for deleted just because the selector hides it.
+    if ctx.settings.node_selector.is_some() {
+        let missing: BTreeSet<String> = vms
+            .items
+            .iter()
+            .filter_map(|o| o.labels().get(contract::LABEL_NODE).cloned())
+            .filter(|n| !states.contains_key(n))
+            .collect();
+        for name in missing {
+            match node_api.get_opt(&name).await {
+                Ok(Some(n)) => {
+                    let lease = leases.get(&contract::node_lease_name(&name));
+                    let mut s = node_state(&n, lease, now);
+                    s.info.cordoned = true; // never place onto a node outside the selector
+                    states.insert(name, s);
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    return Err(ReconcileError::List {
+                        what: "HypervisorNodes",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    // VMs by phase, as read.
+    ctx.metrics.vms.reset();
+    for o in &vms.items {
+        let phase = o
+            .data
+            .get("status")
+            .and_then(|s| s.get("phase"))
+            .and_then(Value::as_str)
+            .unwrap_or("Unset");
+        ctx.metrics.vms.with_label_values(&[phase]).inc();
+    }
+
+    // Oldest first: placement is first come, first served.
+    let mut items = vms.items;
+    items.sort_by(|a, b| {
+        let key = |o: &DynamicObject| {
+            (
+                o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                o.namespace(),
+                o.name_any(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+
+    let mut works: Vec<Work> = items
+        .into_iter()
+        .map(|obj| decide(obj, &states, now))
+        .collect();
+
+    // Capacity taken by what stays bound, then placement in order.
+    let bound: Vec<BoundVm> = works
+        .iter()
+        .filter_map(|w| {
+            let node = w.bind.clone()?;
+            let req = w.request.as_ref();
+            Some(BoundVm {
+                node,
+                cpus: req.map_or(0, |r| r.cpus),
+                memory: req.map_or(0, |r| r.memory),
+                phase: w.phase.or(w.phase_now()),
+            })
+        })
+        .collect();
+    let mut used = scheduling::usage_by_node(&bound);
+    let infos: Vec<NodeInfo> = states.values().map(|s| s.info.clone()).collect();
+    for w in works.iter_mut().filter(|w| w.candidate) {
+        let Some(req) = w.request.clone() else {
+            continue;
+        };
+        match scheduling::place(&req, &infos, &used, ctx.settings.overcommit) {
+            Ok(node) => {
+                used.entry(node.clone())
+                    .or_default()
+                    .add(req.cpus, req.memory);
+                w.first_binding = w.current_status().restart_count == 0
+                    && matches!(w.phase_now(), None | Some(VmPhase::Pending));
+                w.phase = Some(VmPhase::Scheduled);
+                w.conditions.insert(
+                    condition::SCHEDULED,
+                    Want::new("True", "Scheduled", format!("bound to node {node}")),
+                );
+                w.events.push(Ev {
+                    warning: false,
+                    reason: "Scheduled",
+                    note: format!("bound to node {node}"),
+                });
+                w.bind = Some(node);
+            }
+            Err(u) => {
+                w.phase = Some(VmPhase::Pending);
+                let changed = w
+                    .current_condition(condition::SCHEDULED)
+                    .is_none_or(|c| c.message != u.message || c.status != "False");
+                if changed {
+                    w.failure_reason = Some(u.reason);
+                    w.events.push(Ev {
+                        warning: true,
+                        reason: "FailedScheduling",
+                        note: u.message.clone(),
+                    });
+                }
+                w.conditions.insert(
+                    condition::SCHEDULED,
+                    Want::new("False", "Unschedulable", u.message),
+                );
+            }
+        }
+    }
+
+    // Next wake-up: the earliest future expiry of a Lease a bound VM depends on.
+    let soonest = works
+        .iter()
+        .filter_map(|w| w.bind.as_ref())
+        .filter_map(|n| states.get(n).and_then(|s| s.expires))
+        .filter(|e| *e > now)
+        .min();
+    report.wake_in = soonest.map(|e| {
+        let d = e.duration_since(now);
+        Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(0))
+            + Duration::from_millis(100)
+    });
+
+    for w in works {
+        if let Err(e) = execute(ctx, &vm_api, w, now).await {
+            if matches!(e, ReconcileError::NotLeader) {
+                return Err(e);
+            }
+            report.errors.push(e);
+        }
+    }
+    Ok(report)
+}
+
+/// Decides everything but placement for one VM.
+#[allow(clippy::too_many_lines)]
+fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timestamp) -> Work {
+    let name = obj.name_any();
+    let namespace = obj.namespace().unwrap_or_default();
+    let owned = owned_by_operator(&obj);
+    let parsed = serde_json::to_value(&obj)
+        .and_then(serde_json::from_value::<VirtualMachine>)
+        .map_err(|e| e.to_string());
+    let mut w = Work {
+        vm: parsed.as_ref().ok().cloned(),
+        obj,
+        name,
+        namespace,
+        owned,
+        bind: None,
+        add_finalizer: false,
+        remove_finalizer: false,
+        phase: None,
+        restart_count: None,
+        conditions: BTreeMap::new(),
+        drop_conditions: BTreeSet::new(),
+        candidate: false,
+        request: None,
+        first_binding: false,
+        failure_reason: None,
+        events: Vec::new(),
+    };
+    let label = w.label();
+    w.bind.clone_from(&label);
+    let deleting = w.obj.metadata.deletion_timestamp.is_some();
+    let has_finalizer = w.obj.finalizers().iter().any(|f| f == contract::FINALIZER);
+
+    if deleting {
+        if has_finalizer {
+            match &label {
+                None => w.remove_finalizer = true,
+                Some(node) => {
+                    if let Some(why) = gone_reason(node, states.get(node)) {
+                        w.remove_finalizer = true;
+                        w.events.push(Ev {
+                            warning: false,
+                            reason: "FinalizerRemoved",
+                            note: format!("{why}: its guest is gone, deletion completes"),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(node) = &label {
+            if !w.remove_finalizer {
+                node_health(&mut w, node, states.get(node), now);
+            }
+        }
+        // Keep counting it on its node until node-vmm lets go.
+        w.request = w.vm.as_ref().and_then(|v| request_of(v).ok());
+        return w;
+    }
+    if !has_finalizer {
+        w.add_finalizer = true;
+    }
+
+    let vm = match parsed {
+        Ok(vm) => vm,
+        Err(e) => {
+            w.bind = label;
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(
+                    "False",
+                    "InvalidSpec",
+                    format!("the operator cannot read this VirtualMachine: {e}"),
+                ),
+            );
+            if w.label().is_none() {
+                w.phase = Some(VmPhase::Pending);
+            }
+            w.failure_reason = Some("InvalidSpec");
+            return w;
+        }
+    };
+    let request = request_of(&vm);
+    w.request = request.as_ref().ok().cloned();
+    let phase = w.phase_now();
+    let strategy = vm.spec.run_strategy;
+
+    if let Some(node) = &label {
+        if let Some(why) = gone_reason(node, states.get(node)) {
+            w.bind = None;
+            if scheduling::wants_to_run(strategy, phase)
+                && matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure)
+            {
+                w.phase = Some(VmPhase::Pending);
+                w.restart_count = Some(w.current_status().restart_count.saturating_add(1));
+                w.conditions.insert(
+                    condition::NODE_LOST,
+                    Want::new(
+                        "False",
+                        "Rescheduled",
+                        format!("{why}; the guest is gone and the VM is placed anew"),
+                    ),
+                );
+                w.drop_conditions.insert(condition::READY);
+                w.events.push(Ev {
+                    warning: true,
+                    reason: "Rescheduled",
+                    note: format!("{why}; placing the VM on another node"),
+                });
+                w.candidate = request.is_ok();
+            } else {
+                if !scheduling::is_terminal(phase) {
+                    w.phase = Some(if strategy == RunStrategy::Halted {
+                        VmPhase::Stopped
+                    } else {
+                        VmPhase::Failed
+                    });
+                }
+                w.conditions.insert(
+                    condition::NODE_LOST,
+                    Want::new("True", "NodeGone", format!("{why}; the guest is gone")),
+                );
+                w.drop_conditions.insert(condition::READY);
+                w.conditions.insert(
+                    condition::SCHEDULED,
+                    Want::new(
+                        "False",
+                        "NodeGone",
+                        format!(
+                            "{why}; runStrategy {strategy:?} does not restart the VM elsewhere"
+                        ),
+                    ),
+                );
+                w.events.push(Ev {
+                    warning: true,
+                    reason: "NodeGone",
+                    note: format!("{why}; runStrategy {strategy:?}: not restarted elsewhere"),
+                });
+            }
+        } else if scheduling::is_terminal(phase) && !scheduling::wants_to_run(strategy, phase) {
+            w.bind = None;
+            let p = phase.map_or("unknown", phase_name);
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(
+                    "False",
+                    "Released",
+                    format!("released from node {node}: phase {p}, runStrategy {strategy:?}"),
+                ),
+            );
+            w.events.push(Ev {
+                warning: false,
+                reason: "Released",
+                note: format!("guest {p} on node {node}; binding released"),
+            });
+        } else {
+            node_health(&mut w, node, states.get(node), now);
+            let keep = w
+                .current_condition(condition::SCHEDULED)
+                .filter(|c| c.status == "True" && c.message.ends_with(&format!("node {node}")));
+            if keep.is_none() {
+                w.conditions.insert(
+                    condition::SCHEDULED,
+                    Want::new("True", "Scheduled", format!("bound to node {node}")),
+                );
+            }
+            if matches!(phase, None | Some(VmPhase::Pending)) {
+                w.phase = Some(VmPhase::Scheduled);
+            }
+        }
+        return w;
+    }
+
+    // Unbound.
+    if !scheduling::wants_to_run(strategy, phase) {
+        if strategy == RunStrategy::Halted {
+            if !scheduling::is_terminal(phase) {
+                w.phase = Some(VmPhase::Stopped);
+            }
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(
+                    "False",
+                    "Halted",
+                    "runStrategy Halted: not placed on a node",
+                ),
+            );
+        } else if w.current_condition(condition::SCHEDULED).is_none() {
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(
+                    "False",
+                    "Finished",
+                    format!(
+                        "phase {}, runStrategy {strategy:?}: not placed again",
+                        phase.map_or("unknown", phase_name)
+                    ),
+                ),
+            );
+        }
+        return w;
+    }
+    match request {
+        Ok(_) => w.candidate = true,
+        Err(msg) => {
+            w.phase = Some(VmPhase::Pending);
+            w.conditions
+                .insert(condition::SCHEDULED, Want::new("False", "InvalidSpec", msg));
+            w.failure_reason = Some("InvalidSpec");
+        }
+    }
+    w
+}
+
+/// NodeLost / Ready=Unknown while the node's heartbeat is stale; cleared when fresh.
+fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>, now: Timestamp) {
+    let Some(state) = state else { return };
+    let lost = state.expires.is_none_or(|e| e <= now);
+    let current = w.current_condition(condition::NODE_LOST);
+    if lost {
+        let message = match state.last_heartbeat {
+            Some(t) => format!(
+                "node {node} stopped heartbeating: last heartbeat at {}, Lease expired at {}",
+                fmt_time(t),
+                state.expires.map_or_else(|| "?".into(), fmt_time)
+            ),
+            None => format!(
+                "node {node} has no heartbeat Lease {}/{}",
+                contract::LEASE_NAMESPACE,
+                contract::node_lease_name(node)
+            ),
+        };
+        // Keep the first message (with the time of the last heartbeat) while lost.
+        let want = match current {
+            Some(c) if c.status == "True" && c.reason == "HeartbeatExpired" => {
+                Want::new("True", "HeartbeatExpired", c.message)
+            }
+            _ => {
+                w.events.push(Ev {
+                    warning: true,
+                    reason: "NodeLost",
+                    note: message.clone(),
+                });
+                Want::new("True", "HeartbeatExpired", message)
+            }
+        };
+        w.conditions.insert(condition::NODE_LOST, want);
+        w.conditions.insert(
+            condition::READY,
+            Want::new(
+                "Unknown",
+                "NodeLost",
+                format!("node {node} is not heartbeating; the guest's state is unknown"),
+            ),
+        );
+    } else {
+        if current.as_ref().is_some_and(|c| c.status == "True") {
+            w.conditions.insert(
+                condition::NODE_LOST,
+                Want::new(
+                    "False",
+                    "HeartbeatResumed",
+                    format!("node {node} is heartbeating again"),
+                ),
+            );
+            w.events.push(Ev {
+                warning: false,
+                reason: "NodeRecovered",
+                note: format!("node {node} is heartbeating again"),
+            });
+        }
+        w.drop_conditions.insert(condition::READY);
+    }
+}
+
+fn fmt_time(t: Timestamp) -> String {
+    serde_json::to_value(Time(t))
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_else(|| t.to_string())
+}
+
+fn phase_name(p: VmPhase) -> &'static str {
+    match p {
+        VmPhase::Pending => "Pending",
+        VmPhase::Scheduled => "Scheduled",
+        VmPhase::Starting => "Starting",
+        VmPhase::Running => "Running",
+        VmPhase::Paused => "Paused",
+        VmPhase::Stopping => "Stopping",
+        VmPhase::Stopped => "Stopped",
+        VmPhase::Succeeded => "Succeeded",
+        VmPhase::Failed => "Failed",
+    }
+}
+
+/// The VM's demand, or why it cannot be read.
+fn request_of(vm: &VirtualMachine) -> Result<Request, String> {
+    let memory = parse_bytes(&vm.spec.memory.0).map_err(|e| format!("spec.memory: {e}"))?;
+    Ok(Request {
+        cpus: vm.spec.cpus,
+        memory,
+        node_selector: vm.spec.node_selector.clone(),
+    })
+}
+
+/// The operator's status, complete (owned fields it did not decide carry
+/// their current value), and whether it differs from what is there.
+fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
+    let current = w.current_status();
+    let mut changed = current.node_name != w.bind;
+    let mut status = serde_json::Map::new();
+    if let Some(n) = &w.bind {
+        status.insert("nodeName".into(), json!(n));
+    }
+    let phase = match w.phase {
+        Some(p) => {
+            changed |= current.phase != Some(p);
+            Some(p)
+        }
+        None if w.owned.phase => current.phase,
+        None => None,
+    };
+    if let Some(p) = phase {
+        status.insert("phase".into(), json!(phase_name(p)));
+    }
+    match w.restart_count {
+        Some(r) => {
+            changed |= current.restart_count != r;
+            status.insert("restartCount".into(), json!(r));
+        }
+        None if w.owned.restart_count => {
+            status.insert("restartCount".into(), json!(current.restart_count));
+        }
+        None => {}
+    }
+    let generation = w.obj.metadata.generation;
+    let mut conditions = Vec::new();
+    let mut types: BTreeSet<String> = w.owned.conditions.clone();
+    types.extend(w.conditions.keys().map(|k| (*k).to_string()));
+    for ty in types {
+        let existing = w.current_condition(&ty);
+        if let Some(want) = w.conditions.get(ty.as_str()) {
+            let same = existing.as_ref().is_some_and(|c| {
+                c.status == want.status && c.reason == want.reason && c.message == want.message
+            });
+            changed |= !same;
+            let transition = existing
+                .as_ref()
+                .filter(|c| c.status == want.status)
+                .map_or_else(|| now_time(now), |c| json!(c.last_transition_time));
+            let mut c = json!({
+                "type": ty,
+                "status": want.status,
+                "reason": want.reason,
+                "message": want.message,
+                "lastTransitionTime": transition,
+            });
+            if let Some(g) = generation {
+                c["observedGeneration"] = json!(g);
+            }
+            conditions.push(c);
+        } else if w.drop_conditions.contains(ty.as_str()) {
+            // Owned but no longer wanted: omitting it removes it.
+            changed |= existing.is_some();
+        } else if let Some(c) = existing {
+            conditions.push(serde_json::to_value(&c).unwrap_or(Value::Null));
+        }
+    }
+    if !conditions.is_empty() {
+        status.insert("conditions".into(), Value::Array(conditions));
+    }
+    changed.then(|| {
+        json!({
+            "apiVersion": format!("{}/{}", kubevmm_crds::GROUP, kubevmm_crds::VERSION),
+            "kind": "VirtualMachine",
+            "metadata": {
+                "name": w.name,
+                "namespace": w.namespace,
+                "resourceVersion": w.obj.metadata.resource_version,
+            },
+            "status": status,
+        })
+    })
+}
+
+fn object_ref(w: &Work) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(format!("{}/{}", kubevmm_crds::GROUP, kubevmm_crds::VERSION)),
+        kind: Some("VirtualMachine".into()),
+        name: Some(w.name.clone()),
+        namespace: Some(w.namespace.clone()),
+        uid: w.obj.metadata.uid.clone(),
+        resource_version: w.obj.metadata.resource_version.clone(),
+        field_path: None,
+    }
+}
+
+/// Writes one VM's decisions in a safe order: finalizer, status, label,
+/// finalizer removal, then Events. Each write is conditional on the
+/// resourceVersion the decision was made on (and chained).
+async fn execute(
+    ctx: &Context,
+    api: &Api<DynamicObject>,
+    mut w: Work,
+    now: Timestamp,
+) -> Result<(), ReconcileError> {
+    let werr = |action: &'static str, w: &Work, source: kube::Error| ReconcileError::Write {
+        action,
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        source,
+    };
+    let leader = || {
+        if ctx.leadership.is_leader() {
+            Ok(())
+        } else {
+            Err(ReconcileError::NotLeader)
+        }
+    };
+    let merge = |rv: Option<String>, meta: Value| {
+        let mut m = meta;
+        m["resourceVersion"] = json!(rv);
+        Patch::Merge(json!({ "metadata": m }))
+    };
+
+    if w.add_finalizer {
+        leader()?;
+        let mut fins = w.obj.finalizers().to_vec();
+        fins.push(contract::FINALIZER.to_string());
+        let patch = merge(
+            w.obj.metadata.resource_version.clone(),
+            json!({ "finalizers": fins }),
+        );
+        let out = api
+            .patch(&w.name, &PatchParams::default(), &patch)
+            .await
+            .map_err(|e| werr("add finalizer to", &w, e))?;
+        w.obj.metadata.resource_version = out.metadata.resource_version;
+        w.obj.metadata.finalizers = out.metadata.finalizers;
+    }
+
+    if let Some(body) = status_apply(&w, now) {
+        leader()?;
+        let pp = PatchParams::apply(contract::MANAGER_OPERATOR).force();
+        let out = api
+            .patch_status(&w.name, &pp, &Patch::Apply(body))
+            .await
+            .map_err(|e| werr("update status of", &w, e))?;
+        w.obj.metadata.resource_version = out.metadata.resource_version;
+        if let Some(reason) = w.failure_reason {
+            ctx.metrics
+                .scheduling_failures_total
+                .with_label_values(&[reason])
+                .inc();
+        }
+    }
+
+    if w.label() != w.bind {
+        leader()?;
+        let patch = merge(
+            w.obj.metadata.resource_version.clone(),
+            json!({ "labels": { contract::LABEL_NODE: w.bind } }),
+        );
+        let out = api
+            .patch(&w.name, &PatchParams::default(), &patch)
+            .await
+            .map_err(|e| werr("set the node label of", &w, e))?;
+        w.obj.metadata.resource_version = out.metadata.resource_version;
+        if let Some(node) = &w.bind {
+            tracing::info!(vm = %format!("{}/{}", w.namespace, w.name), %node, "bound");
+            if w.first_binding {
+                if let Some(created) = &w.obj.metadata.creation_timestamp {
+                    let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
+                    ctx.metrics.scheduling_duration.observe(secs.max(0.0));
+                }
+            }
+        } else {
+            tracing::info!(vm = %format!("{}/{}", w.namespace, w.name), "unbound");
+        }
+    }
+
+    if w.remove_finalizer {
+        leader()?;
+        let fins: Vec<String> = w
+            .obj
+            .finalizers()
+            .iter()
+            .filter(|f| *f != contract::FINALIZER)
+            .cloned()
+            .collect();
+        let patch = merge(
+            w.obj.metadata.resource_version.clone(),
+            json!({ "finalizers": fins }),
+        );
+        match api.patch(&w.name, &PatchParams::default(), &patch).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(werr("remove the finalizer of", &w, e)),
+        }
+        tracing::info!(vm = %format!("{}/{}", w.namespace, w.name), "finalizer removed");
+    }
+
+    let reference = object_ref(&w);
+    for ev in &w.events {
+        let event = Event {
+            type_: if ev.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: ev.reason.to_string(),
+            note: Some(ev.note.chars().take(1000).collect()),
+            action: ev.reason.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            ctx.metrics
+                .reconcile_errors_total
+                .with_label_values(&["event"])
+                .inc();
+            tracing::warn!(vm = %format!("{}/{}", w.namespace, w.name), error = %e, "cannot publish Event");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+    #[test]
+    fn reads_owned_status_fields() {
+        let mut obj = DynamicObject::new("vm", &vm_resource());
+        obj.metadata.managed_fields = Some(vec![
+            ManagedFieldsEntry {
+                manager: Some("kubevmm-operator".into()),
+                operation: Some("Apply".into()),
+                subresource: Some("status".into()),
+                fields_v1: Some(FieldsV1(json!({"f:status": {
+                    "f:phase": {}, "f:nodeName": {},
+                    "f:conditions": {"k:{\"type\":\"Scheduled\"}": {".": {}}, "k:{\"type\":\"NodeLost\"}": {}}
+                }}))),
+                ..ManagedFieldsEntry::default()
+            },
+            ManagedFieldsEntry {
+                manager: Some("node-vmm".into()),
+                operation: Some("Apply".into()),
+                subresource: Some("status".into()),
+                fields_v1: Some(FieldsV1(json!({"f:status": {
+                    "f:restartCount": {}, "f:conditions": {"k:{\"type\":\"Ready\"}": {}}
+                }}))),
+                ..ManagedFieldsEntry::default()
+            },
+        ]);
+        let owned = owned_by_operator(&obj);
+        assert!(owned.phase);
+        assert!(!owned.restart_count);
+        assert_eq!(
+            owned.conditions.into_iter().collect::<Vec<_>>(),
+            vec!["NodeLost".to_string(), "Scheduled".to_string()]
+        );
+    }
+
+    #[test]
+    fn unparseable_memory_is_a_condition_not_a_crash() {
+        let mut obj = DynamicObject::new("bad", &vm_resource()).within("ns");
+        obj.data = json!({"spec": {"memory": "lots", "boot": {"kernel": {"path": "/k"}}}});
+        let w = decide(obj, &BTreeMap::new(), Timestamp::now());
+        assert!(!w.candidate);
+        assert_eq!(w.phase, Some(VmPhase::Pending));
+        let c = &w.conditions[condition::SCHEDULED];
+        assert_eq!(c.reason, "InvalidSpec");
+        assert!(c.message.contains("spec.memory"), "{}", c.message);
+        assert!(w.add_finalizer);
+    }
+}
