@@ -1,1 +1,173 @@
-fn main() {}
+//! `node-vmm`: kubevmm's node agent and standalone runner.
+//!
+//! Subcommands: `doctor` (what this host has for guests), and the runners
+//! added alongside (`run FILE.yaml` for standalone mode).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod agent;
+mod doctor;
+mod standalone;
+
+/// kubevmm node agent: boots VirtualMachines on this host with KVM.
+#[derive(Debug, Parser)]
+#[command(name = "node-vmm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report what this machine has and lacks for running guests; exits 1
+    /// when guests cannot run.
+    Doctor,
+    /// Run the node agent (what the DaemonSet runs): keep this node's
+    /// `HypervisorNode` and Lease current and converge the VMs bound to it.
+    Agent(AgentArgs),
+    /// Internal: supervise one VMM process (started by the agent).
+    #[command(hide = true)]
+    Shim {
+        /// The VM's state directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The `kubevmm-vmm` binary.
+        #[arg(long)]
+        vmm: std::path::PathBuf,
+        /// cgroup v2 directory to move into.
+        #[arg(long)]
+        cgroup: Option<std::path::PathBuf>,
+    },
+    /// Boot one VirtualMachine manifest on this host (standalone mode):
+    /// console on the terminal, exits 0 when the guest powers off.
+    Run {
+        /// The VirtualMachine manifest (YAML).
+        manifest: std::path::PathBuf,
+        /// Also append the guest console to this file.
+        #[arg(long)]
+        console_log: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// Kubernetes node name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Per-VM state (`<dir>/vms/<uid>`): configs, sockets, consoles, exit records.
+    #[arg(long, default_value = "/var/lib/kubevmm/run")]
+    state_dir: std::path::PathBuf,
+    /// The `kubevmm-vmm` binary (default: next to this one).
+    #[arg(long)]
+    vmm_binary: Option<std::path::PathBuf>,
+    /// Directory `hostDisk` and boot `path` sources may use (repeatable).
+    #[arg(long = "allowed-dir", default_values = ["/var/lib/kubevmm"])]
+    allowed_dirs: Vec<std::path::PathBuf>,
+    /// vCPUs held back for the host.
+    #[arg(long, default_value_t = 1)]
+    reserved_cpus: u32,
+    /// Memory held back for the host (a quantity).
+    #[arg(long, default_value = "1Gi")]
+    reserved_memory: String,
+    /// Address of /metrics and /healthz.
+    #[arg(long, default_value = "127.0.0.1:9101")]
+    metrics_addr: std::net::SocketAddr,
+    /// Leave VMMs in the shim's cgroup instead of one cgroup (v2) per VM.
+    #[arg(long)]
+    no_cgroups: bool,
+}
+
+fn run_agent(args: AgentArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let fail = |msg: String| {
+        eprintln!("node-vmm agent: {msg}");
+        ExitCode::FAILURE
+    };
+    let node_name = match args.node_name {
+        Some(n) => n,
+        None => match std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            Ok(h) => h.trim().to_string(),
+            Err(e) => return fail(format!("no --node-name and cannot read the host name: {e}")),
+        },
+    };
+    let reserved_memory = match kubevmm_crds::quantity::parse_bytes(&args.reserved_memory) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("--reserved-memory: {e}")),
+    };
+    let vmm_binary = args.vmm_binary.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("kubevmm-vmm")))
+            .unwrap_or_else(|| "kubevmm-vmm".into())
+    });
+    if !vmm_binary.is_file() {
+        return fail(format!(
+            "VMM binary {} not found; pass --vmm-binary",
+            vmm_binary.display()
+        ));
+    }
+    let cgroup_root = if args.no_cgroups {
+        None
+    } else {
+        agent::cgroup2_mount().map(|m| m.join("kubevmm"))
+    };
+    let cfg = agent::AgentConfig {
+        node_name,
+        state_dir: args.state_dir,
+        vmm_binary,
+        allowed_dirs: args.allowed_dirs,
+        reserve: agent::node::Reserve {
+            cpus: args.reserved_cpus,
+            memory: reserved_memory,
+        },
+        metrics_addr: args.metrics_addr,
+        cgroup_root,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    match rt.block_on(agent::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e.to_string()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            manifest,
+            console_log,
+        } => match standalone::run(&manifest, console_log.as_deref()) {
+            Ok(code) => ExitCode::from(code as u8),
+            Err(e) => {
+                eprintln!("node-vmm: {e}");
+                ExitCode::from(kubevmm_vmm::exit::code::VMM_ERROR as u8)
+            }
+        },
+        Command::Agent(args) => run_agent(args),
+        Command::Shim { dir, vmm, cgroup } => {
+            agent::supervisor::shim_main(&dir, &vmm, cgroup.as_deref())
+        }
+        Command::Doctor => {
+            let findings = doctor::examine();
+            print!("{}", doctor::render(&findings));
+            if doctor::can_run(&findings) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -282,7 +282,11 @@ pub fn vm_config(
 pub fn run(manifest: &Path, console_log: Option<&Path>) -> Result<i32, StandaloneError> {
     let mut vm = load_manifest(manifest)?;
     let base = manifest.parent().unwrap_or(Path::new("."));
-    let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+    let base = if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    };
     resolve_paths(&mut vm, base);
     let config = vm_config(&vm, console_log)?;
     let taps: Vec<String> = config.nets.iter().filter_map(|n| n.tap.clone()).collect();

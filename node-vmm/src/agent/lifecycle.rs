@@ -1,0 +1,220 @@
+//! Pure lifecycle decisions of the node agent: given the VM's spec and what
+//! happened to its VMM, what should happen next and which phase to report.
+//! No I/O here, so every rule is unit-tested.
+
+use std::time::Duration;
+
+use kubevmm_crds::{RunStrategy, VmPhase};
+
+/// First restart delay of the capped exponential backoff.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Longest restart delay.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// How a VMM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The guest powered off (ACPI S5): a clean exit.
+    PowerOff,
+    /// The guest asked for a reboot and the VMM exited for us to restart it.
+    Reboot,
+    /// The guest crashed (triple fault, unemulated instruction, panic).
+    Crash(String),
+    /// The VMM failed or vanished (config error, killed, missing files).
+    VmmFailure(String),
+    /// We stopped it (Halted, deletion, restart request).
+    StoppedByUs,
+}
+
+impl Ended {
+    /// Whether the run counts as a failure for `RerunOnFailure`/`Once`.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Self::Crash(_) | Self::VmmFailure(_))
+    }
+
+    /// Condition reason for `Ready=False` after this ending.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::PowerOff => "GuestPoweredOff",
+            Self::Reboot => "GuestRebooted",
+            Self::Crash(_) => "GuestCrashed",
+            Self::VmmFailure(_) => "VmmFailed",
+            Self::StoppedByUs => "Stopped",
+        }
+    }
+
+    /// Human message for conditions and events.
+    pub fn message(&self) -> String {
+        match self {
+            Self::PowerOff => "the guest powered off".into(),
+            Self::Reboot => "the guest rebooted".into(),
+            Self::Crash(why) => format!("the guest crashed: {why}"),
+            Self::VmmFailure(why) => format!("the VMM failed: {why}"),
+            Self::StoppedByUs => "the guest was stopped".into(),
+        }
+    }
+}
+
+/// What to do after a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterExit {
+    /// Start the guest again after this delay.
+    Restart(Duration),
+    /// Stay down, reporting this terminal phase.
+    Stay(VmPhase),
+}
+
+/// Backoff before restart number `restarts` (0-based): 1s, 2s, 4s, … 60s.
+pub fn backoff(restarts: u32) -> Duration {
+    BACKOFF_BASE
+        .checked_mul(1u32.checked_shl(restarts.min(16)).unwrap_or(u32::MAX))
+        .map_or(BACKOFF_CAP, |d| d.min(BACKOFF_CAP))
+}
+
+/// Decides what follows the end of a run, per `runStrategy`.
+///
+/// `restarts` is how many times the guest was restarted already (for the
+/// backoff). A reboot is always honoured at once (the guest asked for it),
+/// except under `Halted`.
+pub fn after_exit(strategy: RunStrategy, ended: &Ended, restarts: u32) -> AfterExit {
+    use AfterExit::{Restart, Stay};
+    match (strategy, ended) {
+        (RunStrategy::Halted, _) | (_, Ended::StoppedByUs) => Stay(VmPhase::Stopped),
+        (_, Ended::Reboot) => Restart(Duration::ZERO),
+        (RunStrategy::Always, _) => Restart(backoff(restarts)),
+        (RunStrategy::RerunOnFailure, e) if e.is_failure() => Restart(backoff(restarts)),
+        (RunStrategy::RerunOnFailure | RunStrategy::Once, Ended::PowerOff) => {
+            Stay(VmPhase::Succeeded)
+        }
+        (RunStrategy::Manual, Ended::PowerOff) => Stay(VmPhase::Stopped),
+        (_, _) => Stay(VmPhase::Failed),
+    }
+}
+
+/// Whether a VM whose guest is not running should be started now.
+///
+/// `held` is the phase the last run left it in when no restart followed
+/// (`Stopped`, `Succeeded`, `Failed`); `ever_ran` whether it ran before.
+pub fn should_start(
+    strategy: RunStrategy,
+    ever_ran: bool,
+    held: Option<VmPhase>,
+    restart_requested: bool,
+) -> bool {
+    match (strategy, held) {
+        (RunStrategy::Halted, _) => false,
+        _ if restart_requested => true,
+        // Left stopped by Halted, then switched to a strategy that runs it.
+        (RunStrategy::Always | RunStrategy::RerunOnFailure, Some(VmPhase::Stopped)) => true,
+        (RunStrategy::Always, Some(_)) => true,
+        (_, Some(_)) => false,
+        (RunStrategy::Always | RunStrategy::RerunOnFailure, None) => true,
+        (RunStrategy::Manual | RunStrategy::Once, None) => !ever_ran,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(0), Duration::from_secs(1));
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(32));
+        assert_eq!(backoff(6), BACKOFF_CAP);
+        assert_eq!(backoff(1000), BACKOFF_CAP);
+    }
+
+    #[test]
+    fn strategies() {
+        let crash = Ended::Crash("triple fault".into());
+        assert_eq!(
+            after_exit(RunStrategy::Always, &Ended::PowerOff, 0),
+            AfterExit::Restart(backoff(0))
+        );
+        assert_eq!(
+            after_exit(RunStrategy::Always, &crash, 3),
+            AfterExit::Restart(backoff(3))
+        );
+        assert_eq!(
+            after_exit(RunStrategy::RerunOnFailure, &crash, 0),
+            AfterExit::Restart(backoff(0))
+        );
+        assert_eq!(
+            after_exit(RunStrategy::RerunOnFailure, &Ended::PowerOff, 0),
+            AfterExit::Stay(VmPhase::Succeeded)
+        );
+        assert_eq!(
+            after_exit(RunStrategy::Once, &crash, 0),
+            AfterExit::Stay(VmPhase::Failed)
+        );
+        assert_eq!(
+            after_exit(RunStrategy::Once, &Ended::PowerOff, 0),
+            AfterExit::Stay(VmPhase::Succeeded)
+        );
+        assert_eq!(
+            after_exit(RunStrategy::Manual, &Ended::PowerOff, 0),
+            AfterExit::Stay(VmPhase::Stopped)
+        );
+        assert_eq!(
+            after_exit(RunStrategy::Manual, &crash, 0),
+            AfterExit::Stay(VmPhase::Failed)
+        );
+        assert_eq!(
+            after_exit(RunStrategy::Halted, &crash, 0),
+            AfterExit::Stay(VmPhase::Stopped)
+        );
+        assert_eq!(
+            after_exit(RunStrategy::Always, &Ended::StoppedByUs, 0),
+            AfterExit::Stay(VmPhase::Stopped)
+        );
+        assert_eq!(
+            after_exit(RunStrategy::Once, &Ended::Reboot, 0),
+            AfterExit::Restart(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn starting() {
+        assert!(should_start(RunStrategy::Always, true, None, false));
+        assert!(should_start(
+            RunStrategy::Always,
+            true,
+            Some(VmPhase::Stopped),
+            false
+        ));
+        assert!(!should_start(RunStrategy::Halted, false, None, true));
+        assert!(should_start(RunStrategy::Manual, false, None, false));
+        assert!(!should_start(
+            RunStrategy::Manual,
+            true,
+            Some(VmPhase::Stopped),
+            false
+        ));
+        assert!(should_start(
+            RunStrategy::Manual,
+            true,
+            Some(VmPhase::Stopped),
+            true
+        ));
+        assert!(!should_start(
+            RunStrategy::Once,
+            true,
+            Some(VmPhase::Succeeded),
+            false
+        ));
+        assert!(!should_start(
+            RunStrategy::RerunOnFailure,
+            true,
+            Some(VmPhase::Succeeded),
+            false
+        ));
+        assert!(should_start(
+            RunStrategy::RerunOnFailure,
+            true,
+            Some(VmPhase::Stopped),
+            false
+        ));
+    }
+}

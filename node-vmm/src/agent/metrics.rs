@@ -1,0 +1,384 @@
+//! node-vmm's Prometheus metrics (names and labels in docs/metrics.md).
+//!
+//! Per-VM counters come from each VMM's `GET /vm/stats`; the VMM's counters
+//! restart from zero with the VMM, so they are folded into monotonic
+//! Prometheus counters by adding the increase since the last poll.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus::{
+    CounterVec, Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use serde_json::Value;
+
+/// Errors building the registry (only on programming mistakes: bad names).
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The prometheus crate refused a metric.
+    #[error("metrics registry: {0}")]
+    Prometheus(#[from] prometheus::Error),
+}
+
+/// All node-vmm metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    vms: IntGaugeVec,
+    transitions: HistogramVec,
+    boot: HistogramVec,
+    vcpu_seconds: CounterVec,
+    exits: IntCounterVec,
+    memory: GaugeVec,
+    overhead: GaugeVec,
+    disk_bytes: IntCounterVec,
+    disk_ops: IntCounterVec,
+    disk_errors: IntCounterVec,
+    net_bytes: IntCounterVec,
+    net_frames: IntCounterVec,
+    net_dropped: IntCounterVec,
+    restarts: IntCounterVec,
+    last: Mutex<HashMap<String, f64>>,
+    /// Label values used per VM (`ns/name`), per family, so they can be removed.
+    series: Mutex<HashMap<String, Vec<(Family, Vec<String>)>>>,
+}
+
+/// The per-VM counter families with extra labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Vcpu,
+    Exits,
+    DiskBytes,
+    DiskOps,
+    DiskErrors,
+    NetBytes,
+    NetFrames,
+    NetDropped,
+}
+
+const VM: [&str; 2] = ["namespace", "name"];
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let lbl = |extra: &[&'static str]| -> Vec<&'static str> {
+            VM.iter().chain(extra).copied().collect()
+        };
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                registry.register(Box::new(m.clone()))?;
+                m
+            }};
+        }
+        let buckets = vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+        Ok(Self {
+            vms: reg!(IntGaugeVec::new(
+                Opts::new("kubevmm_node_vms", "VMs on this node by phase"),
+                &["phase"]
+            )?),
+            transitions: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "kubevmm_vm_phase_transition_seconds",
+                    "Time from VM creation to reaching a phase, per phase"
+                )
+                .buckets(buckets.clone()),
+                &["phase"]
+            )?),
+            boot: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "kubevmm_vm_boot_duration_seconds",
+                    "Time from starting the VMM to its vCPUs running"
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
+                ]),
+                &[]
+            )?),
+            vcpu_seconds: reg!(CounterVec::new(
+                Opts::new(
+                    "kubevmm_vm_vcpu_seconds_total",
+                    "Time vCPUs spent in KVM_RUN"
+                ),
+                &lbl(&["vcpu"])
+            )?),
+            exits: reg!(IntCounterVec::new(
+                Opts::new("kubevmm_vm_exits_total", "vCPU exits to the VMM by reason"),
+                &lbl(&["reason"])
+            )?),
+            memory: reg!(GaugeVec::new(
+                Opts::new("kubevmm_vm_memory_bytes", "Guest RAM"),
+                &lbl(&[])
+            )?),
+            overhead: reg!(GaugeVec::new(
+                Opts::new(
+                    "kubevmm_vm_vmm_overhead_bytes",
+                    "VMM resident memory not backing guest RAM"
+                ),
+                &lbl(&[])
+            )?),
+            disk_bytes: reg!(IntCounterVec::new(
+                Opts::new(
+                    "kubevmm_vm_disk_bytes_total",
+                    "virtio-blk bytes by operation"
+                ),
+                &lbl(&["disk", "op"])
+            )?),
+            disk_ops: reg!(IntCounterVec::new(
+                Opts::new(
+                    "kubevmm_vm_disk_ops_total",
+                    "virtio-blk requests by operation"
+                ),
+                &lbl(&["disk", "op"])
+            )?),
+            disk_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    "kubevmm_vm_disk_errors_total",
+                    "virtio-blk requests that failed"
+                ),
+                &lbl(&["disk"])
+            )?),
+            net_bytes: reg!(IntCounterVec::new(
+                Opts::new(
+                    "kubevmm_vm_net_bytes_total",
+                    "virtio-net bytes by direction"
+                ),
+                &lbl(&["interface", "direction"])
+            )?),
+            net_frames: reg!(IntCounterVec::new(
+                Opts::new(
+                    "kubevmm_vm_net_frames_total",
+                    "virtio-net frames by direction"
+                ),
+                &lbl(&["interface", "direction"])
+            )?),
+            net_dropped: reg!(IntCounterVec::new(
+                Opts::new(
+                    "kubevmm_vm_net_dropped_total",
+                    "Frames from the tap dropped for lack of guest buffers"
+                ),
+                &lbl(&["interface"])
+            )?),
+            restarts: reg!(IntCounterVec::new(
+                Opts::new("kubevmm_vm_restarts_total", "Guest restarts by node-vmm"),
+                &lbl(&[])
+            )?),
+            last: Mutex::new(HashMap::new()),
+            series: Mutex::new(HashMap::new()),
+            registry,
+        })
+    }
+
+    /// Text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Sets the per-phase VM gauge.
+    pub fn set_phases(&self, counts: &HashMap<&'static str, i64>) {
+        for phase in [
+            "Pending",
+            "Scheduled",
+            "Starting",
+            "Running",
+            "Paused",
+            "Stopping",
+            "Stopped",
+            "Succeeded",
+            "Failed",
+        ] {
+            self.vms
+                .with_label_values(&[phase])
+                .set(counts.get(phase).copied().unwrap_or(0));
+        }
+    }
+
+    /// Records that a VM reached `phase` `seconds` after its creation.
+    pub fn transition(&self, phase: &str, seconds: f64) {
+        self.transitions
+            .with_label_values(&[phase])
+            .observe(seconds.max(0.0));
+    }
+
+    /// Records a VMM start-to-running duration.
+    pub fn booted(&self, seconds: f64) {
+        self.boot.with_label_values(&[] as &[&str]).observe(seconds);
+    }
+
+    /// Counts a restart.
+    pub fn restarted(&self, ns: &str, name: &str) {
+        self.restarts.with_label_values(&[ns, name]).inc();
+    }
+
+    /// Increase of a VMM counter since the last poll (handles VMM restarts).
+    fn delta(&self, key: String, now: f64) -> f64 {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let prev = last.insert(key, now).unwrap_or(0.0);
+        if now >= prev {
+            now - prev
+        } else {
+            now
+        }
+    }
+
+    fn note(&self, ns: &str, name: &str, fam: Family, labels: &[&str]) {
+        let mut series = self
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = series.entry(format!("{ns}/{name}")).or_default();
+        let labels: Vec<String> = labels.iter().map(ToString::to_string).collect();
+        if !list.iter().any(|(f, l)| *f == fam && *l == labels) {
+            list.push((fam, labels));
+        }
+    }
+
+    /// Folds one `GET /vm/stats` answer of VM `ns/name` into the metrics.
+    pub fn observe_stats(&self, ns: &str, name: &str, memory: u64, stats: &Value) {
+        let key = |parts: &[&str]| format!("{ns}/{name}/{}", parts.join("/"));
+        self.memory
+            .with_label_values(&[ns, name])
+            .set(memory as f64);
+        if let Some(o) = stats.get("vmm_overhead_rss_bytes").and_then(Value::as_u64) {
+            self.overhead.with_label_values(&[ns, name]).set(o as f64);
+        }
+        for v in stats
+            .get("vcpus")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let idx = v
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                .to_string();
+            let secs = v.get("run_ns").and_then(Value::as_u64).unwrap_or(0) as f64 / 1e9;
+            let d = self.delta(key(&["vcpu", &idx]), secs);
+            self.vcpu_seconds
+                .with_label_values(&[ns, name, &idx])
+                .inc_by(d);
+            self.note(ns, name, Family::Vcpu, &[ns, name, &idx]);
+            for (reason, count) in v
+                .get("exits")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                let c = count.as_u64().unwrap_or(0) as f64;
+                let d = self.delta(key(&["exit", &idx, reason]), c);
+                self.exits
+                    .with_label_values(&[ns, name, reason])
+                    .inc_by(d as u64);
+                self.note(ns, name, Family::Exits, &[ns, name, reason]);
+            }
+        }
+        for dev in stats
+            .get("devices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let id = dev.get("id").and_then(Value::as_str).unwrap_or("?");
+            let kind = dev.get("kind").and_then(Value::as_str).unwrap_or("?");
+            for (counter, value) in dev
+                .get("counters")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                let d = self.delta(key(&[id, counter]), value.as_u64().unwrap_or(0) as f64) as u64;
+                let (first, rest) = counter.split_once('_').unwrap_or((counter.as_str(), ""));
+                let (fam, labels): (Family, Vec<&str>) = match (kind, first, rest) {
+                    ("disk", op, "bytes") => (Family::DiskBytes, vec![ns, name, id, op]),
+                    ("disk", op, "ops") => (Family::DiskOps, vec![ns, name, id, op]),
+                    ("disk", "errors", _) => (Family::DiskErrors, vec![ns, name, id]),
+                    ("net", dir, "bytes") => (Family::NetBytes, vec![ns, name, id, dir]),
+                    ("net", dir, "frames") => (Family::NetFrames, vec![ns, name, id, dir]),
+                    ("net", "rx", "dropped") => (Family::NetDropped, vec![ns, name, id]),
+                    _ => continue,
+                };
+                self.int_family(fam).with_label_values(&labels).inc_by(d);
+                self.note(ns, name, fam, &labels);
+            }
+        }
+    }
+
+    /// Drops every series of a VM that left this node.
+    pub fn forget(&self, ns: &str, name: &str) {
+        let prefix = format!("{ns}/{name}/");
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|k, _| !k.starts_with(&prefix));
+        let labels = HashMap::from([("namespace", ns), ("name", name)]);
+        let _ = self.memory.remove(&labels);
+        let _ = self.overhead.remove(&labels);
+        let _ = self.restarts.remove(&labels);
+        let used = self
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&format!("{ns}/{name}"))
+            .unwrap_or_default();
+        for (fam, values) in used {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            let _ = match fam {
+                Family::Vcpu => self.vcpu_seconds.remove_label_values(&values),
+                other => self.int_family(other).remove_label_values(&values),
+            };
+        }
+    }
+
+    fn int_family(&self, fam: Family) -> &IntCounterVec {
+        match fam {
+            Family::Exits => &self.exits,
+            Family::DiskBytes => &self.disk_bytes,
+            Family::DiskOps => &self.disk_ops,
+            Family::DiskErrors => &self.disk_errors,
+            Family::NetBytes => &self.net_bytes,
+            Family::NetFrames => &self.net_frames,
+            Family::NetDropped | Family::Vcpu => &self.net_dropped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_stats_into_counters_across_vmm_restarts() {
+        let m = Metrics::new().expect("registry");
+        let stats = |run_ns: u64, rd: u64| {
+            serde_json::json!({
+                "vcpus": [{"index": 0, "run_ns": run_ns, "exits": {"io_out": 10}}],
+                "devices": [{"id": "root", "kind": "disk", "counters": {"read_bytes": rd, "read_ops": 1, "errors": 0}},
+                            {"id": "lan", "kind": "net", "counters": {"rx_bytes": 5, "tx_frames": 2, "rx_dropped": 0}}],
+                "vmm_overhead_rss_bytes": 3_000_000u64
+            })
+        };
+        m.observe_stats("ns", "vm", 1 << 27, &stats(2_000_000_000, 4096));
+        m.observe_stats("ns", "vm", 1 << 27, &stats(3_000_000_000, 8192));
+        // VMM restarted: counters start again from zero.
+        m.observe_stats("ns", "vm", 1 << 27, &stats(500_000_000, 1024));
+        let text = m.render();
+        assert!(
+            text.contains(
+                "kubevmm_vm_vcpu_seconds_total{name=\"vm\",namespace=\"ns\",vcpu=\"0\"} 3.5"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("kubevmm_vm_disk_bytes_total{disk=\"root\",name=\"vm\",namespace=\"ns\",op=\"read\"} 9216"), "{text}");
+        assert!(text.contains("kubevmm_vm_net_frames_total{direction=\"tx\",interface=\"lan\",name=\"vm\",namespace=\"ns\"} 2"), "{text}");
+        m.forget("ns", "vm");
+        assert!(!m.render().contains("name=\"vm\""));
+    }
+}

@@ -1,0 +1,166 @@
+//! `node-vmm agent`: what the DaemonSet runs on each hypervisor node.
+//!
+//! It keeps this node's `HypervisorNode` and heartbeat Lease current,
+//! watches only the `VirtualMachine`s bound to this node (label
+//! `kubevmm.io/node=<node>`), and converges each: prepares disks and taps,
+//! starts a VMM through the shim ([`supervisor`]), pauses, resumes, stops it,
+//! restarts it per `runStrategy` ([`lifecycle`]), and writes status with
+//! server-side apply as field manager `node-vmm`. VMMs outlive the agent; a
+//! restarted agent re-adopts them from its state directory.
+
+pub mod lifecycle;
+pub mod metrics;
+pub mod node;
+pub mod prepare;
+pub mod reconcile;
+pub mod server;
+pub mod supervisor;
+pub mod vmm_client;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::Client;
+use kubevmm_crds::contract::LABEL_NODE;
+use kubevmm_crds::VirtualMachine;
+
+use self::node::{NodeReporter, Reserve, LEASE_SECONDS};
+use self::reconcile::{Ctx, LocalVm};
+
+/// Agent settings (flags of `node-vmm agent`).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The Kubernetes node name this agent serves.
+    pub node_name: String,
+    /// Where per-VM directories live (`<state>/vms/<uid>`).
+    pub state_dir: PathBuf,
+    /// The `kubevmm-vmm` binary.
+    pub vmm_binary: PathBuf,
+    /// Directories `hostDisk` and boot `path` sources may use.
+    pub allowed_dirs: Vec<PathBuf>,
+    /// Held back from guests.
+    pub reserve: Reserve,
+    /// Address of the metrics and health endpoint.
+    pub metrics_addr: std::net::SocketAddr,
+    /// Parent cgroup (v2) for per-VM cgroups; none to leave VMMs where the shim starts.
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// Errors that stop the agent (anything per VM is a status condition instead).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No usable kubeconfig or in-cluster config.
+    #[error("cannot connect to the API server: {0}; set KUBECONFIG or run in a pod")]
+    Client(#[source] kube::Error),
+    /// Registration failed.
+    #[error(transparent)]
+    Node(#[from] node::NodeError),
+    /// Metrics registry.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    /// The metrics port.
+    #[error("cannot listen on {addr} for metrics: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The state directory.
+    #[error("state directory {path}: {source}")]
+    State {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The first cgroup v2 mount, from /proc/self/mounts.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let client = Client::try_default().await.map_err(AgentError::Client)?;
+    let vms_dir = cfg.state_dir.join("vms");
+    std::fs::create_dir_all(&vms_dir).map_err(|source| AgentError::State {
+        path: vms_dir.clone(),
+        source,
+    })?;
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let reporter = NodeReporter::new(client.clone(), cfg.node_name.clone(), cfg.reserve);
+    reporter.register().await?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: cfg.metrics_addr,
+            source,
+        })?;
+    tokio::spawn(server::serve(listener, metrics.clone()));
+
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "node-vmm".into(),
+                instance: Some(cfg.node_name.clone()),
+            },
+        ),
+        node_vmm: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("node-vmm")),
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        vms: Mutex::new(HashMap::<String, LocalVm>::new()),
+        trigger: trigger_tx,
+    });
+
+    let vm_api: Api<VirtualMachine> = Api::all(client.clone());
+    let selector = format!("{LABEL_NODE}={}", cfg.node_name);
+    let controller = Controller::new(vm_api, watcher::Config::default().labels(&selector));
+    let store = controller.store();
+
+    // Heartbeat: HypervisorNode status and Lease, every third of the Lease.
+    let hb_ctx = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            let running = hb_ctx.running_count();
+            if let Err(e) = reporter.heartbeat(running).await {
+                tracing::warn!("heartbeat failed: {e}");
+            }
+            tokio::time::sleep(Duration::from_secs((LEASE_SECONDS / 3) as u64)).await;
+        }
+    });
+    // Garbage collection of VMMs whose VM is no longer bound here.
+    tokio::spawn(reconcile::collect_orphans(ctx.clone(), store));
+
+    tracing::info!(node = %cfg.node_name, "node-vmm agent watching VirtualMachines with {selector}");
+    controller
+        .reconcile_on(trigger_rx)
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("reconcile: {e}");
+            }
+        })
+        .await;
+    Ok(())
+}

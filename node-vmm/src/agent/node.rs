@@ -1,0 +1,248 @@
+//! This node as the cluster sees it: the `HypervisorNode` object (KVM,
+//! CPU model, capacity, allocatable, running VMs, version, heartbeat) and
+//! the heartbeat Lease in `kubevmm-system`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::Client;
+use kubevmm_crds::contract::{node_lease_name, LEASE_NAMESPACE, MANAGER_NODE};
+use kubevmm_crds::node::{KvmInfo, NodeResources};
+use kubevmm_crds::quantity::format_bytes;
+use kubevmm_crds::{HypervisorNode, HypervisorNodeStatus};
+use kubevmm_vmm::host_check::{self, KvmReport};
+
+/// How long a heartbeat Lease is valid; renewed every third of it.
+pub const LEASE_SECONDS: i32 = 40;
+
+/// Errors talking about this node to the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// An API call failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// What was being done.
+        what: String,
+        /// kube-rs error.
+        source: kube::Error,
+    },
+}
+
+fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Api { what, source }
+}
+
+/// What is held back from guests.
+#[derive(Debug, Clone, Copy)]
+pub struct Reserve {
+    /// vCPUs kept for the host.
+    pub cpus: u32,
+    /// Bytes kept for the host.
+    pub memory: u64,
+}
+
+/// Host capacity: online CPUs and total memory.
+pub fn capacity() -> (u32, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    (cpus, mem_kib * 1024)
+}
+
+/// Builds the status node-vmm reports (pure apart from the inputs).
+pub fn build_status(
+    kvm: &KvmReport,
+    cpu_model: Option<String>,
+    capacity: (u32, u64),
+    reserve: Reserve,
+    running_vms: i32,
+    now: Timestamp,
+) -> HypervisorNodeStatus {
+    let (cpus, mem) = capacity;
+    // Memory is reported in whole MiB so the quantity stays readable.
+    let alloc_mem = (mem.saturating_sub(reserve.memory) >> 20) << 20;
+    HypervisorNodeStatus {
+        kvm: Some(KvmInfo {
+            available: kvm.usable(),
+            kind: kvm.kind.as_str().into(),
+            module: kvm.module.clone(),
+            api_version: kvm.api_version,
+            missing_capabilities: kvm.missing.iter().map(|(n, _)| (*n).to_string()).collect(),
+        }),
+        cpu_model,
+        capacity: Some(NodeResources {
+            cpus,
+            memory: Quantity(format_bytes((mem >> 20) << 20)),
+        }),
+        allocatable: Some(NodeResources {
+            cpus: cpus.saturating_sub(reserve.cpus),
+            memory: Quantity(format_bytes(alloc_mem)),
+        }),
+        running_vms,
+        agent_version: Some(env!("CARGO_PKG_VERSION").into()),
+        last_heartbeat_time: Some(Time(now)),
+        conditions: Vec::new(),
+    }
+}
+
+/// Registers the node and keeps its status and Lease current.
+#[derive(Clone)]
+pub struct NodeReporter {
+    client: Client,
+    name: String,
+    reserve: Reserve,
+}
+
+impl std::fmt::Debug for NodeReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeReporter")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeReporter {
+    /// A reporter for node `name`.
+    pub fn new(client: Client, name: String, reserve: Reserve) -> Self {
+        Self {
+            client,
+            name,
+            reserve,
+        }
+    }
+
+    /// Creates the `HypervisorNode` (with the Kubernetes Node's labels when
+    /// that Node exists) and the Lease namespace if missing.
+    pub async fn register(&self) -> Result<(), NodeError> {
+        let ns_api: Api<Namespace> = Api::all(self.client.clone());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(LEASE_NAMESPACE.into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        match ns_api.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(api(format!("create namespace {LEASE_NAMESPACE}"))(e)),
+        }
+        let labels: BTreeMap<String, String> = match Api::<Node>::all(self.client.clone())
+            .get_opt(&self.name)
+            .await
+        {
+            Ok(Some(n)) => n.metadata.labels.unwrap_or_default(),
+            _ => BTreeMap::new(),
+        };
+        let hv = serde_json::json!({
+            "apiVersion": "kubevmm.io/v1alpha1",
+            "kind": "HypervisorNode",
+            "metadata": {"name": self.name, "labels": labels},
+            "spec": {},
+        });
+        Api::<HypervisorNode>::all(self.client.clone())
+            .patch(
+                &self.name,
+                &PatchParams::apply(MANAGER_NODE).force(),
+                &Patch::Apply(&hv),
+            )
+            .await
+            .map_err(api(format!("register HypervisorNode {}", self.name)))?;
+        Ok(())
+    }
+
+    /// Writes the status with `running_vms` and renews the Lease.
+    pub async fn heartbeat(&self, running_vms: i32) -> Result<(), NodeError> {
+        let now = Timestamp::now();
+        let status = build_status(
+            &host_check::probe(),
+            host_check::cpu_model(),
+            capacity(),
+            self.reserve,
+            running_vms,
+            now,
+        );
+        let body = serde_json::json!({
+            "apiVersion": "kubevmm.io/v1alpha1",
+            "kind": "HypervisorNode",
+            "status": status,
+        });
+        Api::<HypervisorNode>::all(self.client.clone())
+            .patch_status(
+                &self.name,
+                &PatchParams::apply(MANAGER_NODE).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(api(format!("update HypervisorNode {} status", self.name)))?;
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(node_lease_name(&self.name)),
+                namespace: Some(LEASE_NAMESPACE.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.name.clone()),
+                lease_duration_seconds: Some(LEASE_SECONDS),
+                renew_time: Some(MicroTime(now)),
+                ..LeaseSpec::default()
+            }),
+        };
+        Api::<Lease>::namespaced(self.client.clone(), LEASE_NAMESPACE)
+            .patch(
+                &node_lease_name(&self.name),
+                &PatchParams::apply(MANAGER_NODE).force(),
+                &Patch::Apply(&lease),
+            )
+            .await
+            .map_err(api(format!("renew Lease {}", node_lease_name(&self.name))))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kubevmm_vmm::host_check::KvmKind;
+
+    #[test]
+    fn allocatable_subtracts_the_reserve() {
+        let kvm = KvmReport {
+            kind: KvmKind::Software,
+            module: Some("kvm_pvm".into()),
+            api_version: Some(12),
+            present: vec![],
+            missing: vec![],
+            problem: None,
+        };
+        let s = build_status(
+            &kvm,
+            None,
+            (8, 16 << 30),
+            Reserve {
+                cpus: 1,
+                memory: 1 << 30,
+            },
+            3,
+            Timestamp::UNIX_EPOCH,
+        );
+        let a = s.allocatable.expect("allocatable");
+        assert_eq!(a.cpus, 7);
+        assert_eq!(a.memory.0, "15Gi");
+        assert_eq!(s.capacity.expect("capacity").memory.0, "16Gi");
+        assert_eq!(s.kvm.expect("kvm").kind, "software");
+        assert_eq!(s.running_vms, 3);
+    }
+}

@@ -1,0 +1,747 @@
+//! Converging one bound `VirtualMachine`: observe its VMM, decide with
+//! [`lifecycle`], act through [`supervisor`] and [`vmm_client`], report status.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource as _, ResourceExt as _};
+use kubevmm_crds::contract::{
+    condition, ANNOTATION_RESTART, ANNOTATION_RESTART_DONE, FINALIZER, MANAGER_NODE,
+};
+use kubevmm_crds::vm::InterfaceStatus;
+use kubevmm_crds::{VirtualMachine, VmPhase};
+use serde_json::json;
+
+use super::lifecycle::{self, AfterExit, Ended};
+use super::supervisor::{self, ProcessId, VmDir};
+use super::{prepare, vmm_client, AgentConfig};
+
+/// Errors of one reconcile; the VM is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// An API call failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// What was being done.
+        what: String,
+        /// kube-rs error.
+        source: kube::Error,
+    },
+    /// The object lacks a namespace or uid (not from the API server).
+    #[error("VirtualMachine without namespace or uid")]
+    Incomplete,
+}
+
+/// Shared agent state.
+pub struct Ctx {
+    /// API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// This binary (runs the shim).
+    pub node_vmm: PathBuf,
+    /// Settings.
+    pub cfg: AgentConfig,
+    /// Metrics.
+    pub metrics: Arc<super::metrics::Metrics>,
+    /// Per-VM state, by uid.
+    pub vms: Mutex<HashMap<String, LocalVm>>,
+    /// Wakes the controller for a VM whose VMM ended.
+    pub trigger: UnboundedSender<ObjectRef<VirtualMachine>>,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ctx {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, LocalVm>> {
+        self.vms
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// VMMs alive on this node.
+    pub fn running_count(&self) -> i32 {
+        self.lock().values().filter(|v| v.proc.is_some()).count() as i32
+    }
+
+    fn dir(&self, uid: &str) -> VmDir {
+        VmDir(self.cfg.state_dir.join("vms").join(uid))
+    }
+
+    fn cgroup(&self, uid: &str) -> Option<PathBuf> {
+        self.cfg
+            .cgroup_root
+            .as_ref()
+            .map(|r| r.join(format!("vm-{uid}")))
+    }
+}
+
+/// What the agent knows about one VM between reconciles.
+#[derive(Debug, Clone, Default)]
+pub struct LocalVm {
+    /// The running VMM.
+    pub proc: Option<ProcessId>,
+    /// When it was spawned (boot-time metric).
+    spawned: Option<Instant>,
+    /// When the current run started.
+    started_at: Option<Timestamp>,
+    /// Phase last reported.
+    phase: Option<VmPhase>,
+    /// Ready condition (status, reason, message, since).
+    ready: Option<(String, String, String, Timestamp)>,
+    /// Paused condition (status, since).
+    paused: Option<(String, Timestamp)>,
+    restarts: i32,
+    /// Stop deadline and whether the force stop was sent.
+    stopping: Option<(Instant, bool)>,
+    next_start: Option<Instant>,
+    held: Option<VmPhase>,
+    ever_ran: bool,
+    interfaces: Vec<InterfaceStatus>,
+    last_status: Option<serde_json::Value>,
+    last_stats: Option<Instant>,
+    loaded: bool,
+}
+
+fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let what = what.into();
+    move |source| ReconcileError::Api { what, source }
+}
+
+/// Controller error policy: retry after a pause.
+pub fn error_policy(vm: Arc<VirtualMachine>, err: &ReconcileError, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(vm = %vm.name_any(), "reconcile failed: {err}");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Reconciles one VM bound to this node.
+pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
+    let uid = vm.uid().ok_or(ReconcileError::Incomplete)?;
+    let mut local = ctx.lock().remove(&uid).unwrap_or_default();
+    if !local.loaded {
+        adopt(&vm, &ctx, &uid, &mut local);
+    }
+    let result = step(&vm, &ctx, &uid, &mut local).await;
+    match &result {
+        Ok(Some(_)) | Err(_) => {
+            ctx.lock().insert(uid, local);
+        }
+        Ok(None) => {}
+    }
+    result.map(|a| a.unwrap_or_else(Action::await_change))
+}
+
+/// First sight of a VM by this agent process: take over a VMM that is
+/// already running (agent restart), and the counters from status.
+fn adopt(vm: &VirtualMachine, ctx: &Ctx, uid: &str, local: &mut LocalVm) {
+    local.loaded = true;
+    let status = vm.status.clone().unwrap_or_default();
+    local.restarts = status.restart_count;
+    local.started_at = status.started_at.map(|t| t.0);
+    local.phase = status.phase;
+    local.interfaces = status.interfaces;
+    local.ever_ran = local.started_at.is_some();
+    if let Some(phase @ (VmPhase::Stopped | VmPhase::Succeeded | VmPhase::Failed)) = status.phase {
+        local.held = Some(phase);
+    }
+    for c in status.conditions {
+        if c.type_ == condition::READY {
+            local.ready = Some((c.status, c.reason, c.message, c.last_transition_time.0));
+        } else if c.type_ == condition::PAUSED {
+            local.paused = Some((c.status, c.last_transition_time.0));
+        }
+    }
+    let dir = ctx.dir(uid);
+    if let Some(pid) = dir.vmm_pid().filter(ProcessId::alive) {
+        tracing::info!(vm = %vm.name_any(), pid = pid.pid, "re-adopted running VMM");
+        local.proc = Some(pid);
+        local.ever_ran = true;
+        watch_exit(ctx, vm, pid);
+    } else if dir.vmm_pid().is_some() {
+        // It ended while no agent watched: handle that exit now.
+        local.proc = dir.vmm_pid();
+    }
+}
+
+fn watch_exit(ctx: &Ctx, vm: &VirtualMachine, pid: ProcessId) {
+    let trigger = ctx.trigger.clone();
+    let obj = ObjectRef::from_obj(vm);
+    tokio::spawn(async move {
+        supervisor::wait_exit(pid).await;
+        let _ = trigger.unbounded_send(obj);
+    });
+}
+
+async fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
+        tracing::debug!("event {reason} not recorded: {e}");
+    }
+}
+
+fn set_ready(local: &mut LocalVm, status: &str, reason: &str, message: String) {
+    let since = match &local.ready {
+        Some((s, _, _, t)) if s == status => *t,
+        _ => Timestamp::now(),
+    };
+    local.ready = Some((status.into(), reason.into(), message, since));
+}
+
+fn restart_requested(vm: &VirtualMachine) -> Option<String> {
+    let a = vm.annotations();
+    let want = a.get(ANNOTATION_RESTART)?;
+    (a.get(ANNOTATION_RESTART_DONE) != Some(want)).then(|| want.clone())
+}
+
+/// One pass; `Ok(None)` when the VM is gone from this node for good.
+async fn step(
+    vm: &VirtualMachine,
+    ctx: &Ctx,
+    uid: &str,
+    local: &mut LocalVm,
+) -> Result<Option<Action>, ReconcileError> {
+    let dir = ctx.dir(uid);
+    let spec = &vm.spec;
+    let restart = restart_requested(vm);
+    let deleting = vm.metadata.deletion_timestamp.is_some();
+    let mut requeue = Duration::from_secs(30);
+
+    // 1. Did the VMM end?
+    if let Some(pid) = local.proc {
+        if !pid.alive() {
+            local.proc = None;
+            // The shim writes the record right after the VMM is reaped.
+            let mut rec = dir.exit_record();
+            for _ in 0..20 {
+                if rec.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                rec = dir.exit_record();
+            }
+            let ended = rec.map_or_else(
+                || Ended::VmmFailure("the VMM vanished without an exit status".into()),
+                |r| r.ended(local.stopping.is_some()),
+            );
+            local.stopping = None;
+            let after =
+                lifecycle::after_exit(spec.run_strategy, &ended, local.restarts.max(0) as u32);
+            event(ctx, vm, ended.is_failure(), ended.reason(), ended.message()).await;
+            match after {
+                AfterExit::Restart(delay) if !deleting => {
+                    local.next_start = Some(Instant::now() + delay);
+                    local.held = None;
+                    local.phase = Some(VmPhase::Starting);
+                    set_ready(
+                        local,
+                        "False",
+                        ended.reason(),
+                        format!("{}; restarting in {}s", ended.message(), delay.as_secs()),
+                    );
+                }
+                AfterExit::Restart(_) => {}
+                AfterExit::Stay(phase) => {
+                    local.held = Some(phase);
+                    local.phase = Some(phase);
+                    set_ready(local, "False", ended.reason(), ended.message());
+                }
+            }
+            let _ = std::fs::remove_file(dir.api_socket());
+        }
+    }
+
+    // 2. Deletion: stop gracefully, release everything, drop the finalizer.
+    if deleting {
+        if let Some(pid) = local.proc {
+            stop_step(ctx, vm, &dir, local, pid).await;
+            write_status(ctx, vm, local).await?;
+            return Ok(Some(Action::requeue(Duration::from_millis(500))));
+        }
+        release(ctx, uid, &dir, vm);
+        remove_finalizer(ctx, vm).await?;
+        event(
+            ctx,
+            vm,
+            false,
+            "Deleted",
+            "the guest is stopped and its resources released".into(),
+        )
+        .await;
+        return Ok(None);
+    }
+
+    if let Some(pid) = local.proc {
+        // 3. A VMM runs.
+        if spec.run_strategy == kubevmm_crds::RunStrategy::Halted || restart.is_some() {
+            stop_step(ctx, vm, &dir, local, pid).await;
+            requeue = Duration::from_millis(500);
+        } else {
+            requeue = observe_running(ctx, vm, &dir, local).await;
+        }
+    } else {
+        // 4. No VMM: start one?
+        let due = local.next_start.is_none_or(|t| Instant::now() >= t);
+        let want = lifecycle::should_start(
+            spec.run_strategy,
+            local.ever_ran,
+            local.held,
+            restart.is_some(),
+        );
+        if want && due {
+            start(ctx, vm, uid, &dir, local).await;
+            if let Some(done) = &restart {
+                mark_restart_handled(ctx, vm, done).await?;
+            }
+            requeue = Duration::from_millis(100);
+        } else if want {
+            requeue = local
+                .next_start
+                .map_or(requeue, |t| t.saturating_duration_since(Instant::now()));
+        } else {
+            local.next_start = None;
+            let phase = local.held.unwrap_or(VmPhase::Stopped);
+            local.held = Some(phase);
+            local.phase = Some(phase);
+            if local.ready.as_ref().is_none_or(|r| r.0 != "False") {
+                set_ready(local, "False", "Stopped", "the guest is not running".into());
+            }
+        }
+    }
+    write_status(ctx, vm, local).await?;
+    Ok(Some(Action::requeue(requeue)))
+}
+
+/// Prepares and starts the VMM; failures become status, not errors.
+async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &mut LocalVm) {
+    local.next_start = None;
+    let ctx_node = prepare::NodeContext {
+        allowed_dirs: ctx.cfg.allowed_dirs.clone(),
+    };
+    let plan = match prepare::plan(&vm.spec, uid, dir, &ctx_node)
+        .and_then(|p| prepare::realize(&p, dir).map(|()| p))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            let reason = match e {
+                prepare::PrepareError::Host { .. } => "HostSetupFailed",
+                _ => "InvalidSpec",
+            };
+            local.held = Some(VmPhase::Failed);
+            local.phase = Some(VmPhase::Failed);
+            set_ready(local, "False", reason, e.to_string());
+            event(ctx, vm, true, reason, e.to_string()).await;
+            return;
+        }
+    };
+    let owner = json!({"namespace": vm.namespace(), "name": vm.name_any(), "uid": uid});
+    let _ = supervisor::write_atomic(&dir.owner_file(), owner.to_string().as_bytes());
+    let (node_vmm, vmm, cg, d) = (
+        ctx.node_vmm.clone(),
+        ctx.cfg.vmm_binary.clone(),
+        ctx.cgroup(uid),
+        dir.clone(),
+    );
+    let spawned =
+        tokio::task::spawn_blocking(move || supervisor::spawn(&node_vmm, &vmm, &d, cg.as_deref()))
+            .await;
+    match spawned {
+        Ok(Ok(pid)) => {
+            if local.ever_ran {
+                local.restarts += 1;
+                ctx.metrics
+                    .restarted(&vm.namespace().unwrap_or_default(), &vm.name_any());
+            }
+            local.ever_ran = true;
+            local.held = None;
+            local.proc = Some(pid);
+            local.spawned = Some(Instant::now());
+            local.started_at = Some(Timestamp::now());
+            local.phase = Some(VmPhase::Starting);
+            local.interfaces = plan
+                .interfaces
+                .iter()
+                .map(|(name, mac, tap)| InterfaceStatus {
+                    name: name.clone(),
+                    mac: Some(mac.clone()),
+                    ip_address: None,
+                    tap: Some(tap.clone()),
+                })
+                .collect();
+            set_ready(local, "False", "Starting", "the VMM is starting".into());
+            watch_exit(ctx, vm, pid);
+        }
+        Ok(Err(e)) => {
+            let ended = Ended::VmmFailure(e.to_string());
+            let after =
+                lifecycle::after_exit(vm.spec.run_strategy, &ended, local.restarts.max(0) as u32);
+            if let AfterExit::Restart(d) = after {
+                local.next_start = Some(Instant::now() + d);
+            } else {
+                local.held = Some(VmPhase::Failed);
+            }
+            local.phase = Some(if local.next_start.is_some() {
+                VmPhase::Starting
+            } else {
+                VmPhase::Failed
+            });
+            set_ready(local, "False", "VmmFailed", e.to_string());
+            event(ctx, vm, true, "VmmFailed", e.to_string()).await;
+        }
+        Err(e) => set_ready(
+            local,
+            "False",
+            "VmmFailed",
+            format!("spawn task failed: {e}"),
+        ),
+    }
+}
+
+/// Reads the VMM's state; applies `spec.paused`; polls stats for metrics.
+async fn observe_running(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    dir: &VmDir,
+    local: &mut LocalVm,
+) -> Duration {
+    let sock = dir.api_socket();
+    let Ok(mut state) = vmm_client::state(&sock).await else {
+        // The control socket is not up yet: still starting.
+        if local.phase != Some(VmPhase::Running) && local.phase != Some(VmPhase::Paused) {
+            local.phase = Some(VmPhase::Starting);
+        }
+        return Duration::from_millis(50);
+    };
+    if vm.spec.paused && state == "running" {
+        if vmm_client::request(&sock, "PUT", "/vm/pause").await.is_ok() {
+            state = "paused".into();
+        }
+    } else if !vm.spec.paused
+        && state == "paused"
+        && vmm_client::request(&sock, "PUT", "/vm/resume")
+            .await
+            .is_ok()
+    {
+        state = "running".into();
+    }
+    let paused = state == "paused";
+    if let Some(spawned) = local.spawned.take() {
+        ctx.metrics.booted(spawned.elapsed().as_secs_f64());
+    }
+    local.phase = Some(if paused {
+        VmPhase::Paused
+    } else {
+        VmPhase::Running
+    });
+    if paused {
+        set_ready(
+            local,
+            "False",
+            "Paused",
+            "the vCPUs are paused (spec.paused)".into(),
+        );
+    } else {
+        set_ready(
+            local,
+            "True",
+            "GuestRunning",
+            "the VMM is up and the vCPUs run".into(),
+        );
+    }
+    let since = match &local.paused {
+        Some((s, t)) if (s == "True") == paused => *t,
+        _ => Timestamp::now(),
+    };
+    local.paused = Some((if paused { "True" } else { "False" }.into(), since));
+    if local
+        .last_stats
+        .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+    {
+        if let Ok(stats) = vmm_client::request(&sock, "GET", "/vm/stats").await {
+            let mem = kubevmm_crds::quantity::parse_bytes(&vm.spec.memory.0).unwrap_or(0);
+            ctx.metrics.observe_stats(
+                &vm.namespace().unwrap_or_default(),
+                &vm.name_any(),
+                mem,
+                &stats,
+            );
+            local.last_stats = Some(Instant::now());
+        }
+    }
+    Duration::from_secs(10)
+}
+
+/// Graceful stop: ACPI shutdown, then after the grace period a force stop,
+/// then SIGKILL.
+async fn stop_step(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    dir: &VmDir,
+    local: &mut LocalVm,
+    pid: ProcessId,
+) {
+    let sock = dir.api_socket();
+    let now = Instant::now();
+    match local.stopping {
+        None => {
+            let grace = Duration::from_secs(vm.spec.termination_grace_period_seconds.max(0) as u64);
+            if let Err(e) = vmm_client::request(&sock, "PUT", "/vm/shutdown").await {
+                tracing::warn!(vm = %vm.name_any(), "ACPI shutdown request failed: {e}");
+            }
+            local.stopping = Some((now + grace, false));
+            event(
+                ctx,
+                vm,
+                false,
+                "Stopping",
+                format!("ACPI shutdown requested; {}s grace period", grace.as_secs()),
+            )
+            .await;
+        }
+        Some((deadline, false)) if now >= deadline => {
+            let _ = vmm_client::request(&sock, "PUT", "/vm/stop").await;
+            local.stopping = Some((now + Duration::from_secs(5), true));
+            event(
+                ctx,
+                vm,
+                true,
+                "ForceStopped",
+                "the guest did not power off within its grace period".into(),
+            )
+            .await;
+        }
+        Some((deadline, true)) if now >= deadline => supervisor::kill(pid),
+        Some(_) => {}
+    }
+    local.phase = Some(VmPhase::Stopping);
+    set_ready(
+        local,
+        "False",
+        "Stopping",
+        "the guest is shutting down".into(),
+    );
+}
+
+/// Releases taps, cgroup, metrics series and the state directory.
+fn release(ctx: &Ctx, uid: &str, dir: &VmDir, vm: &VirtualMachine) {
+    prepare::release_taps(uid, vm.spec.networks.len());
+    if let Some(cg) = ctx.cgroup(uid) {
+        let _ = std::fs::remove_dir(cg);
+    }
+    ctx.metrics
+        .forget(&vm.namespace().unwrap_or_default(), &vm.name_any());
+    let _ = std::fs::remove_dir_all(&dir.0);
+}
+
+async fn remove_finalizer(ctx: &Ctx, vm: &VirtualMachine) -> Result<(), ReconcileError> {
+    if !vm.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let keep: Vec<&String> = vm.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"finalizers": keep, "resourceVersion": vm.resource_version()}});
+    match api
+        .patch(
+            &vm.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(api_err(format!("remove finalizer of {}", vm.name_any()))(e)),
+    }
+}
+
+async fn mark_restart_handled(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    value: &str,
+) -> Result<(), ReconcileError> {
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {ANNOTATION_RESTART_DONE: value}}});
+    api.patch(
+        &vm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(api_err("record the handled restart request"))?;
+    Ok(())
+}
+
+fn condition_json(
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    since: Timestamp,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Time(since),
+        observed_generation: generation,
+    }
+}
+
+/// Writes this agent's part of the status when it changed.
+async fn write_status(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    local: &mut LocalVm,
+) -> Result<(), ReconcileError> {
+    let generation = vm.metadata.generation;
+    let mut conditions = Vec::new();
+    if let Some((s, r, m, t)) = &local.ready {
+        conditions.push(condition_json(condition::READY, s, r, m, *t, generation));
+    }
+    if let Some((s, t)) = &local.paused {
+        let reason = if s == "True" {
+            "PausedByUser"
+        } else {
+            "NotPaused"
+        };
+        conditions.push(condition_json(
+            condition::PAUSED,
+            s,
+            reason,
+            "spec.paused",
+            *t,
+            generation,
+        ));
+    }
+    let body = json!({
+        "apiVersion": "kubevmm.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "status": {
+            "phase": local.phase,
+            "interfaces": local.interfaces,
+            "startedAt": local.started_at.map(Time),
+            "restartCount": local.restarts,
+            "observedGeneration": generation,
+            "conditions": conditions,
+        }
+    });
+    if local.last_status.as_ref() == Some(&body) {
+        return Ok(());
+    }
+    let previous_phase = vm.status.as_ref().and_then(|s| s.phase);
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams::apply(MANAGER_NODE).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(api_err(format!("write status of {}", vm.name_any())))?;
+    if let Some(phase) = local.phase.filter(|p| Some(*p) != previous_phase) {
+        let created = vm
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0.0, |t| Timestamp::now().duration_since(t.0).as_secs_f64());
+        let name = format!("{phase:?}");
+        ctx.metrics.transition(&name, created);
+        event(
+            ctx,
+            vm,
+            phase == VmPhase::Failed,
+            &name,
+            format!("phase {name} on node {}", ctx.cfg.node_name),
+        )
+        .await;
+    }
+    local.last_status = Some(body);
+    Ok(())
+}
+
+/// Stops and removes VMMs whose VM is no longer bound to this node (deleted
+/// without us, unbound by the operator after the node was fenced, ...).
+pub async fn collect_orphans(ctx: Arc<Ctx>, store: Store<VirtualMachine>) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let bound: std::collections::HashSet<String> =
+            store.state().iter().filter_map(|vm| vm.uid()).collect();
+        let Ok(entries) = std::fs::read_dir(ctx.cfg.state_dir.join("vms")) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let uid = entry.file_name().to_string_lossy().into_owned();
+            if bound.contains(&uid) {
+                continue;
+            }
+            let dir = ctx.dir(&uid);
+            if let Some(pid) = dir.vmm_pid().filter(ProcessId::alive) {
+                tracing::warn!(
+                    uid,
+                    "stopping a VMM whose VirtualMachine is no longer bound to this node"
+                );
+                let _ = vmm_client::request(&dir.api_socket(), "PUT", "/vm/stop").await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                supervisor::kill(pid);
+            }
+            prepare::release_taps(&uid, 16);
+            if let Some(cg) = ctx.cgroup(&uid) {
+                let _ = std::fs::remove_dir(cg);
+            }
+            let _ = std::fs::remove_dir_all(&dir.0);
+            ctx.lock().remove(&uid);
+        }
+        let mut counts: HashMap<&'static str, i64> = HashMap::new();
+        for vm in store.state() {
+            if let Some(p) = vm.status.as_ref().and_then(|s| s.phase) {
+                *counts.entry(phase_name(p)).or_default() += 1;
+            }
+        }
+        ctx.metrics.set_phases(&counts);
+    }
+}
+
+fn phase_name(p: VmPhase) -> &'static str {
+    match p {
+        VmPhase::Pending => "Pending",
+        VmPhase::Scheduled => "Scheduled",
+        VmPhase::Starting => "Starting",
+        VmPhase::Running => "Running",
+        VmPhase::Paused => "Paused",
+        VmPhase::Stopping => "Stopping",
+        VmPhase::Stopped => "Stopped",
+        VmPhase::Succeeded => "Succeeded",
+        VmPhase::Failed => "Failed",
+    }
+}

@@ -1,0 +1,391 @@
+//! VMM processes that outlive the agent (DESIGN.md decision 3).
+//!
+//! The agent never parents a VMM. It starts `node-vmm shim`, which forks
+//! away into its own session (its parent becomes init), moves itself into the
+//! VM's own cgroup, starts `kubevmm-vmm` as its child, records the VMM's pid
+//! and, when the VMM ends, its exit status in the VM's state directory — as
+//! conmon does for containers. An agent, new or restarted, finds everything it
+//! needs in that directory: it re-adopts running VMMs by pid and start time,
+//! and learns how a VMM ended from `exit.json`.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::lifecycle::Ended;
+
+/// Errors of process supervision.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A state file could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The shim could not be started.
+    #[error("cannot start the VMM shim {exe}: {source}")]
+    Spawn {
+        /// The binary.
+        exe: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The shim started but the VMM did not.
+    #[error("the VMM did not start: {0}")]
+    NoVmm(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SupervisorError + '_ {
+    move |source| SupervisorError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A process identity that survives pid reuse: pid plus kernel start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    /// The pid.
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat (clock ticks since boot).
+    pub start_time: u64,
+}
+
+/// Start time of `pid`, from /proc.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after ')' are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl ProcessId {
+    /// Identity of a running process.
+    pub fn of(pid: i32) -> Option<Self> {
+        start_time(pid).map(|start_time| Self { pid, start_time })
+    }
+
+    /// Whether this very process still exists (not a reused pid, not a zombie).
+    pub fn alive(&self) -> bool {
+        let zombie = fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .ok()
+            .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+            .unwrap_or(true);
+        !zombie && start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// How the VMM process ended, written by the shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal, when it was killed.
+    pub signal: Option<i32>,
+    /// Last lines the VMM wrote on stderr (its reason).
+    pub message: String,
+}
+
+impl ExitRecord {
+    /// Maps the record to a lifecycle ending (`stopping` = we asked it to stop).
+    pub fn ended(&self, stopping: bool) -> Ended {
+        use kubevmm_vmm::exit::code;
+        match (self.code, self.signal) {
+            (Some(code::POWER_OFF), _) if stopping => Ended::StoppedByUs,
+            (Some(code::POWER_OFF), _) => Ended::PowerOff,
+            (Some(code::REBOOT), _) => Ended::Reboot,
+            (Some(code::GUEST_CRASH), _) => Ended::Crash(self.message.clone()),
+            (Some(code::STOPPED), _) if stopping => Ended::StoppedByUs,
+            (_, _) if stopping => Ended::StoppedByUs,
+            (Some(c), _) => Ended::VmmFailure(format!("exit code {c}: {}", self.message)),
+            (None, Some(sig)) => Ended::VmmFailure(format!("killed by signal {sig}")),
+            (None, None) => Ended::VmmFailure("ended without an exit status".into()),
+        }
+    }
+}
+
+/// The files of one VM on this node.
+#[derive(Debug, Clone)]
+pub struct VmDir(pub PathBuf);
+
+impl VmDir {
+    /// VMM config (JSON).
+    pub fn config(&self) -> PathBuf {
+        self.0.join("vmm.json")
+    }
+    /// Control socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.0.join("api.sock")
+    }
+    /// Guest serial console output.
+    pub fn console_log(&self) -> PathBuf {
+        self.0.join("console.log")
+    }
+    /// VMM stderr.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.0.join("vmm.log")
+    }
+    /// Pid and start time of the running VMM.
+    pub fn pid_file(&self) -> PathBuf {
+        self.0.join("vmm.pid")
+    }
+    /// How the VMM ended.
+    pub fn exit_file(&self) -> PathBuf {
+        self.0.join("exit.json")
+    }
+    /// Which Kubernetes object this directory belongs to.
+    pub fn owner_file(&self) -> PathBuf {
+        self.0.join("owner.json")
+    }
+
+    /// The VMM recorded by the shim, if its pid file exists.
+    pub fn vmm_pid(&self) -> Option<ProcessId> {
+        serde_json::from_slice(&fs::read(self.pid_file()).ok()?).ok()
+    }
+
+    /// The exit record, once the VMM ended.
+    pub fn exit_record(&self) -> Option<ExitRecord> {
+        serde_json::from_slice(&fs::read(self.exit_file()).ok()?).ok()
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SupervisorError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Starts the shim for `dir` and waits until the VMM process exists.
+pub fn spawn(
+    node_vmm: &Path,
+    vmm: &Path,
+    dir: &VmDir,
+    cgroup: Option<&Path>,
+) -> Result<ProcessId, SupervisorError> {
+    for stale in [dir.pid_file(), dir.exit_file(), dir.api_socket()] {
+        let _ = fs::remove_file(stale);
+    }
+    let mut cmd = Command::new(node_vmm);
+    cmd.arg("shim")
+        .arg("--dir")
+        .arg(&dir.0)
+        .arg("--vmm")
+        .arg(vmm)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    // The shim forks away at once; this waits only for that first process.
+    let status = cmd.status().map_err(|source| SupervisorError::Spawn {
+        exe: node_vmm.to_path_buf(),
+        source,
+    })?;
+    if !status.success() {
+        return Err(SupervisorError::NoVmm(format!(
+            "the shim exited with {status}"
+        )));
+    }
+    for _ in 0..200 {
+        if let Some(pid) = dir.vmm_pid() {
+            return Ok(pid);
+        }
+        if let Some(rec) = dir.exit_record() {
+            return Err(SupervisorError::NoVmm(rec.message));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(SupervisorError::NoVmm(format!(
+        "no pid file after 2s; see {}",
+        dir.vmm_log().display()
+    )))
+}
+
+/// Waits until process `id` ends (pidfd; polls /proc where pidfd is missing).
+pub async fn wait_exit(id: ProcessId) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+    // no memory is shared with the kernel.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, id.pid, 0) };
+    if fd >= 0 && id.alive() {
+        // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the OwnedFd moves into the AsyncFd, so the descriptor stays
+        // open exactly as long as it is registered with the reactor.
+        if let Ok(afd) = unsafe { tokio::io::unix::AsyncFd::register(owned) } {
+            let _ = afd.readable().await;
+            return;
+        }
+    } else if fd >= 0 {
+        // SAFETY: as above; closing it is all we do.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    while id.alive() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Kills process `id` with SIGKILL if it is still the same process.
+pub fn kill(id: ProcessId) {
+    if id.alive() {
+        // SAFETY: plain kill(2) on a pid we verified by start time just now.
+        unsafe {
+            libc::kill(id.pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// `node-vmm shim --dir DIR --vmm BIN [--cgroup CG]`: see the module docs.
+pub fn shim_main(dir: &Path, vmm: &Path, cgroup: Option<&Path>) -> ExitCode {
+    // SAFETY: the shim has started no threads yet, so fork is safe; the
+    // parent only returns.
+    match unsafe { libc::fork() } {
+        -1 => return ExitCode::FAILURE,
+        0 => {}
+        _ => return ExitCode::SUCCESS,
+    }
+    // SAFETY: setsid has no memory effects; it detaches from the agent's session.
+    unsafe {
+        libc::setsid();
+    }
+    let dir = VmDir(dir.to_path_buf());
+    let fail = |message: String| {
+        let rec = ExitRecord {
+            code: Some(kubevmm_vmm::exit::code::VMM_ERROR),
+            signal: None,
+            message,
+        };
+        let _ = write_atomic(
+            &dir.exit_file(),
+            &serde_json::to_vec(&rec).unwrap_or_default(),
+        );
+        ExitCode::FAILURE
+    };
+    let mut cgroup_note = None;
+    if let Some(cg) = cgroup {
+        // Own cgroup for the shim and its VMM: outside the agent's.
+        if let Err(e) =
+            fs::create_dir_all(cg).and_then(|()| fs::write(cg.join("cgroup.procs"), b"0"))
+        {
+            cgroup_note = Some(format!(
+                "node-vmm shim: cgroup {} not used: {e}\n",
+                cg.display()
+            ));
+        }
+    }
+    let log = match fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.vmm_log())
+    {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot open {}: {e}", dir.vmm_log().display())),
+    };
+    if let Some(note) = cgroup_note {
+        let _ = (&log).write_all(note.as_bytes());
+    }
+    let err_log = match log.try_clone() {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot duplicate the log fd: {e}")),
+    };
+    let mut child = match Command::new(vmm)
+        .arg("--config")
+        .arg(dir.config())
+        .arg("--api-sock")
+        .arg(dir.api_socket())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err_log)
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start {}: {e}", vmm.display())),
+    };
+    let pid = child.id() as i32;
+    let Some(id) = ProcessId::of(pid) else {
+        return fail("the VMM exited before it could be recorded".into());
+    };
+    if let Err(e) = write_atomic(
+        &dir.pid_file(),
+        &serde_json::to_vec(&id).unwrap_or_default(),
+    ) {
+        let _ = child.kill();
+        return fail(e.to_string());
+    }
+    let status = child.wait();
+    let rec = match status {
+        Ok(st) => {
+            use std::os::unix::process::ExitStatusExt as _;
+            ExitRecord {
+                code: st.code(),
+                signal: st.signal(),
+                message: last_lines(&dir.vmm_log(), 3),
+            }
+        }
+        Err(e) => ExitRecord {
+            code: None,
+            signal: None,
+            message: format!("cannot wait for the VMM: {e}"),
+        },
+    };
+    let _ = write_atomic(
+        &dir.exit_file(),
+        &serde_json::to_vec(&rec).unwrap_or_default(),
+    );
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_identity() {
+        let me = ProcessId::of(std::process::id() as i32).expect("self in /proc");
+        assert!(me.alive());
+        let other = ProcessId {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
+        assert!(!other.alive(), "a reused pid is not the same process");
+    }
+
+    #[test]
+    fn exit_records_map_to_endings() {
+        let rec = |code, signal| ExitRecord {
+            code,
+            signal,
+            message: "why".into(),
+        };
+        assert_eq!(rec(Some(0), None).ended(false), Ended::PowerOff);
+        assert_eq!(rec(Some(0), None).ended(true), Ended::StoppedByUs);
+        assert_eq!(rec(Some(2), None).ended(false), Ended::Crash("why".into()));
+        assert_eq!(rec(Some(3), None).ended(false), Ended::Reboot);
+        assert!(
+            matches!(rec(None, Some(9)).ended(false), Ended::VmmFailure(m) if m.contains("signal 9"))
+        );
+        assert!(matches!(
+            rec(Some(1), None).ended(false),
+            Ended::VmmFailure(_)
+        ));
+    }
+}
