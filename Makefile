@@ -23,9 +23,13 @@ build:
 deps:
 	hack/install-deps.sh --fixtures
 
-## Our freestanding test guests (tests/guests/build/*.elf).
+## Our freestanding test guests (tests/guests/build/*.elf), also installed
+## where examples/ and the node agent's default allow-list expect them.
+GUEST_DIR := /var/lib/kubevmm/guests
 guests:
 	$(MAKE) -s -C tests/guests
+	install -d $(GUEST_DIR)
+	install -m 0644 tests/guests/build/*.elf $(GUEST_DIR)/
 
 fixtures:
 	hack/fixtures-linux.sh
@@ -53,7 +57,11 @@ demo: build guests demo-standalone
 	@echo "demo: the cluster half (kubectl apply -> a running guest) arrives with the operator;"
 	@echo "      'make cluster-up' already starts the control plane with the CRDs."
 
+DEMO_DISK := /var/lib/kubevmm/disks/demo.img
 demo-standalone: build guests
+	install -d $(dir $(DEMO_DISK))
+	printf 'hello from a host file, read over virtio-blk\n' > $(DEMO_DISK)
+	truncate -s 1M $(DEMO_DISK)
 	$(RELEASE_BIN)/node-vmm doctor || true
 	@echo
 	@echo "demo: booting examples/demo-standalone.yaml (node-vmm run): console below"

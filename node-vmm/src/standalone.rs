@@ -208,31 +208,6 @@ fn net_config(vm_name: &str, index: usize, n: &Network) -> Result<NetConfig, Sta
     })
 }
 
-/// Makes relative `path:` fields absolute, relative to the manifest's
-/// directory (standalone mode uses paths as given; the cluster validator
-/// wants absolute ones).
-fn resolve_paths(vm: &mut VirtualMachine, base: &Path) {
-    let fix = |p: &mut String| {
-        if Path::new(p.as_str()).is_relative() {
-            let joined = base.join(p.as_str());
-            let abs = joined.canonicalize().unwrap_or(joined);
-            *p = abs.to_string_lossy().into_owned();
-        }
-    };
-    let boot = &mut vm.spec.boot;
-    if let Some(p) = boot.kernel.path.as_mut() {
-        fix(p);
-    }
-    if let Some(p) = boot.initrd.as_mut().and_then(|i| i.path.as_mut()) {
-        fix(p);
-    }
-    for d in &mut vm.spec.disks {
-        if let Some(h) = d.host_disk.as_mut() {
-            fix(&mut h.path);
-        }
-    }
-}
-
 /// Turns a manifest into the VMM config.
 pub fn vm_config(
     vm: &VirtualMachine,
@@ -280,14 +255,8 @@ pub fn vm_config(
 
 /// `node-vmm run`: returns the process exit code (0 when the guest powered off).
 pub fn run(manifest: &Path, console_log: Option<&Path>) -> Result<i32, StandaloneError> {
-    let mut vm = load_manifest(manifest)?;
-    let base = manifest.parent().unwrap_or(Path::new("."));
-    let base = if base.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        base
-    };
-    resolve_paths(&mut vm, base);
+    // Paths are used as given and must be absolute, exactly as in a cluster.
+    let vm = load_manifest(manifest)?;
     let config = vm_config(&vm, console_log)?;
     let taps: Vec<String> = config.nets.iter().filter_map(|n| n.tap.clone()).collect();
     let result = kubevmm_vmm::run(config);
