@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::reconcile::{Context, Settings};
 use crate::scheduling::Overcommit;
 
-/// kubevmm operator: schedules VirtualMachines onto HypervisorNodes.
+/// kubevmm operator: schedules `VirtualMachine`s onto `HypervisorNode`s.
 #[derive(Debug, Parser)]
 #[command(name = "kubevmm-operator", version, about)]
 struct Flags {
@@ -48,10 +48,10 @@ struct Flags {
     /// Memory overcommit ratio (allocatable memory × ratio may be bound).
     #[arg(long, default_value_t = 1.0)]
     memory_overcommit: f64,
-    /// Only manage VirtualMachines in this namespace [default: all].
+    /// Only manage `VirtualMachine`s in this namespace [default: all].
     #[arg(long)]
     namespace: Option<String>,
-    /// Only place onto HypervisorNodes matching this label selector, e.g. `pool=a`.
+    /// Only place onto `HypervisorNode`s matching this label selector, e.g. `pool=a`.
     #[arg(long)]
     node_selector: Option<String>,
     /// Name of the leader-election Lease in kubevmm-system.
@@ -144,7 +144,7 @@ async fn ensure_namespace(client: &kube::Client) -> Result<(), MainError> {
     }
 }
 
-/// Watches VMs, HypervisorNodes and node Leases (metadata only): every
+/// Watches VMs, `HypervisorNode`s and node Leases (metadata only): every
 /// change pokes `notify`; `synced` turns true once all three have listed.
 fn spawn_watchers(
     client: &kube::Client,

@@ -176,7 +176,7 @@ impl Metrics {
             )
             .await;
             match read {
-                Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                Ok(Ok(0) | Err(_)) | Err(_) => break,
                 Ok(Ok(n)) => {
                     len += n;
                     if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || len == buf.len() {

@@ -59,7 +59,7 @@ pub enum ReconcileError {
         /// VM name.
         name: String,
         /// The client error.
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// Leadership was lost in the middle of a pass; the rest is skipped.
     #[error("no longer the leader; stopping the pass")]
@@ -71,7 +71,7 @@ impl ReconcileError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::List { .. } => "list",
-            Self::Write { source, .. } if is_status(source, 409) => "conflict",
+            Self::Write { source, .. } if is_status(source.as_ref(), 409) => "conflict",
             Self::Write { .. } => "write",
             Self::NotLeader => "not_leader",
         }
@@ -252,6 +252,7 @@ struct Ev {
 
 /// What one pass decided for one VM.
 #[derive(Debug)]
+#[allow(clippy::struct_excessive_bools)] // independent decisions, not a state machine
 struct Work {
     obj: DynamicObject,
     vm: Option<VirtualMachine>,
@@ -309,6 +310,7 @@ fn now_time(now: Timestamp) -> Value {
 
 /// Runs one pass. `Err` only when nothing could be read; per-VM failures are
 /// in the report.
+#[allow(clippy::too_many_lines)] // read, decide, place, write: one straight sequence
 pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> {
     let client = ctx.client.clone();
     let now = Timestamp::now();
@@ -678,7 +680,15 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
 
     // Unbound.
     if !scheduling::wants_to_run(strategy, phase) {
-        if strategy == RunStrategy::Halted {
+        // Keep saying why it was let go (Released, NodeGone) while it stays down.
+        let explained = w.current_condition(condition::SCHEDULED).is_some_and(|c| {
+            c.status == "False" && (c.reason == "Released" || c.reason == "NodeGone")
+        });
+        if explained {
+            if strategy == RunStrategy::Halted && !scheduling::is_terminal(phase) {
+                w.phase = Some(VmPhase::Stopped);
+            }
+        } else if strategy == RunStrategy::Halted {
             if !scheduling::is_terminal(phase) {
                 w.phase = Some(VmPhase::Stopped);
             }
@@ -717,7 +727,7 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
     w
 }
 
-/// NodeLost / Ready=Unknown while the node's heartbeat is stale; cleared when fresh.
+/// `NodeLost` / `Ready=Unknown` while the node's heartbeat is stale; cleared when fresh.
 fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>, now: Timestamp) {
     let Some(state) = state else { return };
     let lost = state.expires.is_none_or(|e| e <= now);
@@ -904,6 +914,7 @@ fn object_ref(w: &Work) -> ObjectReference {
 /// Writes one VM's decisions in a safe order: finalizer, status, label,
 /// finalizer removal, then Events. Each write is conditional on the
 /// resourceVersion the decision was made on (and chained).
+#[allow(clippy::too_many_lines)] // the writes in their required order
 async fn execute(
     ctx: &Context,
     api: &Api<DynamicObject>,
@@ -914,7 +925,7 @@ async fn execute(
         action,
         namespace: w.namespace.clone(),
         name: w.name.clone(),
-        source,
+        source: Box::new(source),
     };
     let leader = || {
         if ctx.leadership.is_leader() {

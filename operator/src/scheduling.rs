@@ -270,14 +270,13 @@ pub fn place(
     let mut why: Vec<(&'static str, String)> = Vec::new();
     for node in sorted {
         let u = used.get(&node.name).copied().unwrap_or_default();
-        match misfit(node, req, u, oc) {
-            Some(w) => why.push(w),
-            None => {
-                let (_, mem_free) = free(node, u, oc);
-                // Strictly greater: the first (smallest name) wins a tie.
-                if best.is_none_or(|(_, m)| mem_free > m) {
-                    best = Some((node, mem_free));
-                }
+        if let Some(w) = misfit(node, req, u, oc) {
+            why.push(w);
+        } else {
+            let (_, mem_free) = free(node, u, oc);
+            // Strictly greater: the first (smallest name) wins a tie.
+            if best.is_none_or(|(_, m)| mem_free > m) {
+                best = Some((node, mem_free));
             }
         }
     }
