@@ -61,22 +61,32 @@ void net_send(struct net *n, const u8 *frame, u32 len)
 	vq_wait_used(&n->tx);
 }
 
+int net_is_arp_request(const u8 *f, u32 len, const u8 ip[4])
+{
+	/* Ethernet type ARP, opcode request, target protocol address ip. */
+	return len >= 42 && f[12] == 0x08 && f[13] == 0x06 && f[21] == 1 && !memcmp(f + 38, ip, 4);
+}
+
+void net_build_arp_reply(const struct net *n, const u8 *req, const u8 ip[4], u8 reply[42])
+{
+	memcpy(reply, req + 6, 6);          /* to the asker */
+	memcpy(reply + 6, n->mac, 6);
+	memcpy(reply + 12, req + 12, 8);    /* type, htype, ptype, sizes */
+	reply[20] = 0;
+	reply[21] = 2;                      /* reply */
+	memcpy(reply + 22, n->mac, 6);      /* sender: us */
+	memcpy(reply + 28, ip, 4);
+	memcpy(reply + 32, req + 22, 10);   /* target: the asker */
+}
+
 void net_answer_arp(struct net *n, const u8 ip[4])
 {
 	u8 *f, reply[42];
 	u32 len;
 	for (;;) {
 		len = net_recv(n, &f);
-		/* Ethernet type ARP, opcode request, target protocol address ip. */
-		if (len >= 42 && f[12] == 0x08 && f[13] == 0x06 && f[21] == 1 && !memcmp(f + 38, ip, 4)) {
-			memcpy(reply, f + 6, 6);          /* to the asker */
-			memcpy(reply + 6, n->mac, 6);
-			memcpy(reply + 12, f + 12, 8);    /* type, htype, ptype, sizes */
-			reply[20] = 0;
-			reply[21] = 2;                    /* reply */
-			memcpy(reply + 22, n->mac, 6);    /* sender: us */
-			memcpy(reply + 28, ip, 4);
-			memcpy(reply + 32, f + 22, 10);   /* target: the asker */
+		if (net_is_arp_request(f, len, ip)) {
+			net_build_arp_reply(n, f, ip, reply);
 			net_recv_done(n);
 			net_send(n, reply, sizeof(reply));
 			return;

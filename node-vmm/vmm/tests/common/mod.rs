@@ -90,18 +90,59 @@ pub fn vmm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_kubevmm-vmm")
 }
 
-pub fn spawn(config: &VmConfig, dir: &Path) -> Child {
+/// A running VMM process, killed and reaped when dropped, so a failing or
+/// panicking test never leaves a guest spinning behind it.
+#[derive(Debug)]
+pub struct Vmm(Option<Child>);
+
+impl Vmm {
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+}
+
+impl std::ops::Deref for Vmm {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("child present")
+    }
+}
+
+impl std::ops::DerefMut for Vmm {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child present")
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes `config` to `dir/name` and starts the VMM on it through `command`
+/// (the VMM binary, or a wrapper such as `ip netns exec NS` before it).
+pub fn spawn_with(mut command: Command, config: &VmConfig, dir: &Path, name: &str) -> Vmm {
     require_kvm();
-    let path = dir.join("vm.json");
+    let path = dir.join(name);
     std::fs::write(&path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    Command::new(vmm_bin())
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kubevmm-vmm")
+    Vmm::new(
+        command
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kubevmm-vmm"),
+    )
+}
+
+pub fn spawn(config: &VmConfig, dir: &Path) -> Vmm {
+    spawn_with(Command::new(vmm_bin()), config, dir, "vm.json")
 }
 
 #[derive(Debug)]
@@ -117,17 +158,22 @@ pub fn serial_log(dir: &Path) -> String {
 }
 
 /// Waits for the child (killing it after the hang guard) and collects output.
-pub fn wait(mut child: Child, dir: &Path) -> Outcome {
+pub fn wait(child: Vmm, dir: &Path) -> Outcome {
+    wait_within(child, dir, HANG_GUARD)
+}
+
+/// Like `wait`, with a different guard.
+pub fn wait_within(mut child: Vmm, dir: &Path, guard: Duration) -> Outcome {
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        if start.elapsed() > HANG_GUARD {
+        if start.elapsed() > guard {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "VMM did not exit within {HANG_GUARD:?}; serial:\n{}",
+                "VMM did not exit within {guard:?}; serial:\n{}",
                 serial_log(dir)
             );
         }
