@@ -52,6 +52,7 @@ long_entry:
 
 	.section .data
 	.p2align 4
+	.globl gdt
 gdt:
 	.quad 0
 	.quad 0x00af9a000000ffff     /* 0x08: 64-bit code */

@@ -12,7 +12,7 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::{acpi, cpuid, layout, regs};
+use crate::arch::{acpi, cpuid, irq, layout, regs};
 use crate::boot::{self, BootSpec};
 use crate::config::{SerialMode, VmConfig};
 use crate::devices::acpi_pm::AcpiPm;
@@ -52,6 +52,8 @@ pub enum VmError {
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Irq(#[from] irq::IrqError),
     #[error(transparent)]
     Serial(#[from] crate::devices::serial::SerialError),
     #[error(transparent)]
@@ -344,6 +346,7 @@ impl Vm {
         vm_fd
             .create_irq_chip()
             .map_err(kvm_err("create the in-kernel irqchip"))?;
+        irq::set_routing(&vm_fd)?;
         vm_fd
             .create_pit2(kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,

@@ -3,5 +3,6 @@
 pub mod acpi;
 pub mod cpuid;
 pub mod e820;
+pub mod irq;
 pub mod layout;
 pub mod regs;
