@@ -232,3 +232,62 @@ pub fn api(sock: &Path, method: &str, path: &str) -> (u16, serde_json::Value) {
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, serde_json::from_str(body).expect("JSON body"))
 }
+
+/// Runs `ip ARGS`, failing the test on error; returns stdout.
+pub fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace with tap `tap0` (10.0.2.2/24, up), removed on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let ns = Self(format!("kvmm{tag}{}", std::process::id()));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["netns", "add", &ns.0]);
+        ip(&[
+            "-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr",
+        ]);
+        ip(&["-n", &ns.0, "addr", "add", "10.0.2.2/24", "dev", "tap0"]);
+        ip(&["-n", &ns.0, "link", "set", "tap0", "up"]);
+        ns
+    }
+
+    pub fn vmm_command(&self) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, vmm_bin()]);
+        c
+    }
+
+    /// A UDP socket living in the namespace (made by a thread that entered
+    /// it; the socket stays in the namespace it was created in).
+    pub fn udp_socket(&self) -> std::net::UdpSocket {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on a valid namespace fd; it only moves this
+            // short-lived thread into the namespace.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::UdpSocket::bind("0.0.0.0:0").expect("bind UDP in the namespace")
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
