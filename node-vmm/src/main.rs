@@ -11,7 +11,7 @@ mod agent;
 mod doctor;
 mod standalone;
 
-/// kubevmm node agent: boots VirtualMachines on this host with KVM.
+/// kubevmm node agent: boots `VirtualMachine`s on this host with KVM.
 #[derive(Debug, Parser)]
 #[command(name = "node-vmm", version, about)]
 struct Cli {
@@ -24,7 +24,7 @@ enum Command {
     /// Report what this machine has and lacks for running guests; exits 1
     /// when guests cannot run.
     Doctor,
-    /// Run the node agent (what the DaemonSet runs): keep this node's
+    /// Run the node agent (what the `DaemonSet` runs): keep this node's
     /// `HypervisorNode` and Lease current and converge the VMs bound to it.
     Agent(AgentArgs),
     /// Internal: supervise one VMM process (started by the agent).
@@ -40,10 +40,10 @@ enum Command {
         #[arg(long)]
         cgroup: Option<std::path::PathBuf>,
     },
-    /// Boot one VirtualMachine manifest on this host (standalone mode):
+    /// Boot one `VirtualMachine` manifest on this host (standalone mode):
     /// console on the terminal, exits 0 when the guest powers off.
     Run {
-        /// The VirtualMachine manifest (YAML).
+        /// The `VirtualMachine` manifest (YAML).
         manifest: std::path::PathBuf,
         /// Also append the guest console to this file.
         #[arg(long)]
@@ -77,6 +77,9 @@ struct AgentArgs {
     /// Leave VMMs in the shim's cgroup instead of one cgroup (v2) per VM.
     #[arg(long)]
     no_cgroups: bool,
+    /// Validity of the heartbeat Lease in seconds (renewed every third of it).
+    #[arg(long, default_value_t = agent::node::DEFAULT_LEASE_SECONDS)]
+    lease_seconds: i32,
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
@@ -128,6 +131,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         },
         metrics_addr: args.metrics_addr,
         cgroup_root,
+        lease_seconds: args.lease_seconds.max(3),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -54,7 +54,8 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn free_port() -> Result<u16, SupportError> {
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> Result<u16, SupportError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(SupportError::Port)?;
     Ok(l.local_addr().map_err(SupportError::Port)?.port())
 }
@@ -232,5 +233,119 @@ pub fn run_with_input(cmd: &mut Command, input: &str) -> Outcome {
         success: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Where cargo put this workspace's binaries (`target/debug`), found from
+/// the test executable (`target/debug/deps/<test>`), so `CARGO_TARGET_DIR`
+/// works too. `make test` builds every binary before running tests.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in <target>/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` (make test does) before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// Builds the freestanding test guests and returns their directory
+/// (`tests/guests/build`).
+pub fn build_guests() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = repo_root().join("tests/guests");
+            if let Err(e) = run(Command::new("make").arg("-s").arg("-C").arg(&dir)) {
+                panic!("cannot build the test guests: {e}");
+            }
+            dir.join("build")
+        })
+        .clone()
+}
+
+/// A daemon started by a test; killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    /// Its combined stdout and stderr.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` with its output in `log`.
+    pub fn start(mut cmd: Command, log: PathBuf) -> Self {
+        let file =
+            std::fs::File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let err = file.try_clone().expect("dup log fd");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Sends a signal (e.g. `libc::SIGSTOP`).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after
+/// `seconds` with `what` and the last value `describe` gives.
+pub fn wait_for<T>(
+    seconds: u64,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    describe: impl Fn() -> String,
+) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {seconds}s waiting for {what}; last state:\n{}",
+            describe()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

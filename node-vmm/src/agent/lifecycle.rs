@@ -22,7 +22,9 @@ pub enum Ended {
     Crash(String),
     /// The VMM failed or vanished (config error, killed, missing files).
     VmmFailure(String),
-    /// We stopped it (Halted, deletion, restart request).
+    /// We asked for an ACPI shutdown and the guest powered off.
+    ShutDownByUs,
+    /// We stopped it by force (grace period over, or no control socket).
     StoppedByUs,
 }
 
@@ -39,6 +41,7 @@ impl Ended {
             Self::Reboot => "GuestRebooted",
             Self::Crash(_) => "GuestCrashed",
             Self::VmmFailure(_) => "VmmFailed",
+            Self::ShutDownByUs => "ShutDown",
             Self::StoppedByUs => "Stopped",
         }
     }
@@ -50,7 +53,8 @@ impl Ended {
             Self::Reboot => "the guest rebooted".into(),
             Self::Crash(why) => format!("the guest crashed: {why}"),
             Self::VmmFailure(why) => format!("the VMM failed: {why}"),
-            Self::StoppedByUs => "the guest was stopped".into(),
+            Self::ShutDownByUs => "the guest powered off after an ACPI shutdown request".into(),
+            Self::StoppedByUs => "the guest was stopped by force".into(),
         }
     }
 }
@@ -79,7 +83,9 @@ pub fn backoff(restarts: u32) -> Duration {
 pub fn after_exit(strategy: RunStrategy, ended: &Ended, restarts: u32) -> AfterExit {
     use AfterExit::{Restart, Stay};
     match (strategy, ended) {
-        (RunStrategy::Halted, _) | (_, Ended::StoppedByUs) => Stay(VmPhase::Stopped),
+        (RunStrategy::Halted, _) | (_, Ended::StoppedByUs | Ended::ShutDownByUs) => {
+            Stay(VmPhase::Stopped)
+        }
         (_, Ended::Reboot) => Restart(Duration::ZERO),
         (RunStrategy::Always, _) => Restart(backoff(restarts)),
         (RunStrategy::RerunOnFailure, e) if e.is_failure() => Restart(backoff(restarts)),
@@ -104,11 +110,12 @@ pub fn should_start(
     match (strategy, held) {
         (RunStrategy::Halted, _) => false,
         _ if restart_requested => true,
-        // Left stopped by Halted, then switched to a strategy that runs it.
-        (RunStrategy::Always | RunStrategy::RerunOnFailure, Some(VmPhase::Stopped)) => true,
-        (RunStrategy::Always, Some(_)) => true,
+        // Always runs whatever ended the last run; RerunOnFailure after a
+        // Halted stop, or when it never ran.
+        (RunStrategy::RerunOnFailure, Some(VmPhase::Stopped) | None) | (RunStrategy::Always, _) => {
+            true
+        }
         (_, Some(_)) => false,
-        (RunStrategy::Always | RunStrategy::RerunOnFailure, None) => true,
         (RunStrategy::Manual | RunStrategy::Once, None) => !ever_ran,
     }
 }

@@ -1,4 +1,4 @@
-//! `node-vmm agent`: what the DaemonSet runs on each hypervisor node.
+//! `node-vmm agent`: what the `DaemonSet` runs on each hypervisor node.
 //!
 //! It keeps this node's `HypervisorNode` and heartbeat Lease current,
 //! watches only the `VirtualMachine`s bound to this node (label
@@ -20,7 +20,6 @@ pub mod vmm_client;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt as _;
 use kube::api::Api;
@@ -31,7 +30,7 @@ use kube::Client;
 use kubevmm_crds::contract::LABEL_NODE;
 use kubevmm_crds::VirtualMachine;
 
-use self::node::{NodeReporter, Reserve, LEASE_SECONDS};
+use self::node::{NodeReporter, Reserve};
 use self::reconcile::{Ctx, LocalVm};
 
 /// Agent settings (flags of `node-vmm agent`).
@@ -51,6 +50,8 @@ pub struct AgentConfig {
     pub metrics_addr: std::net::SocketAddr,
     /// Parent cgroup (v2) for per-VM cgroups; none to leave VMMs where the shim starts.
     pub cgroup_root: Option<PathBuf>,
+    /// Validity of the heartbeat Lease, in seconds.
+    pub lease_seconds: i32,
 }
 
 /// Errors that stop the agent (anything per VM is a status condition instead).
@@ -104,7 +105,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         source,
     })?;
     let metrics = Arc::new(metrics::Metrics::new()?);
-    let reporter = NodeReporter::new(client.clone(), cfg.node_name.clone(), cfg.reserve);
+    let reporter = NodeReporter::new(
+        client.clone(),
+        cfg.node_name.clone(),
+        cfg.reserve,
+        cfg.lease_seconds,
+    );
     reporter.register().await?;
 
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
@@ -145,7 +151,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             if let Err(e) = reporter.heartbeat(running).await {
                 tracing::warn!("heartbeat failed: {e}");
             }
-            tokio::time::sleep(Duration::from_secs((LEASE_SECONDS / 3) as u64)).await;
+            tokio::time::sleep(reporter.interval()).await;
         }
     });
     // Garbage collection of VMMs whose VM is no longer bound here.

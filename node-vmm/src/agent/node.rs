@@ -17,8 +17,8 @@ use kubevmm_crds::quantity::format_bytes;
 use kubevmm_crds::{HypervisorNode, HypervisorNodeStatus};
 use kubevmm_vmm::host_check::{self, KvmReport};
 
-/// How long a heartbeat Lease is valid; renewed every third of it.
-pub const LEASE_SECONDS: i32 = 40;
+/// Default validity of the heartbeat Lease (as the kubelet's); renewed every third of it.
+pub const DEFAULT_LEASE_SECONDS: i32 = 40;
 
 /// Errors talking about this node to the API server.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +103,7 @@ pub struct NodeReporter {
     client: Client,
     name: String,
     reserve: Reserve,
+    lease_seconds: i32,
 }
 
 impl std::fmt::Debug for NodeReporter {
@@ -115,12 +116,18 @@ impl std::fmt::Debug for NodeReporter {
 
 impl NodeReporter {
     /// A reporter for node `name`.
-    pub fn new(client: Client, name: String, reserve: Reserve) -> Self {
+    pub fn new(client: Client, name: String, reserve: Reserve, lease_seconds: i32) -> Self {
         Self {
             client,
             name,
             reserve,
+            lease_seconds,
         }
+    }
+
+    /// How often to renew: a third of the Lease, at least every second.
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs((self.lease_seconds / 3).max(1) as u64)
     }
 
     /// Creates the `HypervisorNode` (with the Kubernetes Node's labels when
@@ -195,7 +202,7 @@ impl NodeReporter {
             },
             spec: Some(LeaseSpec {
                 holder_identity: Some(self.name.clone()),
-                lease_duration_seconds: Some(LEASE_SECONDS),
+                lease_duration_seconds: Some(self.lease_seconds),
                 renew_time: Some(MicroTime(now)),
                 ..LeaseSpec::default()
             }),

@@ -145,36 +145,12 @@ pub fn tap_name(uid: &str, index: usize) -> String {
     format!("kvt{short}n{index}")
 }
 
-/// Builds the plan for `spec` (pure).
-pub fn plan(
+/// Disk configs and the empty disks to create.
+fn disks(
     spec: &VirtualMachineSpec,
-    uid: &str,
     dir: &VmDir,
     ctx: &NodeContext,
-) -> Result<Plan, PrepareError> {
-    let memory =
-        kubevmm_crds::quantity::parse_bytes(&spec.memory.0).map_err(|e| PrepareError::Invalid {
-            field: "spec.memory".into(),
-            what: e.to_string(),
-        })?;
-    let cpus = u8::try_from(spec.cpus)
-        .ok()
-        .filter(|c| *c <= kubevmm_vmm::config::MAX_CPUS)
-        .ok_or_else(|| PrepareError::Invalid {
-            field: "spec.cpus".into(),
-            what: format!(
-                "{} vCPUs; this VMM runs at most {}",
-                spec.cpus,
-                kubevmm_vmm::config::MAX_CPUS
-            ),
-        })?;
-    let kernel = boot(ctx, &spec.boot.kernel, "spec.boot.kernel")?;
-    let initrd = spec
-        .boot
-        .initrd
-        .as_ref()
-        .map(|i| boot(ctx, i, "spec.boot.initrd"))
-        .transpose()?;
+) -> Result<(Vec<DiskConfig>, Vec<SparseFile>), PrepareError> {
     let mut sparse_files = Vec::new();
     let mut disks = Vec::new();
     for (i, d) in spec.disks.iter().enumerate() {
@@ -213,6 +189,14 @@ pub fn plan(
             fd: None,
         });
     }
+    Ok((disks, sparse_files))
+}
+
+/// NIC configs, taps to create, and `(network, MAC, tap)` for status.
+type Nics = (Vec<NetConfig>, Vec<Tap>, Vec<(String, String, String)>);
+
+/// Builds the NICs of `spec`.
+fn networks(spec: &VirtualMachineSpec, uid: &str) -> Result<Nics, PrepareError> {
     let mut nets = Vec::new();
     let mut taps = Vec::new();
     let mut interfaces = Vec::new();
@@ -240,6 +224,41 @@ pub fn plan(
             mac,
         });
     }
+    Ok((nets, taps, interfaces))
+}
+
+/// Builds the plan for `spec` (pure).
+pub fn plan(
+    spec: &VirtualMachineSpec,
+    uid: &str,
+    dir: &VmDir,
+    ctx: &NodeContext,
+) -> Result<Plan, PrepareError> {
+    let memory =
+        kubevmm_crds::quantity::parse_bytes(&spec.memory.0).map_err(|e| PrepareError::Invalid {
+            field: "spec.memory".into(),
+            what: e.to_string(),
+        })?;
+    let cpus = u8::try_from(spec.cpus)
+        .ok()
+        .filter(|c| *c <= kubevmm_vmm::config::MAX_CPUS)
+        .ok_or_else(|| PrepareError::Invalid {
+            field: "spec.cpus".into(),
+            what: format!(
+                "{} vCPUs; this VMM runs at most {}",
+                spec.cpus,
+                kubevmm_vmm::config::MAX_CPUS
+            ),
+        })?;
+    let kernel = boot(ctx, &spec.boot.kernel, "spec.boot.kernel")?;
+    let initrd = spec
+        .boot
+        .initrd
+        .as_ref()
+        .map(|i| boot(ctx, i, "spec.boot.initrd"))
+        .transpose()?;
+    let (disks, sparse_files) = disks(spec, dir, ctx)?;
+    let (nets, taps, interfaces) = networks(spec, uid)?;
     let config = VmConfig {
         cpus,
         memory,

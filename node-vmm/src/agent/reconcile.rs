@@ -111,9 +111,12 @@ pub struct LocalVm {
     stopping: Option<(Instant, bool)>,
     next_start: Option<Instant>,
     held: Option<VmPhase>,
+    /// Consecutive failures to prepare the VM (backoff between retries).
+    prepare_failures: u32,
+    /// The spec generation last acted on.
+    generation: Option<i64>,
     ever_ran: bool,
     interfaces: Vec<InterfaceStatus>,
-    last_status: Option<serde_json::Value>,
     last_stats: Option<Instant>,
     loaded: bool,
 }
@@ -123,7 +126,8 @@ fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileErro
     move |source| ReconcileError::Api { what, source }
 }
 
-/// Controller error policy: retry after a pause.
+/// Controller error policy: retry after a pause (signature fixed by kube-runtime).
+#[allow(clippy::needless_pass_by_value)]
 pub fn error_policy(vm: Arc<VirtualMachine>, err: &ReconcileError, _ctx: Arc<Ctx>) -> Action {
     tracing::warn!(vm = %vm.name_any(), "reconcile failed: {err}");
     Action::requeue(Duration::from_secs(5))
@@ -231,48 +235,19 @@ async fn step(
     let deleting = vm.metadata.deletion_timestamp.is_some();
     let mut requeue = Duration::from_secs(30);
 
-    // 1. Did the VMM end?
-    if let Some(pid) = local.proc {
-        if !pid.alive() {
-            local.proc = None;
-            // The shim writes the record right after the VMM is reaped.
-            let mut rec = dir.exit_record();
-            for _ in 0..20 {
-                if rec.is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                rec = dir.exit_record();
-            }
-            let ended = rec.map_or_else(
-                || Ended::VmmFailure("the VMM vanished without an exit status".into()),
-                |r| r.ended(local.stopping.is_some()),
-            );
-            local.stopping = None;
-            let after =
-                lifecycle::after_exit(spec.run_strategy, &ended, local.restarts.max(0) as u32);
-            event(ctx, vm, ended.is_failure(), ended.reason(), ended.message()).await;
-            match after {
-                AfterExit::Restart(delay) if !deleting => {
-                    local.next_start = Some(Instant::now() + delay);
-                    local.held = None;
-                    local.phase = Some(VmPhase::Starting);
-                    set_ready(
-                        local,
-                        "False",
-                        ended.reason(),
-                        format!("{}; restarting in {}s", ended.message(), delay.as_secs()),
-                    );
-                }
-                AfterExit::Restart(_) => {}
-                AfterExit::Stay(phase) => {
-                    local.held = Some(phase);
-                    local.phase = Some(phase);
-                    set_ready(local, "False", ended.reason(), ended.message());
-                }
-            }
-            let _ = std::fs::remove_file(dir.api_socket());
+    // A new spec deserves a prompt new attempt.
+    if local.generation != vm.metadata.generation {
+        local.generation = vm.metadata.generation;
+        if local.prepare_failures > 0 {
+            local.prepare_failures = 0;
+            local.next_start = None;
+            local.held = None;
         }
+    }
+
+    // 1. Did the VMM end?
+    if local.proc.is_some_and(|p| !p.alive()) {
+        handle_exit(ctx, vm, &dir, local, deleting).await;
     }
 
     // 2. Deletion: stop gracefully, release everything, drop the finalizer.
@@ -336,6 +311,54 @@ async fn step(
     Ok(Some(Action::requeue(requeue)))
 }
 
+/// The VMM ended: learn how from the shim's record and decide what follows.
+async fn handle_exit(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    dir: &VmDir,
+    local: &mut LocalVm,
+    deleting: bool,
+) {
+    let spec = &vm.spec;
+    local.proc = None;
+    // The shim writes the record right after the VMM is reaped.
+    let mut rec = dir.exit_record();
+    for _ in 0..20 {
+        if rec.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rec = dir.exit_record();
+    }
+    let ended = rec.map_or_else(
+        || Ended::VmmFailure("the VMM vanished without an exit status".into()),
+        |r| r.ended(local.stopping.is_some()),
+    );
+    local.stopping = None;
+    let after = lifecycle::after_exit(spec.run_strategy, &ended, local.restarts.max(0) as u32);
+    event(ctx, vm, ended.is_failure(), ended.reason(), ended.message()).await;
+    match after {
+        AfterExit::Restart(delay) if !deleting => {
+            local.next_start = Some(Instant::now() + delay);
+            local.held = None;
+            local.phase = Some(VmPhase::Starting);
+            set_ready(
+                local,
+                "False",
+                ended.reason(),
+                format!("{}; restarting in {}s", ended.message(), delay.as_secs()),
+            );
+        }
+        AfterExit::Restart(_) => {}
+        AfterExit::Stay(phase) => {
+            local.held = Some(phase);
+            local.phase = Some(phase);
+            set_ready(local, "False", ended.reason(), ended.message());
+        }
+    }
+    let _ = std::fs::remove_file(dir.api_socket());
+}
+
 /// Prepares and starts the VMM; failures become status, not errors.
 async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &mut LocalVm) {
     local.next_start = None;
@@ -351,6 +374,10 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
                 prepare::PrepareError::Host { .. } => "HostSetupFailed",
                 _ => "InvalidSpec",
             };
+            // Retried with backoff (a missing bridge may appear; a spec
+            // edit triggers a reconcile at once), never in a tight loop.
+            local.next_start = Some(Instant::now() + lifecycle::backoff(local.prepare_failures));
+            local.prepare_failures = local.prepare_failures.saturating_add(1);
             local.held = Some(VmPhase::Failed);
             local.phase = Some(VmPhase::Failed);
             set_ready(local, "False", reason, e.to_string());
@@ -358,6 +385,7 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
             return;
         }
     };
+    local.prepare_failures = 0;
     let owner = json!({"namespace": vm.namespace(), "name": vm.name_any(), "uid": uid});
     let _ = supervisor::write_atomic(&dir.owner_file(), owner.to_string().as_bytes());
     let (node_vmm, vmm, cg, d) = (
@@ -615,7 +643,40 @@ fn condition_json(
     }
 }
 
-/// Writes this agent's part of the status when it changed.
+/// Whether the live status already holds everything in `body` (another
+/// writer, or a lost update, makes it differ: then the agent writes again).
+fn live_matches(vm: &VirtualMachine, body: &serde_json::Value) -> bool {
+    let live = serde_json::to_value(vm.status.clone().unwrap_or_default()).unwrap_or_default();
+    let want = &body["status"];
+    let empty = |v: &serde_json::Value| v.is_null() || v.as_array().is_some_and(Vec::is_empty);
+    let scalars = [
+        "phase",
+        "interfaces",
+        "startedAt",
+        "restartCount",
+        "observedGeneration",
+    ]
+    .iter()
+    .all(|k| live[k] == want[k] || (empty(&live[k]) && empty(&want[k])));
+    let conditions = want["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|w| {
+            live["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|l| {
+                    ["type", "status", "reason", "message", "observedGeneration"]
+                        .iter()
+                        .all(|k| l[k] == w[k])
+                })
+        });
+    scalars && conditions
+}
+
+/// Writes this agent's part of the status when it differs from the live one.
 async fn write_status(
     ctx: &Ctx,
     vm: &VirtualMachine,
@@ -653,7 +714,7 @@ async fn write_status(
             "conditions": conditions,
         }
     });
-    if local.last_status.as_ref() == Some(&body) {
+    if live_matches(vm, &body) {
         return Ok(());
     }
     let previous_phase = vm.status.as_ref().and_then(|s| s.phase);
@@ -683,7 +744,6 @@ async fn write_status(
         )
         .await;
     }
-    local.last_status = Some(body);
     Ok(())
 }
 

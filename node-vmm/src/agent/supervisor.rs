@@ -100,11 +100,10 @@ impl ExitRecord {
     pub fn ended(&self, stopping: bool) -> Ended {
         use kubevmm_vmm::exit::code;
         match (self.code, self.signal) {
-            (Some(code::POWER_OFF), _) if stopping => Ended::StoppedByUs,
+            (Some(code::POWER_OFF), _) if stopping => Ended::ShutDownByUs,
             (Some(code::POWER_OFF), _) => Ended::PowerOff,
             (Some(code::REBOOT), _) => Ended::Reboot,
             (Some(code::GUEST_CRASH), _) => Ended::Crash(self.message.clone()),
-            (Some(code::STOPPED), _) if stopping => Ended::StoppedByUs,
             (_, _) if stopping => Ended::StoppedByUs,
             (Some(c), _) => Ended::VmmFailure(format!("exit code {c}: {}", self.message)),
             (None, Some(sig)) => Ended::VmmFailure(format!("killed by signal {sig}")),
@@ -377,7 +376,8 @@ mod tests {
             message: "why".into(),
         };
         assert_eq!(rec(Some(0), None).ended(false), Ended::PowerOff);
-        assert_eq!(rec(Some(0), None).ended(true), Ended::StoppedByUs);
+        assert_eq!(rec(Some(0), None).ended(true), Ended::ShutDownByUs);
+        assert_eq!(rec(Some(4), None).ended(true), Ended::StoppedByUs);
         assert_eq!(rec(Some(2), None).ended(false), Ended::Crash("why".into()));
         assert_eq!(rec(Some(3), None).ended(false), Ended::Reboot);
         assert!(
