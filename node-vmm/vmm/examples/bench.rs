@@ -1,0 +1,478 @@
+//! `make bench` driver (hack/bench-vmm.sh): our VMM beside its anchors on
+//! this machine, printed as a table with the DESIGN.md targets.
+//!
+//! Usage: `bench VMM_BIN BENCH_GUEST_ELF WORK_DIR [RUNS]`
+
+// Counters (bytes, cycles) are far below 2^52: converting them to f64 for
+// the printed figures loses nothing that shows.
+#![allow(clippy::cast_precision_loss)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kubevmm_vmm::config::{DiskConfig, SerialConfig, SerialMode};
+use kubevmm_vmm::VmConfig;
+
+const GUEST_RAM: u64 = 64 << 20;
+const DISK_SIZE: usize = 64 << 20;
+const CHUNK: usize = 1 << 20;
+const IOLOOP_N: u32 = 20_000;
+
+#[derive(Debug, thiserror::Error)]
+enum BenchError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Bad(String),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BenchError {
+    move |source| BenchError::Kvm { what, source }
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Setup {
+    vmm: PathBuf,
+    guest: PathBuf,
+    work: PathBuf,
+    runs: usize,
+}
+
+impl Setup {
+    fn our_config(&self, cmdline: &str) -> VmConfig {
+        let mut c = VmConfig::new(&self.guest, GUEST_RAM);
+        c.cmdline = cmdline.into();
+        c.serial = SerialConfig {
+            mode: SerialMode::Stdout,
+            path: None,
+            log: None,
+        };
+        c
+    }
+
+    fn ours(&self, c: &VmConfig, name: &str) -> Result<Command, BenchError> {
+        let path = self.work.join(name);
+        let json = serde_json::to_vec(c).map_err(|e| BenchError::Bad(e.to_string()))?;
+        std::fs::write(&path, json).map_err(io(format!("write {}", path.display())))?;
+        let mut cmd = Command::new(&self.vmm);
+        cmd.arg("--config").arg(path);
+        Ok(cmd)
+    }
+
+    fn qemu(&self, append: &str) -> Command {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-M",
+            "microvm",
+            "-bios",
+            "/usr/share/qemu/qboot.rom",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-m",
+            "64M",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=1",
+            "-kernel",
+        ])
+        .arg(&self.guest)
+        .args(["-append", append]);
+        cmd
+    }
+}
+
+fn spawn(mut cmd: Command) -> Result<Proc, BenchError> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io(format!("start {:?}", cmd.get_program())))?;
+    Ok(Proc(child))
+}
+
+/// Reads the child's stdout until `needle` appears; returns what was read.
+fn read_until(p: &mut Proc, needle: &str) -> Result<String, BenchError> {
+    let out = p.0.stdout.as_mut().expect("piped");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = out.read(&mut buf).map_err(io("read guest output"))?;
+        if n == 0 {
+            return Err(BenchError::Bad(format!(
+                "guest output ended before {needle:?}: {}",
+                String::from_utf8_lossy(&seen)
+            )));
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let s = String::from_utf8_lossy(&seen);
+        if s.contains(needle) && s[s.find(needle).unwrap_or(0)..].contains('\n') {
+            return Ok(s.into_owned());
+        }
+    }
+}
+
+/// Process start -> first byte of guest serial output, and -> exit.
+fn start_times(mut cmd: Command) -> Result<(Duration, Duration), BenchError> {
+    let t0 = Instant::now();
+    let mut p = spawn(std::mem::replace(&mut cmd, Command::new("true")))?;
+    let mut b = [0u8; 1];
+    let out = p.0.stdout.as_mut().expect("piped");
+    let n = out.read(&mut b).map_err(io("read guest output"))?;
+    let first = t0.elapsed();
+    if n == 0 {
+        return Err(BenchError::Bad("no guest output".into()));
+    }
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest)
+        .map_err(io("read guest output"))?;
+    p.0.wait().map_err(io("wait"))?;
+    Ok((first, t0.elapsed()))
+}
+
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    };
+    Stats {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn fmt_ms(s: &Stats) -> String {
+    format!("{:.1} ms [{:.1}-{:.1}]", s.median, s.min, s.max)
+}
+
+/// (total RSS, RSS of every mapping except guest RAM) from /proc/PID/smaps,
+/// as Firecracker measures overhead. Guest RAM: mappings of the guest's size
+/// (QEMU may add up to 2 MiB of alignment).
+fn smaps_rss(pid: u32) -> Result<(u64, u64), BenchError> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path).map_err(io(path))?;
+    let (mut total, mut overhead) = (0u64, 0u64);
+    let mut size = 0u64;
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        match f.next() {
+            Some("Size:") => size = f.next().and_then(|v| v.parse().ok()).unwrap_or(0) * 1024,
+            Some("Rss:") => {
+                let rss: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0) * 1024;
+                total += rss;
+                if !(GUEST_RAM..=GUEST_RAM + (2 << 20)).contains(&size) {
+                    overhead += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((total, overhead))
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / f64::from(1u32 << 20)
+}
+
+/// Host TSC frequency (the guest's TSC runs at the host's rate under KVM).
+fn tsc_hz() -> f64 {
+    // SAFETY: rdtsc has no side effects; x86-64 always has it.
+    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+    (c1 - c0) as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Parses "bench: WHAT ... KEY N" from guest output.
+fn field(out: &str, what: &str, key: &str) -> Result<u64, BenchError> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("bench: {what} ")))
+        .ok_or_else(|| BenchError::Bad(format!("no '{what}' result in: {out}")))?;
+    let mut it = line.split_whitespace();
+    while let Some(w) = it.next() {
+        if w == key {
+            return it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| BenchError::Bad(format!("bad {key} in {line}")));
+        }
+    }
+    Err(BenchError::Bad(format!("no {key} in {line}")))
+}
+
+/// The same loop as the bench guest's `ioloop` (`out %al,$0x80; dec; jnz`),
+/// in real mode on a bare KVM VM with no irqchip: every `out` is a
+/// `KVM_EXIT_IO` handled by this loop and nothing else. Returns ns per exit.
+fn raw_kvm_exit_io() -> Result<f64, BenchError> {
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::{Kvm, VcpuExit};
+    let kvm_fd = Kvm::new().map_err(kvm("open /dev/kvm"))?;
+    let vm = kvm_fd.create_vm().map_err(kvm("create VM"))?;
+    let size = 0x1000usize;
+    // SAFETY: a fresh private anonymous mapping; checked for failure below.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        return Err(BenchError::Bad("mmap failed".into()));
+    }
+    let n = IOLOOP_N.to_le_bytes();
+    let code = [
+        0x66, 0xb9, n[0], n[1], n[2], n[3], // mov $N, %ecx
+        0xe6, 0x80, // 1: out %al, $0x80
+        0x66, 0x49, // dec %ecx
+        0x75, 0xfa, // jnz 1b
+        0xf4, // hlt
+    ];
+    // SAFETY: `mem` is a writable mapping of `size` >= code.len() bytes.
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem.cast::<u8>(), code.len()) };
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0x1000,
+        memory_size: size as u64,
+        userspace_addr: mem as u64,
+        flags: 0,
+    };
+    // SAFETY: the mapping outlives the VM (never unmapped in this process).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm("memory region"))?;
+    let mut vcpu = vm.create_vcpu(0).map_err(kvm("create vCPU"))?;
+    let mut sregs = vcpu.get_sregs().map_err(kvm("get sregs"))?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).map_err(kvm("set sregs"))?;
+    let mut regs = vcpu.get_regs().map_err(kvm("get regs"))?;
+    regs.rip = 0x1000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).map_err(kvm("set regs"))?;
+    let mut exits = 0u32;
+    let t0 = Instant::now();
+    loop {
+        match vcpu.run().map_err(kvm("run"))? {
+            VcpuExit::IoOut(0x80, _) => exits += 1,
+            VcpuExit::Hlt => break,
+            other => return Err(BenchError::Bad(format!("raw loop: exit {other:?}"))),
+        }
+    }
+    let el = t0.elapsed();
+    if exits != IOLOOP_N {
+        return Err(BenchError::Bad(format!("raw loop: {exits} exits")));
+    }
+    Ok(el.as_secs_f64() * 1e9 / f64::from(exits))
+}
+
+fn host_read_mib_s(path: &Path) -> Result<f64, BenchError> {
+    let mut f = std::fs::File::open(path).map_err(io("open disk"))?;
+    let mut buf = vec![0u8; CHUNK];
+    let t0 = Instant::now();
+    let mut total = 0usize;
+    loop {
+        let n = f.read(&mut buf).map_err(io("read disk"))?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    Ok(mib(total as u64) / t0.elapsed().as_secs_f64())
+}
+
+/// virtio-blk sequential 1 MiB reads, warm page cache for both: (host, guest)
+/// MiB/s over three runs.
+fn blk_bench(s: &Setup, hz: f64) -> Result<(Stats, Stats), BenchError> {
+    let disk = s.work.join("disk.img");
+    let data: Vec<u8> = (0..DISK_SIZE).map(|i| (i / 4096) as u8).collect();
+    std::fs::write(&disk, data).map_err(io("write disk"))?;
+    host_read_mib_s(&disk)?; // warm the page cache
+    let mut host = vec![];
+    let mut guest = vec![];
+    for _ in 0..3 {
+        host.push(host_read_mib_s(&disk)?);
+        let mut c = s.our_config("blkread");
+        c.disks.push(DiskConfig {
+            id: "bench".into(),
+            path: disk.clone(),
+            read_only: true,
+            serial: None,
+            fd: None,
+        });
+        let mut p = spawn(s.ours(&c, "blk.json")?)?;
+        let out = read_until(&mut p, "bench: blkread")?;
+        drop(p);
+        let bytes = field(&out, "blkread", "bytes")?;
+        let cycles = field(&out, "blkread", "cycles")?;
+        guest.push(mib(bytes) / (cycles as f64 / hz));
+    }
+    Ok((stats(host), stats(guest)))
+}
+
+fn run() -> Result<(), BenchError> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 4 {
+        return Err(BenchError::Bad(
+            "usage: bench VMM_BIN BENCH_GUEST_ELF WORK_DIR [RUNS]".into(),
+        ));
+    }
+    let s = Setup {
+        vmm: args[1].clone().into(),
+        guest: args[2].clone().into(),
+        work: args[3].clone().into(),
+        runs: args.get(4).and_then(|r| r.parse().ok()).unwrap_or(10),
+    };
+    std::fs::create_dir_all(&s.work).map_err(io("create work dir"))?;
+    let hz = tsc_hz();
+    eprintln!("bench: TSC {:.0} MHz, {} runs each", hz / 1e6, s.runs);
+
+    // 1. Start -> first output, -> exit.
+    let (mut of, mut oe, mut qf, mut qe) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..s.runs {
+        let (f, e) = start_times(s.ours(&s.our_config(""), "hello.json")?)?;
+        of.push(ms(f));
+        oe.push(ms(e));
+        let (f, e) = start_times(s.qemu(""))?;
+        qf.push(ms(f));
+        qe.push(ms(e));
+    }
+    let (of, oe, qf, qe) = (stats(of), stats(oe), stats(qf), stats(qe));
+
+    // 2. Memory, guests idle after their first line.
+    let mut c = s.our_config("idle");
+    let sock = s.work.join("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    c.api_socket = Some(sock.clone());
+    let mut ours = spawn(s.ours(&c, "idle.json")?)?;
+    read_until(&mut ours, "bench: hello")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (our_total, our_overhead) = smaps_rss(ours.0.id())?;
+    let api_overhead = api_overhead(&sock)?;
+    drop(ours);
+    let mut q = spawn(s.qemu("idle"))?;
+    read_until(&mut q, "bench: hello")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (q_total, q_overhead) = smaps_rss(q.0.id())?;
+    drop(q);
+
+    // 3. I/O-port round trip.
+    let mut p = spawn(s.ours(&s.our_config("ioloop"), "ioloop.json")?)?;
+    let out = read_until(&mut p, "bench: ioloop")?;
+    drop(p);
+    let our_io_ns = field(&out, "ioloop", "cycles")? as f64 * 1e9 / hz / f64::from(IOLOOP_N);
+    let raw_io_ns = raw_kvm_exit_io()?;
+
+    let (host, guest) = blk_bench(&s, hz)?;
+
+    println!("| what | ours | anchor | target | ratio |");
+    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| start → first guest output, median [min-max] of {} | {} | QEMU microvm {} | ≤ 1/10 of QEMU, < 50 ms | {:.3}× QEMU |",
+        s.runs,
+        fmt_ms(&of),
+        fmt_ms(&qf),
+        of.median / qf.median
+    );
+    println!(
+        "| start → exit (guest powers off) | {} | QEMU microvm {} | - | {:.3}× QEMU |",
+        fmt_ms(&oe),
+        fmt_ms(&qe),
+        oe.median / qe.median
+    );
+    println!(
+        "| VMM memory overhead (RSS minus guest RAM) | {:.2} MiB (API: {:.2} MiB; total RSS {:.2} MiB) | QEMU RSS {:.1} MiB (minus guest RAM {:.1} MiB) | ≤ 5 MiB | {:.3}× QEMU |",
+        mib(our_overhead),
+        mib(api_overhead),
+        mib(our_total),
+        mib(q_total),
+        mib(q_overhead),
+        mib(our_overhead) / mib(q_overhead)
+    );
+    println!(
+        "| I/O-port round trip (out 0x80, {IOLOOP_N} times) | {:.2} µs | raw KVM_EXIT_IO {:.2} µs | ≤ 1.5× raw | {:.2}× raw |",
+        our_io_ns / 1e3,
+        raw_io_ns / 1e3,
+        our_io_ns / raw_io_ns
+    );
+    println!(
+        "| virtio-blk 1 MiB sequential reads (64 MiB, warm page cache), median [min-max] of 3 | {:.0} MiB/s [{:.0}-{:.0}] | host read(2) {:.0} MiB/s [{:.0}-{:.0}] | ≥ 50 % of host | {:.1} % of host |",
+        guest.median, guest.min, guest.max, host.median, host.min, host.max,
+        guest.median / host.median * 100.0
+    );
+    Ok(())
+}
+
+/// `vmm_overhead_rss_bytes` from the VMM's own stats API.
+fn api_overhead(sock: &Path) -> Result<u64, BenchError> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(io("connect API"))?;
+    s.write_all(b"GET /vm/stats HTTP/1.1\r\nHost: vmm\r\nContent-Length: 0\r\n\r\n")
+        .map_err(io("API request"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(io("API response"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or_else(|| BenchError::Bad(format!("bad API response {resp}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| BenchError::Bad(e.to_string()))?;
+    v["vmm_overhead_rss_bytes"]
+        .as_u64()
+        .ok_or_else(|| BenchError::Bad(format!("no vmm_overhead_rss_bytes in {body}")))
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench: {e}");
+        std::process::exit(1);
+    }
+}
