@@ -496,7 +496,10 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
     });
 
     for w in works {
-        if let Err(e) = execute(ctx, &vm_api, w, now).await {
+        // Writes go to the VM's own namespace (a cluster-wide Api has no
+        // namespace in its URLs and cannot patch namespaced objects).
+        let vm_ns_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &w.namespace, &ar);
+        if let Err(e) = execute(ctx, &vm_ns_api, w, now).await {
             if matches!(e, ReconcileError::NotLeader) {
                 return Err(e);
             }
