@@ -1,5 +1,5 @@
 # kubevmm — the commands users and CI rely on (DESIGN.md, "Commands").
-#   make demo          build, boot the demo guest standalone (then through the cluster, once the operator lands)
+#   make demo          build, boot the demo guest standalone, then through the local cluster
 #   make test          every test, installing what it needs (what .ci/run calls)
 #   make cluster-up    local control plane (etcd, kube-apiserver, kube-controller-manager, CRDs)
 #   make cluster-down  stop it, free its ports
@@ -17,7 +17,7 @@ RELEASE_BIN := $(TARGET_DIR)/release
 all: build
 
 build:
-	$(CARGO) build --release -p node-vmm -p kubevmm-vmm
+	$(CARGO) build --release -p node-vmm -p kubevmm-vmm -p kubevmm-operator
 
 ## Debian packages, Go-built control plane, Linux guest fixtures (cached under ~/.cache/kubevmm).
 deps:
@@ -43,7 +43,9 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	shellcheck hack/*.sh .ci/run
 
+## The end-to-end tests run the workspace's binaries: build them first.
 test-rust:
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 ## The README's test command.
@@ -52,10 +54,7 @@ test: deps guests lint test-rust
 doctor: build
 	$(RELEASE_BIN)/node-vmm doctor
 
-demo: build guests demo-standalone
-	@echo
-	@echo "demo: the cluster half (kubectl apply -> a running guest) arrives with the operator;"
-	@echo "      'make cluster-up' already starts the control plane with the CRDs."
+demo: build guests demo-standalone demo-cluster
 
 DEMO_DISK := /var/lib/kubevmm/disks/demo.img
 demo-standalone: build guests
@@ -67,14 +66,16 @@ demo-standalone: build guests
 	@echo "demo: booting examples/demo-standalone.yaml (node-vmm run): console below"
 	$(RELEASE_BIN)/node-vmm run examples/demo-standalone.yaml
 
-demo-cluster:
-	@echo "demo-cluster: not available yet: the operator and node agent are still to come" >&2
-	@exit 2
+## kubectl apply -> the operator places it -> node-vmm boots it; console, then a graceful delete.
+demo-cluster: build guests cluster-up
+	hack/demo-cluster.sh
 
-cluster-up:
+cluster-up: build
 	hack/cluster.sh up
+	hack/kubevmm-local.sh up
 
 cluster-down:
+	hack/kubevmm-local.sh down
 	hack/cluster.sh down
 
 bench: build guests
