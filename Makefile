@@ -80,6 +80,8 @@ cluster-down:
 
 bench: build guests
 	hack/bench-vmm.sh
+	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster -p node-vmm -p kubevmm-operator -p kubevmm-vmm
+	$(RELEASE_BIN)/bench-cluster
 
 clean:
 	$(CARGO) clean

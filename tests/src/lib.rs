@@ -241,10 +241,13 @@ pub fn run_with_input(cmd: &mut Command, input: &str) -> Outcome {
 /// works too. `make test` builds every binary before running tests.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in <target>/<profile>/deps");
+    // Tests live in <target>/<profile>/deps, binaries in <target>/<profile>.
+    let parent = exe.parent().expect("executable has a directory");
+    let dir = if parent.ends_with("deps") {
+        parent.parent().expect("deps has a parent")
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),

@@ -1,0 +1,168 @@
+//! `make bench` (cluster part): `kubectl apply` → phase Running latency for
+//! single VMs and for 20 applied at once, and the memory of the agent and
+//! the operator with 20 guests, on a private control plane with the real
+//! `kubevmm-operator` and `node-vmm agent` booting the `idle` test guest.
+//! Prints our figures beside KubeVirt's published ones (DESIGN.md).
+
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DeleteParams, PostParams};
+use kubevmm_crds::VirtualMachine;
+use kubevmm_e2e::{bin_path, build_guests, free_port, ControlPlane, Daemon};
+
+const SINGLE_RUNS: usize = 10;
+const BURST: usize = 20;
+
+fn manifest(name: &str, kernel: &std::path::Path) -> VirtualMachine {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "kubevmm.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {
+            "memory": "64Mi",
+            "terminationGracePeriodSeconds": 5,
+            "boot": {"kernel": {"path": kernel}},
+        }
+    }))
+    .expect("manifest")
+}
+
+async fn until_running(api: &Api<VirtualMachine>, name: &str, start: Instant) -> Duration {
+    loop {
+        if let Ok(vm) = api.get(name).await {
+            if vm.status.and_then(|s| s.phase) == Some(kubevmm_crds::VmPhase::Running) {
+                return start.elapsed();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{name} not Running after 120 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn until_gone(api: &Api<VirtualMachine>, name: &str) {
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    let start = Instant::now();
+    while api.get_opt(name).await.ok().flatten().is_some() {
+        assert!(start.elapsed() < Duration::from_secs(60), "{name} not deleted after 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(str::to_string))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cp = ControlPlane::shared();
+    let guests = build_guests();
+    let kernel = guests.join("idle.elf");
+    let ns = cp.namespace("bench");
+    let state = std::env::temp_dir().join(format!("kubevmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&state).expect("state dir");
+    let node = format!("bench-{}", std::process::id());
+    let mut agent_cmd = std::process::Command::new(bin_path("node-vmm"));
+    agent_cmd
+        .env("KUBECONFIG", cp.kubeconfig())
+        .args(["agent", "--node-name", &node, "--reserved-cpus", "0", "--state-dir"])
+        .arg(&state)
+        .arg("--allowed-dir")
+        .arg(&guests)
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+    let mut agent = Daemon::start(agent_cmd, state.join("agent.log"));
+    let mut op_cmd = std::process::Command::new(bin_path("kubevmm-operator"));
+    op_cmd
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .args(["--namespace", &ns, "--cpu-overcommit", "20", "--leader-lease", &format!("op-{node}")])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+    let mut operator = Daemon::start(op_cmd, state.join("operator.log"));
+    let client = cp.client().await.expect("client");
+    let api: Api<VirtualMachine> = Api::namespaced(client, &ns);
+    // Wait for the node to be registered and the operator to lead.
+    let warm = manifest("warmup", &kernel);
+    let t = Instant::now();
+    api.create(&PostParams::default(), &warm).await.expect("create");
+    until_running(&api, "warmup", t).await;
+    until_gone(&api, "warmup").await;
+
+    let mut single = Vec::new();
+    for i in 0..SINGLE_RUNS {
+        let name = format!("single-{i}");
+        let vm = manifest(&name, &kernel);
+        let start = Instant::now();
+        api.create(&PostParams::default(), &vm).await.expect("create");
+        single.push(until_running(&api, &name, start).await);
+        until_gone(&api, &name).await;
+    }
+    single.sort();
+
+    let start = Instant::now();
+    let mut burst = Vec::new();
+    for i in 0..BURST {
+        let name = format!("burst-{i}");
+        api.create(&PostParams::default(), &manifest(&name, &kernel)).await.expect("create");
+    }
+    for i in 0..BURST {
+        burst.push(until_running(&api, &format!("burst-{i}"), start).await);
+    }
+    burst.sort();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let agent_rss = rss_kib(agent.pid());
+    let operator_rss = rss_kib(operator.pid());
+    let mut vmm_rss = 0;
+    let mut vmms = 0;
+    for d in std::fs::read_dir(state.join("vms")).into_iter().flatten().flatten() {
+        if let Some(pid) = std::fs::read(d.path().join("vmm.pid"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["pid"].as_i64())
+        {
+            vmm_rss += rss_kib(pid as i32);
+            vmms += 1;
+        }
+    }
+    for i in 0..BURST {
+        until_gone(&api, &format!("burst-{i}")).await;
+    }
+    agent.kill();
+    operator.kill();
+    let _ = std::fs::remove_dir_all(&state);
+
+    println!("kubevmm cluster benchmarks (idle guest, 64 MiB, 1 vCPU; 2-core node, software KVM)");
+    println!("{:<44} {:>28} {:>22} {:>14}", "what", "kubevmm", "anchor", "target");
+    println!(
+        "{:<44} {:>28} {:>22} {:>14}",
+        format!("apply -> Running, {SINGLE_RUNS} single VMs p50/p95"),
+        format!("{} / {} (min {})", ms(pct(&single, 0.5)), ms(pct(&single, 0.95)), ms(single[0])),
+        "KubeVirt p50 15-25 s",
+        "p50 <= 1 s"
+    );
+    println!(
+        "{:<44} {:>28} {:>22} {:>14}",
+        format!("{BURST} VMs at once -> all Running p50/p95/max"),
+        format!("{} / {} / {}", ms(pct(&burst, 0.5)), ms(pct(&burst, 0.95)), ms(burst[BURST - 1])),
+        "KubeVirt 100 VMIs 20-40 s",
+        "p95 <= 5 s"
+    );
+    println!("{:<44} {:>28} {:>22} {:>14}", format!("node-vmm agent RSS with {BURST} guests"), format!("{:.1} MiB", agent_rss as f64 / 1024.0), "-", "-");
+    println!("{:<44} {:>28} {:>22} {:>14}", "operator RSS", format!("{:.1} MiB", operator_rss as f64 / 1024.0), "-", "-");
+    if vmms > 0 {
+        println!("{:<44} {:>28} {:>22} {:>14}", "VMM RSS per guest (incl. touched guest RAM)", format!("{:.1} MiB", vmm_rss as f64 / 1024.0 / vmms as f64), "-", "-");
+    }
+}
