@@ -286,6 +286,36 @@ pub enum VmPhase {
     Failed,
 }
 
+impl VmPhase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [VmPhase; 9] = [
+        Self::Pending,
+        Self::Scheduled,
+        Self::Starting,
+        Self::Running,
+        Self::Paused,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Succeeded,
+        Self::Failed,
+    ];
+
+    /// The phase as written in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Scheduled => "Scheduled",
+            Self::Starting => "Starting",
+            Self::Running => "Running",
+            Self::Paused => "Paused",
+            Self::Stopping => "Stopping",
+            Self::Stopped => "Stopped",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
 /// A guest network interface as observed.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -649,7 +649,7 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
             }
         } else if scheduling::is_terminal(phase) && !scheduling::wants_to_run(strategy, phase) {
             w.bind = None;
-            let p = phase.map_or("unknown", phase_name);
+            let p = phase.map_or("unknown", VmPhase::as_str);
             w.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
@@ -711,7 +711,7 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
                     "Finished",
                     format!(
                         "phase {}, runStrategy {strategy:?}: not placed again",
-                        phase.map_or("unknown", phase_name)
+                        phase.map_or("unknown", VmPhase::as_str)
                     ),
                 ),
             );
@@ -798,20 +798,6 @@ fn fmt_time(t: Timestamp) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
-fn phase_name(p: VmPhase) -> &'static str {
-    match p {
-        VmPhase::Pending => "Pending",
-        VmPhase::Scheduled => "Scheduled",
-        VmPhase::Starting => "Starting",
-        VmPhase::Running => "Running",
-        VmPhase::Paused => "Paused",
-        VmPhase::Stopping => "Stopping",
-        VmPhase::Stopped => "Stopped",
-        VmPhase::Succeeded => "Succeeded",
-        VmPhase::Failed => "Failed",
-    }
-}
-
 /// The VM's demand, or why it cannot be read.
 fn request_of(vm: &VirtualMachine) -> Result<Request, String> {
     let memory = parse_bytes(&vm.spec.memory.0).map_err(|e| format!("spec.memory: {e}"))?;
@@ -840,7 +826,7 @@ fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
         None => None,
     };
     if let Some(p) = phase {
-        status.insert("phase".into(), json!(phase_name(p)));
+        status.insert("phase".into(), json!(p.as_str()));
     }
     match w.restart_count {
         Some(r) => {

@@ -4,22 +4,11 @@
  * power button is pressed (PM1_STS is checked at every wake-up). */
 #include "guest.h"
 #include "apic.h"
+#include "idt.h"
 
 #define VEC_TICK 0x40
 #define PWRBTN (1u << 8)
 
-struct idt_entry {
-	u16 off0;
-	u16 sel;
-	u8 ist;
-	u8 attr;
-	u16 off1;
-	u32 off2;
-	u32 zero;
-};
-struct interrupt_frame;
-
-static struct idt_entry idt[256] __attribute__((aligned(16)));
 static volatile u64 ticks;
 
 __attribute__((interrupt)) static void on_tick(struct interrupt_frame *f)
@@ -40,31 +29,13 @@ __attribute__((interrupt)) static void on_other(struct interrupt_frame *f)
 	fail("unexpected exception or interrupt vector");
 }
 
-static void set_gate(int v, void (*h)(struct interrupt_frame *))
-{
-	u64 a = (u64)h;
-	idt[v].off0 = (u16)a;
-	idt[v].sel = 0x08;
-	idt[v].ist = 0;
-	idt[v].attr = 0x8e;
-	idt[v].off1 = (u16)(a >> 16);
-	idt[v].off2 = (u32)(a >> 32);
-	idt[v].zero = 0;
-}
-
 void guest_main(struct hvm_start_info *si)
 {
-	struct { u16 limit; u64 base; } __attribute__((packed)) idtr;
 	u64 seen = 0;
-	int i;
 	(void)si;
-	for (i = 0; i < 256; i++)
-		set_gate(i, on_other);
+	idt_load(on_other);
 	set_gate(VEC_TICK, on_tick);
 	set_gate(0xff, on_spurious);
-	idtr.limit = sizeof(idt) - 1;
-	idtr.base = (u64)idt;
-	__asm__ volatile("lidt %0" : : "m"(idtr));
 	/* Mask the 8259s: only the local APIC timer wakes us. */
 	outb(0x21, 0xff);
 	outb(0xa1, 0xff);

@@ -5,23 +5,12 @@
  * override (IRQ0 -> GSI 2) promises (vector 0x41). Reports both counts. */
 #include "guest.h"
 #include "apic.h"
+#include "idt.h"
 
 #define TICKS 20
 #define VEC_LAPIC 0x40
 #define VEC_PIT 0x41
 
-struct idt_entry {
-	u16 off0;
-	u16 sel;
-	u8 ist;
-	u8 attr;
-	u16 off1;
-	u32 off2;
-	u32 zero;
-};
-struct interrupt_frame;
-
-static struct idt_entry idt[256] __attribute__((aligned(16)));
 static volatile u64 lapic_ticks, pit_ticks, spurious;
 
 __attribute__((interrupt)) static void on_lapic(struct interrupt_frame *f)
@@ -50,18 +39,6 @@ __attribute__((interrupt)) static void on_other(struct interrupt_frame *f)
 	fail("unexpected exception or interrupt vector");
 }
 
-static void set_gate(int v, void (*h)(struct interrupt_frame *))
-{
-	u64 a = (u64)h;
-	idt[v].off0 = (u16)a;
-	idt[v].sel = 0x08;
-	idt[v].ist = 0;
-	idt[v].attr = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
-	idt[v].off1 = (u16)(a >> 16);
-	idt[v].off2 = (u32)(a >> 32);
-	idt[v].zero = 0;
-}
-
 static void pic_mask_all(void)
 {
 	/* ICW1-4 with vectors 0x20/0x28, then mask every line. */
@@ -74,18 +51,12 @@ static void pic_mask_all(void)
 
 void guest_main(struct hvm_start_info *si)
 {
-	struct { u16 limit; u64 base; } __attribute__((packed)) idtr;
 	u64 t0, t1;
-	int i;
 	(void)si;
-	for (i = 0; i < 256; i++)
-		set_gate(i, on_other);
+	idt_load(on_other);
 	set_gate(VEC_LAPIC, on_lapic);
 	set_gate(VEC_PIT, on_pit);
 	set_gate(0xff, on_spurious);
-	idtr.limit = sizeof(idt) - 1;
-	idtr.base = (u64)idt;
-	__asm__ volatile("lidt %0" : : "m"(idtr));
 	pic_mask_all();
 
 	lapic_write(LAPIC_SVR, 0x100 | 0xff); /* software-enable, spurious 0xff */

@@ -188,17 +188,7 @@ impl Metrics {
 
     /// Sets the per-phase VM gauge.
     pub fn set_phases(&self, counts: &HashMap<&'static str, i64>) {
-        for phase in [
-            "Pending",
-            "Scheduled",
-            "Starting",
-            "Running",
-            "Paused",
-            "Stopping",
-            "Stopped",
-            "Succeeded",
-            "Failed",
-        ] {
+        for phase in kubevmm_crds::VmPhase::ALL.map(kubevmm_crds::VmPhase::as_str) {
             self.vms
                 .with_label_values(&[phase])
                 .set(counts.get(phase).copied().unwrap_or(0));

@@ -733,13 +733,13 @@ async fn write_status(
             .creation_timestamp
             .as_ref()
             .map_or(0.0, |t| Timestamp::now().duration_since(t.0).as_secs_f64());
-        let name = format!("{phase:?}");
-        ctx.metrics.transition(&name, created);
+        let name = phase.as_str();
+        ctx.metrics.transition(name, created);
         event(
             ctx,
             vm,
             phase == VmPhase::Failed,
-            &name,
+            name,
             format!("phase {name} on node {}", ctx.cfg.node_name),
         )
         .await;
@@ -785,23 +785,9 @@ pub async fn collect_orphans(ctx: Arc<Ctx>, store: Store<VirtualMachine>) {
         let mut counts: HashMap<&'static str, i64> = HashMap::new();
         for vm in store.state() {
             if let Some(p) = vm.status.as_ref().and_then(|s| s.phase) {
-                *counts.entry(phase_name(p)).or_default() += 1;
+                *counts.entry(p.as_str()).or_default() += 1;
             }
         }
         ctx.metrics.set_phases(&counts);
-    }
-}
-
-fn phase_name(p: VmPhase) -> &'static str {
-    match p {
-        VmPhase::Pending => "Pending",
-        VmPhase::Scheduled => "Scheduled",
-        VmPhase::Starting => "Starting",
-        VmPhase::Running => "Running",
-        VmPhase::Paused => "Paused",
-        VmPhase::Stopping => "Stopping",
-        VmPhase::Stopped => "Stopped",
-        VmPhase::Succeeded => "Succeeded",
-        VmPhase::Failed => "Failed",
     }
 }
