@@ -230,7 +230,7 @@ async fn main() {
         println!(
             "{:<44} {:>28} {:>22} {:>14}",
             "VMM RSS per guest (incl. touched guest RAM)",
-            format!("{:.1} MiB", vmm_rss as f64 / 1024.0 / vmms as f64),
+            format!("{:.1} MiB", vmm_rss as f64 / 1024.0 / f64::from(vmms)),
             "-",
             "-"
         );
