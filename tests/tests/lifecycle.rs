@@ -246,6 +246,16 @@ impl Env {
     }
 }
 
+fn cgroup2_root() -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+}
+
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rfind(')').is_some_and(|i| !s[i + 2..].starts_with('Z')))
@@ -270,6 +280,18 @@ impl Drop for Env {
                     // SAFETY: kill(2) of a VMM this test's agent started.
                     unsafe {
                         libc::kill(pid as i32, libc::SIGKILL);
+                    }
+                }
+                if let Some(root) = cgroup2_root() {
+                    // Empty once its processes are gone; retried briefly.
+                    let cg = root
+                        .join("kubevmm")
+                        .join(format!("vm-{}", d.file_name().to_string_lossy()));
+                    for _ in 0..20 {
+                        if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(50));
                     }
                 }
             }
@@ -494,6 +516,18 @@ fn guests_survive_a_killed_agent_and_are_readopted() {
         .and_then(|p| p.parse().ok())
         .expect("ppid");
     assert_ne!(ppid, agent_pid, "the VMM is not the agent's child");
+    let cgroup2 = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let vmm_cgroup = cgroup2(pid);
+    assert!(
+        vmm_cgroup.contains(&format!("kubevmm/vm-{uid}")) && vmm_cgroup != cgroup2(agent_pid),
+        "the VMM sits in its own cgroup, outside the agent's: {vmm_cgroup:?}"
+    );
     env.agent.kill();
     let before = env.console(&uid).len();
     wait_for(
