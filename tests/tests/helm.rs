@@ -1,0 +1,665 @@
+//! The Helm chart (`charts/kubevmm`) against a private control plane:
+//! lint, server-side dry-run of the rendered manifests for several value
+//! sets, install → upgrade → uninstall, what each service account may do
+//! (`kubectl auth can-i`), and the node-restriction admission policy with
+//! real Pod-bound service-account tokens.
+//!
+//! `helm` is built from the Go module proxy by `hack/helm-build.sh`
+//! (`hack/install-deps.sh` runs it) into `~/.cache/kubevmm/helm-<version>/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use kubevmm_e2e::{repo_root, run_with_input, wait_for, ControlPlane, Outcome};
+use serde_json::Value;
+
+/// Installs share cluster-scoped objects (the Lease namespace, Nodes): one
+/// at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A pinned version from `hack/helm-build.sh` (`NAME=v...`).
+fn pinned(var: &str) -> String {
+    let script = repo_root().join("hack/helm-build.sh");
+    let text = std::fs::read_to_string(&script).expect("read hack/helm-build.sh");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{var}=")))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {var}= in {}", script.display()))
+        .to_string()
+}
+
+/// A tool built by `hack/helm-build.sh`; fails (never skips) when missing.
+fn cached_tool(name: &str, var: &str) -> PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME");
+    let path = Path::new(&home)
+        .join(".cache/kubevmm")
+        .join(format!("{name}-{}", pinned(var)))
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run hack/helm-build.sh (hack/install-deps.sh and make test do)",
+        path.display()
+    );
+    path
+}
+
+fn chart() -> PathBuf {
+    repo_root().join("charts/kubevmm")
+}
+
+/// `helm` bound to the control plane, with private config/cache dirs.
+fn helm(cp: &ControlPlane) -> Command {
+    let mut c = Command::new(cached_tool("helm", "HELM_VERSION"));
+    let home = cp.dir().join("helm");
+    c.env("KUBECONFIG", cp.kubeconfig())
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    c
+}
+
+fn outcome(cmd: &mut Command) -> Outcome {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    Outcome {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let desc = format!("{cmd:?}");
+    let o = outcome(cmd);
+    assert!(
+        o.success,
+        "{desc} failed:\n{}\n{}",
+        o.stderr,
+        tail(&o.stdout)
+    );
+    o.stdout
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// The Lease namespace the binaries use; install releases expect it.
+fn ensure_lease_namespace(cp: &ControlPlane) {
+    let o = outcome(cp.kubectl().args(["create", "namespace", "kubevmm-system"]));
+    assert!(
+        o.success || o.stderr.contains("AlreadyExists"),
+        "create namespace kubevmm-system: {}",
+        o.stderr
+    );
+}
+
+fn get_json(cp: &ControlPlane, args: &[&str]) -> Option<Value> {
+    let o = outcome(cp.kubectl().args(args).args(["-o", "json"]));
+    o.success
+        .then(|| serde_json::from_str(&o.stdout).expect("kubectl printed JSON"))
+}
+
+#[test]
+fn chart_crds_are_the_repository_crds() {
+    let repo = repo_root().join("crds");
+    let names = |dir: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| Path::new(n).extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        v.sort();
+        v
+    };
+    let ours = chart().join("crds");
+    assert_eq!(
+        names(&repo),
+        names(&ours),
+        "charts/kubevmm/crds must hold exactly crds/*.yaml (cp crds/*.yaml charts/kubevmm/crds/)"
+    );
+    for n in names(&repo) {
+        let a = std::fs::read(repo.join(&n)).expect("read crd");
+        let b = std::fs::read(ours.join(&n)).expect("read chart crd");
+        assert!(
+            a == b,
+            "charts/kubevmm/crds/{n} differs from crds/{n}: cp crds/*.yaml charts/kubevmm/crds/"
+        );
+    }
+}
+
+#[test]
+fn helm_lint_passes_for_default_and_other_values() {
+    let cp = ControlPlane::shared();
+    ok(helm(cp).arg("lint").arg("--strict").arg(chart()));
+    ok(helm(cp).arg("lint").arg("--strict").arg(chart()).args([
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,grafanaDashboard.enabled=true,createNamespace=true,nodeRestriction.enabled=false",
+    ]));
+    // The schema refuses what the templates cannot use.
+    let bad = outcome(
+        helm(cp)
+            .arg("lint")
+            .arg(chart())
+            .args(["--set", "operator.image.pullPolicy=Sometimes"]),
+    );
+    assert!(
+        !bad.success,
+        "a bad pullPolicy passed lint:\n{}",
+        bad.stdout
+    );
+    assert!(
+        (bad.stdout + &bad.stderr).contains("pullPolicy"),
+        "the schema error names the field"
+    );
+}
+
+/// Minimal stand-ins for prometheus-operator's CRDs (the real ones are
+/// not vendored): enough for the API server to accept the objects.
+const MONITORING_CRDS: &str = r"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: ServiceMonitor, plural: servicemonitors, singular: servicemonitor, listKind: ServiceMonitorList}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: prometheusrules.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: PrometheusRule, plural: prometheusrules, singular: prometheusrule, listKind: PrometheusRuleList}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+";
+
+fn install_monitoring_crds(cp: &ControlPlane) {
+    let o = run_with_input(cp.kubectl().args(["apply", "-f", "-"]), MONITORING_CRDS);
+    assert!(o.success, "monitoring CRDs: {}", o.stderr);
+    for crd in [
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+    ] {
+        ok(cp.kubectl().args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{crd}"),
+        ]));
+    }
+}
+
+/// Renders the chart and has the API server validate every object.
+fn template_and_dry_run(cp: &ControlPlane, ns: &str, extra: &[&str]) -> String {
+    let rendered = ok(helm(cp)
+        // Without a cluster helm assumes Kubernetes 1.20; the chart needs 1.30+.
+        .args(["template", "rel", "--namespace", ns, "--include-crds"])
+        .args(["--kube-version", "1.33.13"])
+        .arg(chart())
+        .args(extra));
+    let o = run_with_input(
+        // Every namespaced object names its namespace (the Roles live in
+        // kubevmm-system), so no -n here.
+        cp.kubectl().args(["apply", "--dry-run=server", "-f", "-"]),
+        &rendered,
+    );
+    assert!(
+        o.success,
+        "the API server refused the rendered chart ({extra:?}):\n{}\n{}",
+        o.stderr, o.stdout
+    );
+    rendered
+}
+
+#[test]
+fn rendered_chart_is_accepted_by_the_api_server() {
+    let cp = ControlPlane::shared();
+    let _serial = serial();
+    ensure_lease_namespace(cp);
+    let ns = cp.namespace("tmpl");
+
+    let default = template_and_dry_run(cp, &ns, &[]);
+    for kind in [
+        "kind: Deployment",
+        "kind: DaemonSet",
+        "kind: ValidatingAdmissionPolicy\n",
+        "kind: ValidatingAdmissionPolicyBinding",
+        "kind: CustomResourceDefinition",
+    ] {
+        assert!(default.contains(kind), "default render lacks {kind}");
+    }
+    assert!(!default.contains("kind: ServiceMonitor"));
+    assert!(!default.contains("kind: Namespace\n"));
+
+    // Asked for, but the monitoring API is not served: left out, not broken.
+    let monitoring = [
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+    ];
+    let without = template_and_dry_run(cp, &ns, &monitoring);
+    assert!(!without.contains("kind: ServiceMonitor"));
+    assert!(!without.contains("kind: PrometheusRule"));
+
+    install_monitoring_crds(cp);
+    let mut args = monitoring.to_vec();
+    args.extend([
+        "--api-versions",
+        "monitoring.coreos.com/v1/ServiceMonitor",
+        "--api-versions",
+        "monitoring.coreos.com/v1/PrometheusRule",
+        "--set",
+        "grafanaDashboard.enabled=true,createNamespace=true,operator.replicas=3,nodeVmm.hostPID=false",
+        "--set",
+        "operator.image.tag=test,nodeVmm.image.pullPolicy=Always,nodeRestriction.enabled=false",
+    ]);
+    let full = template_and_dry_run(cp, &ns, &args);
+    for want in [
+        "kind: ServiceMonitor",
+        "kind: PrometheusRule",
+        "kubevmm.json",
+        "kind: Namespace",
+        "replicas: 3",
+        "ghcr.io/kubevmm/operator:test",
+        "imagePullPolicy: Always",
+        "hostPID: false",
+    ] {
+        assert!(full.contains(want), "non-default render lacks {want:?}");
+    }
+    assert!(!full.contains("kind: ValidatingAdmissionPolicy"));
+}
+
+fn pods_of(cp: &ControlPlane, ns: &str, selector: &str) -> usize {
+    get_json(cp, &["get", "pods", "-n", ns, "-l", selector])
+        .and_then(|v| v["items"].as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+#[test]
+fn install_upgrade_uninstall() {
+    let cp = ControlPlane::shared();
+    let _serial = serial();
+    ensure_lease_namespace(cp);
+    let ns = cp.namespace("inst");
+    let op_sel = "app.kubernetes.io/name=kubevmm-operator,app.kubernetes.io/instance=life";
+    ok(helm(cp).args(["install", "life", "-n", &ns]).arg(chart()));
+    let dep = get_json(cp, &["get", "deployment", "-n", &ns, "life-operator"])
+        .expect("the operator Deployment exists");
+    assert_eq!(dep["spec"]["replicas"], 2);
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+    let ds = get_json(cp, &["get", "daemonset", "-n", &ns, "life-node-vmm"])
+        .expect("the node-vmm DaemonSet exists");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["nodeSelector"]["kubevmm.io/hypervisor"],
+        "true"
+    );
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        1
+    );
+    // kube-controller-manager creates the ReplicaSet and its Pods (they
+    // never run: there is no kubelet).
+    wait_for(
+        60,
+        "the operator's ReplicaSet and 2 Pods",
+        || {
+            let rs = get_json(cp, &["get", "replicasets", "-n", &ns, "-l", op_sel])?;
+            (rs["items"].as_array()?.len() == 1 && pods_of(cp, &ns, op_sel) == 2).then_some(())
+        },
+        || outcome(cp.kubectl().args(["get", "rs,pods,events", "-n", &ns])).stdout,
+    );
+
+    ok(helm(cp)
+        .args(["upgrade", "life", "-n", &ns])
+        .arg(chart())
+        .args(["--set", "operator.replicas=3"]));
+    wait_for(
+        60,
+        "3 operator Pods after the upgrade",
+        || (pods_of(cp, &ns, op_sel) == 3).then_some(()),
+        || outcome(cp.kubectl().args(["get", "rs,pods", "-n", &ns])).stdout,
+    );
+    let history = ok(helm(cp).args(["history", "life", "-n", &ns]));
+    assert!(history.contains("deployed") && history.contains("superseded"));
+
+    ok(helm(cp).args(["uninstall", "life", "-n", &ns, "--wait"]));
+    for (kind, name, namespaced) in [
+        ("deployment", "life-operator", true),
+        ("daemonset", "life-node-vmm", true),
+        ("clusterrole", "life-kubevmm-operator", false),
+        (
+            "validatingadmissionpolicy",
+            "life-kubevmm-node-restriction",
+            false,
+        ),
+    ] {
+        let mut args = vec!["get", kind, name];
+        if namespaced {
+            args.extend(["-n", &ns]);
+        }
+        assert!(get_json(cp, &args).is_none(), "{kind} {name} left behind");
+    }
+    // The Lease namespace stays: it holds the heartbeats.
+    assert!(get_json(cp, &["get", "namespace", "kubevmm-system"]).is_some());
+}
+
+/// `kubectl auth can-i VERB RESOURCE [extra] --as SA` → allowed?
+fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
+    let o = outcome(
+        cp.kubectl()
+            .args(["auth", "can-i"])
+            .args(args)
+            .arg(format!("--as={sa}")),
+    );
+    match o.stdout.trim() {
+        "yes" => true,
+        "no" => false,
+        other => panic!("kubectl auth can-i {args:?}: {other} {}", o.stderr),
+    }
+}
+
+/// `who | kubectl auth can-i arguments | yes/no`: what the binaries need
+/// (templates/rbac.yaml says why) and a sample of what they must not do.
+const RBAC_CASES: &str = "
+    op    | list virtualmachines.kubevmm.io -A                         | yes
+    op    | watch virtualmachines.kubevmm.io -A                        | yes
+    op    | patch virtualmachines.kubevmm.io -n default                | yes
+    op    | patch virtualmachines.kubevmm.io --subresource=status -n x | yes
+    op    | delete virtualmachines.kubevmm.io -n default               | no
+    op    | create virtualmachines.kubevmm.io -n default               | no
+    op    | list hypervisornodes.kubevmm.io                            | yes
+    op    | watch hypervisornodes.kubevmm.io                           | yes
+    op    | patch hypervisornodes.kubevmm.io                           | no
+    op    | patch hypervisornodes.kubevmm.io --subresource=status      | no
+    op    | update leases.coordination.k8s.io -n kubevmm-system        | yes
+    op    | create leases.coordination.k8s.io -n kubevmm-system        | yes
+    op    | watch leases.coordination.k8s.io -n kubevmm-system         | yes
+    op    | update leases.coordination.k8s.io -n default               | no
+    op    | create events.events.k8s.io -n default                     | yes
+    op    | create namespaces                                          | no
+    op    | get secrets -n kubevmm-system                              | no
+    op    | get nodes                                                  | no
+    agent | watch virtualmachines.kubevmm.io -A                        | yes
+    agent | patch virtualmachines.kubevmm.io -n default                | yes
+    agent | patch virtualmachines.kubevmm.io --subresource=status -n x | yes
+    agent | create virtualmachines.kubevmm.io -n default               | no
+    agent | delete virtualmachines.kubevmm.io -n default               | no
+    agent | create hypervisornodes.kubevmm.io                          | yes
+    agent | patch hypervisornodes.kubevmm.io                           | yes
+    agent | patch hypervisornodes.kubevmm.io --subresource=status      | yes
+    agent | delete hypervisornodes.kubevmm.io                          | no
+    agent | list hypervisornodes.kubevmm.io                            | no
+    agent | get nodes                                                  | yes
+    agent | list nodes                                                 | no
+    agent | patch nodes                                                | no
+    agent | patch leases.coordination.k8s.io -n kubevmm-system         | yes
+    agent | patch leases.coordination.k8s.io -n default                | no
+    agent | delete leases.coordination.k8s.io -n kubevmm-system        | no
+    agent | create events.events.k8s.io -n default                     | yes
+    agent | get secrets -n kubevmm-system                              | no
+    agent | create pods -n default                                     | no
+";
+
+#[test]
+fn service_accounts_may_do_what_the_binaries_need_and_no_more() {
+    let cp = ControlPlane::shared();
+    let _serial = serial();
+    ensure_lease_namespace(cp);
+    let ns = cp.namespace("rbac");
+    ok(helm(cp).args(["install", "perm", "-n", &ns]).arg(chart()));
+    let op = format!("system:serviceaccount:{ns}:perm-operator");
+    let agent = format!("system:serviceaccount:{ns}:perm-node-vmm");
+    let wrong: Vec<String> = RBAC_CASES
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let mut f = l.split('|').map(str::trim);
+            let (who, args, want) = (f.next()?, f.next()?, f.next()? == "yes");
+            let sa = if who == "op" { &op } else { &agent };
+            let args: Vec<&str> = args.split_whitespace().collect();
+            (can_i(cp, sa, &args) != want).then(|| format!("{who} {args:?}: expected {want}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
+    ok(helm(cp).args(["uninstall", "perm", "-n", &ns]));
+}
+
+/// A kubeconfig for this control plane that authenticates with `token`.
+fn token_kubeconfig(cp: &ControlPlane, name: &str, token: &str) -> PathBuf {
+    let server = ok(cp.kubectl().args([
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ]));
+    let ca = ok(cp.kubectl().args([
+        "config",
+        "view",
+        "--minify",
+        "--raw",
+        "-o",
+        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+    ]));
+    let path = cp.dir().join(format!("{name}.kubeconfig"));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\n\
+         users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n"
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+fn as_token(kubeconfig: &Path) -> Command {
+    let mut c = Command::new("kubectl");
+    c.env("KUBECONFIG", kubeconfig);
+    c
+}
+
+fn vm_manifest(name: &str, node: &str) -> String {
+    format!(
+        "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\n  labels: {{kubevmm.io/node: {node}}}\n\
+         spec:\n  cpus: 1\n  memory: 64Mi\n  boot:\n    kernel: {{path: /var/lib/kubevmm/boot/k}}\n"
+    )
+}
+
+fn status_patch(kubeconfig: &Path, ns: &str, vm: &str) -> Outcome {
+    outcome(as_token(kubeconfig).args([
+        "patch",
+        "vm",
+        vm,
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running"}}"#,
+    ]))
+}
+
+fn apply_as(kubeconfig: &Path, manifest: &str) -> Outcome {
+    run_with_input(
+        as_token(kubeconfig).args([
+            "apply",
+            "--server-side",
+            "--field-manager=test-node-vmm",
+            "-f",
+            "-",
+        ]),
+        manifest,
+    )
+}
+
+/// Nodes `mine` and `other`, a Pod of node-vmm on `mine` (never run: no
+/// kubelet), and kubeconfigs with a token bound to that Pod and an unbound one.
+fn node_tokens(cp: &ControlPlane, ns: &str, mine: &str, other: &str) -> (PathBuf, PathBuf) {
+    for n in [mine, other] {
+        let o = run_with_input(
+            cp.kubectl().args(["apply", "-f", "-"]),
+            &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n"),
+        );
+        assert!(o.success, "create node {n}: {}", o.stderr);
+    }
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent\n  namespace: {ns}\nspec:\n  nodeName: {mine}\n  \
+         serviceAccountName: nr-node-vmm\n  containers:\n  - name: c\n    image: example.invalid/none\n"
+    );
+    let o = run_with_input(cp.kubectl().args(["apply", "-f", "-"]), &pod);
+    assert!(o.success, "create pod: {}", o.stderr);
+    let uid = ok(cp.kubectl().args([
+        "get",
+        "pod",
+        "agent",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]));
+    let bound = ok(cp.kubectl().args([
+        "create",
+        "token",
+        "nr-node-vmm",
+        "-n",
+        ns,
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        "agent",
+        "--bound-object-uid",
+        &uid,
+    ]));
+    let bound = token_kubeconfig(cp, &format!("{ns}-bound"), bound.trim());
+    let unbound = ok(cp
+        .kubectl()
+        .args(["create", "token", "nr-node-vmm", "-n", ns]));
+    let unbound = token_kubeconfig(cp, &format!("{ns}-unbound"), unbound.trim());
+
+    (bound, unbound)
+}
+
+#[test]
+fn node_vmm_may_write_only_its_own_node_objects() {
+    let cp = ControlPlane::shared();
+    let _serial = serial();
+    ensure_lease_namespace(cp);
+    let ns = cp.namespace("nr");
+    ok(helm(cp).args(["install", "nr", "-n", &ns]).arg(chart()));
+    let (mine, other) = (format!("{ns}-a"), format!("{ns}-b"));
+
+    let (bound, unbound) = node_tokens(cp, &ns, &mine, &other);
+
+    // The token says which node (ServiceAccountTokenPodNodeInfo).
+    let who = ok(as_token(&bound).args(["auth", "whoami", "-o", "json"]));
+    assert!(
+        who.contains("authentication.kubernetes.io/node-name") && who.contains(&mine),
+        "the Pod-bound token carries no node name:\n{who}"
+    );
+
+    for (vm, node) in [("vm-mine", &mine), ("vm-other", &other)] {
+        let o = run_with_input(
+            cp.kubectl().args(["apply", "-n", &ns, "-f", "-"]),
+            &vm_manifest(vm, node),
+        );
+        assert!(o.success, "create {vm}: {}", o.stderr);
+    }
+
+    // Policies take effect once the API server has loaded them.
+    let refused = wait_for(
+        30,
+        "the policy to refuse a cross-node status write",
+        || {
+            let o = status_patch(&bound, &ns, "vm-other");
+            (!o.success).then_some(o.stderr)
+        },
+        || "the write kept succeeding".into(),
+    );
+    assert!(
+        refused.contains("may only write VirtualMachines labelled"),
+        "unexpected refusal: {refused}"
+    );
+    let own = status_patch(&bound, &ns, "vm-mine");
+    assert!(own.success, "own-node status write refused: {}", own.stderr);
+
+    // Relabelling a VM onto its own node is refused too.
+    let steal = outcome(as_token(&bound).args([
+        "label",
+        "vm",
+        "vm-other",
+        "-n",
+        &ns,
+        "--overwrite",
+        &format!("kubevmm.io/node={mine}"),
+    ]));
+    assert!(!steal.success, "node-vmm relabelled another node's VM");
+
+    // HypervisorNode and Lease: its own, not another node's.
+    let hv = |n: &str| {
+        format!("apiVersion: kubevmm.io/v1alpha1\nkind: HypervisorNode\nmetadata:\n  name: {n}\nspec: {{}}\n")
+    };
+    let o = apply_as(&bound, &hv(&mine));
+    assert!(o.success, "own HypervisorNode refused: {}", o.stderr);
+    let o = apply_as(&bound, &hv(&other));
+    assert!(
+        !o.success && o.stderr.contains("may only write HypervisorNode"),
+        "{}",
+        o.stderr
+    );
+    let lease = |n: &str| {
+        format!(
+            "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: node-vmm-{n}\n  namespace: kubevmm-system\nspec:\n  holderIdentity: {n}\n  leaseDurationSeconds: 40\n"
+        )
+    };
+    let o = apply_as(&bound, &lease(&mine));
+    assert!(o.success, "own Lease refused: {}", o.stderr);
+    let o = apply_as(&bound, &lease(&other));
+    assert!(
+        !o.success && o.stderr.contains("may only write Lease"),
+        "{}",
+        o.stderr
+    );
+
+    // A token not bound to a Pod on a node writes nothing.
+    let o = status_patch(&unbound, &ns, "vm-mine");
+    assert!(
+        !o.success && o.stderr.contains("bound to a Pod"),
+        "unbound token: {}",
+        o.stderr
+    );
+
+    ok(helm(cp).args(["uninstall", "nr", "-n", &ns]));
+    for n in [&mine, &other] {
+        let _ = outcome(cp.kubectl().args(["delete", "node", n, "--wait=false"]));
+        let _ = outcome(cp.kubectl().args([
+            "delete",
+            "hvnode",
+            n,
+            "--ignore-not-found",
+            "--wait=false",
+        ]));
+    }
+}
