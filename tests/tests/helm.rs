@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use kubevmm_e2e::{repo_root, run_with_input, wait_for, ControlPlane, Outcome};
+use kubevmm_e2e::{
+    bin_path, free_port, repo_root, run_with_input, wait_for, ControlPlane, Daemon, Outcome,
+};
 use serde_json::Value;
 
 /// Installs share cluster-scoped objects (the Lease namespace, Nodes): one
@@ -517,17 +519,24 @@ fn apply_as(kubeconfig: &Path, manifest: &str) -> Outcome {
 
 /// Nodes `mine` and `other`, a Pod of node-vmm on `mine` (never run: no
 /// kubelet), and kubeconfigs with a token bound to that Pod and an unbound one.
-fn node_tokens(cp: &ControlPlane, ns: &str, mine: &str, other: &str) -> (PathBuf, PathBuf) {
+fn node_tokens(
+    cp: &ControlPlane,
+    release: &str,
+    ns: &str,
+    mine: &str,
+    other: &str,
+) -> (PathBuf, PathBuf) {
     for n in [mine, other] {
+        // Labelled so an operator scoped by --node-selector sees only it.
         let o = run_with_input(
             cp.kubectl().args(["apply", "-f", "-"]),
-            &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n"),
+            &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n  labels: {{kubevmm.io/test-node: {n}}}\n"),
         );
         assert!(o.success, "create node {n}: {}", o.stderr);
     }
     let pod = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent\n  namespace: {ns}\nspec:\n  nodeName: {mine}\n  \
-         serviceAccountName: nr-node-vmm\n  containers:\n  - name: c\n    image: example.invalid/none\n"
+         serviceAccountName: {release}-node-vmm\n  containers:\n  - name: c\n    image: example.invalid/none\n"
     );
     let o = run_with_input(cp.kubectl().args(["apply", "-f", "-"]), &pod);
     assert!(o.success, "create pod: {}", o.stderr);
@@ -543,7 +552,7 @@ fn node_tokens(cp: &ControlPlane, ns: &str, mine: &str, other: &str) -> (PathBuf
     let bound = ok(cp.kubectl().args([
         "create",
         "token",
-        "nr-node-vmm",
+        &format!("{release}-node-vmm"),
         "-n",
         ns,
         "--bound-object-kind",
@@ -554,9 +563,10 @@ fn node_tokens(cp: &ControlPlane, ns: &str, mine: &str, other: &str) -> (PathBuf
         &uid,
     ]));
     let bound = token_kubeconfig(cp, &format!("{ns}-bound"), bound.trim());
-    let unbound = ok(cp
-        .kubectl()
-        .args(["create", "token", "nr-node-vmm", "-n", ns]));
+    let unbound =
+        ok(cp
+            .kubectl()
+            .args(["create", "token", &format!("{release}-node-vmm"), "-n", ns]));
     let unbound = token_kubeconfig(cp, &format!("{ns}-unbound"), unbound.trim());
 
     (bound, unbound)
@@ -571,7 +581,7 @@ fn node_vmm_may_write_only_its_own_node_objects() {
     ok(helm(cp).args(["install", "nr", "-n", &ns]).arg(chart()));
     let (mine, other) = (format!("{ns}-a"), format!("{ns}-b"));
 
-    let (bound, unbound) = node_tokens(cp, &ns, &mine, &other);
+    let (bound, unbound) = node_tokens(cp, "nr", &ns, &mine, &other);
 
     // The token says which node (ServiceAccountTokenPodNodeInfo).
     let who = ok(as_token(&bound).args(["auth", "whoami", "-o", "json"]));
@@ -662,4 +672,116 @@ fn node_vmm_may_write_only_its_own_node_objects() {
             "--wait=false",
         ]));
     }
+}
+
+/// The real binaries, authenticated as the chart's service accounts (the
+/// agent with a token bound to a Pod on its node, as the kubelet would give
+/// it), under the chart's RBAC and node-restriction policy: the agent
+/// registers and heartbeats, the operator takes its leader Lease and binds
+/// a VM, the agent reports that VM's phase, and neither is ever refused.
+#[test]
+fn binaries_run_under_the_chart_rbac_and_policy() {
+    let cp = ControlPlane::shared();
+    let _serial = serial();
+    ensure_lease_namespace(cp);
+    let ns = cp.namespace("run");
+    ok(helm(cp).args(["install", "run", "-n", &ns]).arg(chart()));
+    let (node, other) = (format!("{ns}-a"), format!("{ns}-b"));
+    let (agent_kc, _) = node_tokens(cp, "run", &ns, &node, &other);
+    let op_token = ok(cp
+        .kubectl()
+        .args(["create", "token", "run-operator", "-n", &ns]));
+    let op_kc = token_kubeconfig(cp, &format!("{ns}-operator"), op_token.trim());
+
+    let state = std::env::temp_dir().join(format!("kubevmm-e2e-{ns}"));
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state).expect("state dir");
+    let mut agent_cmd = Command::new(bin_path("node-vmm"));
+    agent_cmd
+        .env("KUBECONFIG", &agent_kc)
+        .args(["agent", "--node-name", &node, "--state-dir"])
+        .arg(state.join("run"))
+        .args(["--lease-seconds", "6", "--metrics-addr"])
+        .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+    let agent = Daemon::start(agent_cmd, state.join("agent.log"));
+    let lease = format!("node-vmm-{node}");
+    wait_for(
+        60,
+        "the agent's HypervisorNode (with the Node's labels) and heartbeat Lease",
+        || {
+            let hv = get_json(cp, &["get", "hvnode", &node])?;
+            get_json(cp, &["get", "lease", "-n", "kubevmm-system", &lease])?;
+            (hv["metadata"]["labels"]["kubevmm.io/test-node"] == node.as_str()
+                && hv["status"].is_object())
+            .then_some(())
+        },
+        || agent.output(),
+    );
+
+    let mut op_cmd = Command::new(bin_path("kubevmm-operator"));
+    op_cmd
+        .arg("--kubeconfig")
+        .arg(&op_kc)
+        .args(["--namespace", &ns, "--node-selector"])
+        .arg(format!("kubevmm.io/test-node={node}"))
+        .args(["--leader-lease", &format!("op-{ns}"), "--metrics-addr"])
+        .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+    let operator = Daemon::start(op_cmd, state.join("operator.log"));
+
+    // A kernel path outside the agent's allow-list: the agent reports the VM
+    // Failed without needing /dev/kvm, which is all this test needs.
+    let vm = format!(
+        "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: vm\nspec:\n  runStrategy: Once\n  cpus: 1\n  memory: 64Mi\n  \
+         nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{path: /etc/hostname}}\n"
+    );
+    let o = run_with_input(cp.kubectl().args(["apply", "-n", &ns, "-f", "-"]), &vm);
+    assert!(o.success, "apply: {}", o.stderr);
+    let status = || get_json(cp, &["get", "vm", "vm", "-n", &ns]).map(|v| v["status"].clone());
+    wait_for(
+        60,
+        "the operator to bind the VM, the agent to report it Failed, the operator to release it",
+        || {
+            let s = status()?;
+            let conds = s["conditions"].as_array()?;
+            let cond = |t: &str| conds.iter().find(|c| c["type"] == t).cloned();
+            // Ready/InvalidSpec is the agent's; Released from <node> the
+            // operator's, after it had bound the VM there.
+            (s["phase"] == "Failed"
+                && cond("Ready")?["reason"] == "InvalidSpec"
+                && cond("Scheduled")?["reason"] == "Released"
+                && cond("Scheduled")?["message"].as_str()?.contains(&node))
+            .then_some(())
+        },
+        || format!("{:?}\n{}\n{}", status(), agent.output(), operator.output()),
+    );
+    let lease = get_json(
+        cp,
+        &["get", "lease", "-n", "kubevmm-system", &format!("op-{ns}")],
+    )
+    .expect("the operator's leader Lease");
+    assert!(lease["spec"]["holderIdentity"].is_string());
+    for (who, log) in [("agent", agent.output()), ("operator", operator.output())] {
+        // The operator's attempt to create kubevmm-system is refused by
+        // design (it carries on); nothing else may be.
+        let refused: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                let l = l.to_lowercase();
+                (l.contains("forbidden") || l.contains("denied"))
+                    && !l.contains("cannot create namespace kubevmm-system")
+            })
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "the {who} was refused something:\n{log}"
+        );
+    }
+    drop(operator);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = outcome(
+        cp.kubectl()
+            .args(["delete", "vm", "vm", "-n", &ns, "--wait=false"]),
+    );
+    ok(helm(cp).args(["uninstall", "run", "-n", &ns]));
 }
