@@ -121,7 +121,7 @@ PATH="$(dirname "$GO"):$PATH"
 if [ "$K8S" = 1 ]; then
 	"$HERE/k8s-build.sh"
 	# helm and promtool for the chart and monitoring tests (tests/tests/helm.rs).
-	"$HERE/helm-build.sh" --no-promtool
+	"$HERE/helm-build.sh"
 fi
 if [ "$FIXTURES" = 1 ]; then
 	"$HERE/fixtures-linux.sh"
