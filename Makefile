@@ -37,6 +37,7 @@ fixtures:
 ## Regenerate the committed CRD YAML from the Rust types.
 crds:
 	$(CARGO) run -q -p kubevmm-crds --bin crdgen
+	cp crds/*.yaml charts/kubevmm/crds/
 
 lint:
 	$(CARGO) fmt --all -- --check

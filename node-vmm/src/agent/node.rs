@@ -143,7 +143,9 @@ impl NodeReporter {
         };
         match ns_api.create(&PostParams::default(), &ns).await {
             Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            // 409: it exists. 403: this agent may not create namespaces (the
+            // chart creates it); a missing namespace then shows in the Lease write.
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 403 => {}
             Err(e) => return Err(api(format!("create namespace {LEASE_NAMESPACE}"))(e)),
         }
         let labels: BTreeMap<String, String> = match Api::<Node>::all(self.client.clone())
