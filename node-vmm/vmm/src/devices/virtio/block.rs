@@ -139,7 +139,7 @@ impl Block {
         })
     }
 
-    fn config_space(&self) -> [u8; 60] {
+    fn block_config(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
         c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
@@ -367,11 +367,8 @@ impl VirtioDevice for Block {
         f
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = config.get(offset as usize + i).copied().unwrap_or(0);
-        }
+    fn config_space(&self) -> Vec<u8> {
+        self.block_config().to_vec()
     }
 
     fn activate(

@@ -63,7 +63,21 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits offered to the driver.
     fn features(&self) -> u64;
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The device-specific configuration space (empty when it has none).
+    fn config_space(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// A driver read of the configuration space; bytes past its end read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_space();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o.checked_add(i)?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// `DRIVER_OK`: start processing the given queues.
     fn activate(

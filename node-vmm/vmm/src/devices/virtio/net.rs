@@ -297,14 +297,11 @@ impl VirtioDevice for Net {
             | F_STATUS
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn config_space(&self) -> Vec<u8> {
         // mac[6], status u16 (link up).
-        let mut config = [0u8; 8];
-        config[..6].copy_from_slice(&self.mac);
-        config[6] = 1;
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = config.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        let mut config = self.mac.to_vec();
+        config.extend_from_slice(&1u16.to_le_bytes());
+        config
     }
 
     fn activate(

@@ -52,10 +52,6 @@ impl VirtioDevice for Rng {
         0
     }
 
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
