@@ -352,3 +352,50 @@ pub fn wait_for<T>(
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// The first cgroup v2 mount, where node-vmm puts per-VM cgroups.
+fn cgroup2_root() -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+}
+
+/// Tears down what a test's node agent left in its state directory `state`
+/// (call after killing the agent): kills every VMM recorded there — guests
+/// outlive the agent by design, and must not outlive the test — removes
+/// their per-VM cgroups, then the directory.
+pub fn kill_guests(state: &Path) {
+    let Ok(dirs) = std::fs::read_dir(state.join("vms")) else {
+        let _ = std::fs::remove_dir_all(state);
+        return;
+    };
+    for d in dirs.flatten() {
+        if let Some(pid) = std::fs::read(d.path().join("vmm.pid"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["pid"].as_i64())
+        {
+            // SAFETY: kill(2) of a VMM this test's agent started.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        if let Some(root) = cgroup2_root() {
+            // Empty once its processes are gone; retried briefly.
+            let cg = root
+                .join("kubevmm")
+                .join(format!("vm-{}", d.file_name().to_string_lossy()));
+            for _ in 0..20 {
+                if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(state);
+}

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use kubevmm_e2e::{
-    bin_path, build_guests, free_port, run_with_input, wait_for, ControlPlane, Daemon,
+    bin_path, build_guests, free_port, kill_guests, run_with_input, wait_for, ControlPlane, Daemon,
 };
 use serde_json::Value;
 
@@ -246,16 +246,6 @@ impl Env {
     }
 }
 
-fn cgroup2_root() -> Option<PathBuf> {
-    std::fs::read_to_string("/proc/self/mounts")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-}
-
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rfind(')').is_some_and(|i| !s[i + 2..].starts_with('Z')))
@@ -270,33 +260,7 @@ impl Drop for Env {
     fn drop(&mut self) {
         // Never leave guests behind: they spin on the CPU.
         self.agent.kill();
-        if let Ok(dirs) = std::fs::read_dir(self.state.join("vms")) {
-            for d in dirs.flatten() {
-                if let Some(pid) = std::fs::read(d.path().join("vmm.pid"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                    .and_then(|v| v["pid"].as_i64())
-                {
-                    // SAFETY: kill(2) of a VMM this test's agent started.
-                    unsafe {
-                        libc::kill(pid as i32, libc::SIGKILL);
-                    }
-                }
-                if let Some(root) = cgroup2_root() {
-                    // Empty once its processes are gone; retried briefly.
-                    let cg = root
-                        .join("kubevmm")
-                        .join(format!("vm-{}", d.file_name().to_string_lossy()));
-                    for _ in 0..20 {
-                        if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
-                            break;
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.state);
+        kill_guests(&self.state);
     }
 }
 

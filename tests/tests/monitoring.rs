@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kubevmm_e2e::{
-    bin_path, build_guests, free_port, repo_root, run_with_input, wait_for, ControlPlane, Daemon,
+    bin_path, build_guests, free_port, kill_guests, repo_root, run_with_input, wait_for,
+    ControlPlane, Daemon,
 };
 use serde_json::Value;
 
@@ -139,21 +140,7 @@ struct Guests {
 impl Drop for Guests {
     fn drop(&mut self) {
         // Never leave a VMM behind (the agent is already dead).
-        if let Ok(dirs) = std::fs::read_dir(self.state.join("vms")) {
-            for d in dirs.flatten() {
-                if let Some(pid) = std::fs::read(d.path().join("vmm.pid"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                    .and_then(|v| v["pid"].as_i64())
-                {
-                    // SAFETY: kill(2) of a VMM this test's agent started.
-                    unsafe {
-                        libc::kill(pid as i32, libc::SIGKILL);
-                    }
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.state);
+        kill_guests(&self.state);
     }
 }
 
