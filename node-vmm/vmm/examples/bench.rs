@@ -70,6 +70,7 @@ impl Setup {
             mode: SerialMode::Stdout,
             path: None,
             log: None,
+            ..SerialConfig::default()
         };
         c
     }

@@ -48,6 +48,14 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("serial output {0:?}: a file or socket path is required")]
     SerialPath(SerialMode),
+    #[error("a jailed VMM opens no paths: {0} must be handed over as an fd")]
+    JailNeedsFd(String),
+    #[error("jail: uid and gid must not be 0 (got uid {uid}, gid {gid})")]
+    JailRoot { uid: u32, gid: u32 },
+    #[error("jail: root {0} must be an absolute directory")]
+    JailDir(PathBuf),
+    #[error("fd {fd} for {what} is not an inherited descriptor above stderr")]
+    BadFd { what: String, fd: i32 },
 }
 
 /// What to do when the guest reboots.
@@ -75,7 +83,10 @@ pub enum SerialMode {
     Null,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Default cap of a serial output or log file.
+pub const DEFAULT_SERIAL_FILE_LIMIT: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
     #[serde(default)]
@@ -86,6 +97,26 @@ pub struct SerialConfig {
     /// Also append all guest output to this file (any mode).
     #[serde(default)]
     pub log: Option<PathBuf>,
+    /// A serial output or log file never grows past this many bytes: when a
+    /// write would pass it, the older half is dropped (the newest output is
+    /// kept). A guest cannot fill the host's disk through its console.
+    #[serde(default = "default_serial_limit")]
+    pub max_file_bytes: u64,
+}
+
+fn default_serial_limit() -> u64 {
+    DEFAULT_SERIAL_FILE_LIMIT
+}
+
+impl Default for SerialConfig {
+    fn default() -> Self {
+        Self {
+            mode: SerialMode::default(),
+            path: None,
+            log: None,
+            max_file_bytes: DEFAULT_SERIAL_FILE_LIMIT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +150,47 @@ pub struct NetConfig {
     pub mac: String,
 }
 
+/// Descriptors the parent opened and handed over (inherited, numbered by the
+/// parent). Each replaces opening the matching path; a jailed VMM needs all
+/// of those it uses, since it can open nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedFds {
+    /// `/dev/kvm`.
+    #[serde(default)]
+    pub kvm: Option<i32>,
+    /// The kernel image (read only).
+    #[serde(default)]
+    pub kernel: Option<i32>,
+    /// The initrd (read only).
+    #[serde(default)]
+    pub initrd: Option<i32>,
+    /// The serial output file (`file` mode; opened for appending).
+    #[serde(default)]
+    pub serial: Option<i32>,
+    /// The control API's listening unix socket.
+    #[serde(default)]
+    pub api: Option<i32>,
+    /// The serial log file (`serial.log`; opened for appending).
+    #[serde(default)]
+    pub serial_log: Option<i32>,
+}
+
+/// Where and as whom the VMM confines itself before it touches guest input
+/// (see `jail`): own mount and IPC namespaces, chroot into `root`, `uid`/`gid`
+/// with no capabilities and `no_new_privs`. The caller provides the PID
+/// namespace (the process is started in a new one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailConfig {
+    /// Unprivileged user id.
+    pub uid: u32,
+    /// Unprivileged group id.
+    pub gid: u32,
+    /// Empty directory that becomes `/`.
+    pub root: PathBuf,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -146,6 +218,12 @@ pub struct VmConfig {
     /// Apply seccomp filters once the machine is set up (default on).
     #[serde(default = "default_true")]
     pub seccomp: bool,
+    /// Descriptors opened by the parent.
+    #[serde(default)]
+    pub fds: HandedFds,
+    /// Confine the process before building the machine.
+    #[serde(default)]
+    pub jail: Option<JailConfig>,
 }
 
 fn default_true() -> bool {
@@ -168,6 +246,8 @@ impl VmConfig {
             api_socket: None,
             on_reboot: OnReboot::Exit,
             seccomp: true,
+            fds: HandedFds::default(),
+            jail: None,
         }
     }
 
@@ -193,11 +273,12 @@ impl VmConfig {
         if self.memory % 4096 != 0 {
             return Err(ConfigError::MemoryAlignment(self.memory));
         }
-        if !self.kernel.is_file() {
+        self.validate_fds()?;
+        if self.fds.kernel.is_none() && !self.kernel.is_file() {
             return Err(ConfigError::Kernel(self.kernel.clone()));
         }
         if let Some(initrd) = &self.initrd {
-            if !initrd.is_file() {
+            if self.fds.initrd.is_none() && !initrd.is_file() {
                 return Err(ConfigError::Initrd(initrd.clone()));
             }
         }
@@ -232,13 +313,94 @@ impl VmConfig {
         if devices > layout::VIRTIO_MAX_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
+        let serial_fd = self.serial.mode == SerialMode::File && self.fds.serial.is_some();
         if matches!(self.serial.mode, SerialMode::File | SerialMode::Socket)
             && self.serial.path.is_none()
+            && !serial_fd
         {
             return Err(ConfigError::SerialPath(self.serial.mode));
         }
         Ok(())
     }
+
+    /// Every handed fd is above stderr; a jailed VMM has an fd for
+    /// everything it would otherwise open by path.
+    fn validate_fds(&self) -> Result<(), ConfigError> {
+        let handed = [
+            ("kvm", self.fds.kvm),
+            ("kernel", self.fds.kernel),
+            ("initrd", self.fds.initrd),
+            ("serial", self.fds.serial),
+            ("api", self.fds.api),
+            ("serial log", self.fds.serial_log),
+        ]
+        .into_iter()
+        .map(|(w, fd)| (w.to_string(), fd))
+        .chain(self.disks.iter().map(|d| (format!("disk {}", d.id), d.fd)))
+        .chain(
+            self.nets
+                .iter()
+                .map(|n| (format!("network {}", n.id), n.fd)),
+        );
+        for (what, fd) in handed {
+            if let Some(fd) = fd.filter(|fd| *fd <= 2) {
+                return Err(ConfigError::BadFd { what, fd });
+            }
+        }
+        let Some(jail) = &self.jail else {
+            return Ok(());
+        };
+        if jail.uid == 0 || jail.gid == 0 {
+            return Err(ConfigError::JailRoot {
+                uid: jail.uid,
+                gid: jail.gid,
+            });
+        }
+        if !jail.root.is_absolute() {
+            return Err(ConfigError::JailDir(jail.root.clone()));
+        }
+        let need = |what: &str, fd: Option<i32>| {
+            fd.map(|_| ())
+                .ok_or_else(|| ConfigError::JailNeedsFd(what.to_string()))
+        };
+        need("/dev/kvm", self.fds.kvm)?;
+        need("the kernel", self.fds.kernel)?;
+        if self.initrd.is_some() {
+            need("the initrd", self.fds.initrd)?;
+        }
+        if self.serial.mode == SerialMode::File {
+            need("the serial output file", self.fds.serial)?;
+        }
+        if self.serial.mode == SerialMode::Socket {
+            return Err(ConfigError::JailNeedsFd(
+                "a serial socket (use file mode with an fd)".into(),
+            ));
+        }
+        if self.serial.log.is_some() {
+            need("the serial log", self.fds.serial_log)?;
+        }
+        if self.api_socket.is_some() {
+            need("the API socket", self.fds.api)?;
+        }
+        for d in &self.disks {
+            need(&format!("disk {}", d.id), d.fd)?;
+        }
+        for n in &self.nets {
+            need(&format!("network {}", n.id), n.fd)?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes ownership of an fd the parent handed over.
+///
+/// # Safety
+/// `fd` must be an open descriptor this process inherited for this one use,
+/// taken exactly once (`VmConfig::validate` checks it is above stderr).
+pub unsafe fn take_handed(fd: i32) -> std::fs::File {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: the caller guarantees `fd` is open, ours, and taken once.
+    unsafe { std::fs::File::from_raw_fd(fd) }
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -312,5 +474,50 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("/nonexistent/vmlinux"));
+    }
+
+    #[test]
+    fn a_jailed_vmm_needs_every_file_as_an_fd() {
+        let mut c = VmConfig::new("/nonexistent/kernel", 64 << 20);
+        c.jail = Some(JailConfig {
+            uid: 3_000_000,
+            gid: 3_000_000,
+            root: "/run/x/root".into(),
+        });
+        let err = |c: &VmConfig| c.validate().unwrap_err().to_string();
+        assert!(
+            err(&c).contains("/dev/kvm must be handed over as an fd"),
+            "{}",
+            err(&c)
+        );
+        c.fds.kvm = Some(3);
+        assert!(
+            err(&c).contains("the kernel must be handed over"),
+            "{}",
+            err(&c)
+        );
+        c.fds.kernel = Some(4);
+        c.disks.push(DiskConfig {
+            id: "root".into(),
+            path: "/d".into(),
+            read_only: false,
+            serial: None,
+            fd: None,
+        });
+        assert!(
+            err(&c).contains("disk root must be handed over"),
+            "{}",
+            err(&c)
+        );
+        c.disks[0].fd = Some(2);
+        assert!(
+            err(&c).contains("fd 2 for disk root is not an inherited descriptor"),
+            "{}",
+            err(&c)
+        );
+        c.disks[0].fd = Some(5);
+        c.validate().unwrap();
+        c.jail.as_mut().unwrap().uid = 0;
+        assert!(err(&c).contains("uid and gid must not be 0"), "{}", err(&c));
     }
 }

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod host_check;
+pub mod jail;
 pub mod rss;
 pub mod seccomp;
 pub mod vcpu;
@@ -45,13 +46,27 @@ pub fn run(config: VmConfig) -> Result<ExitReason, RunError> {
             source,
         })
     };
+    let api =
+        match config.fds.api {
+            // SAFETY: the parent handed this listening socket over for the API;
+            // `validate` checked it, and it is taken only here.
+            Some(fd) => Some(listener_from(unsafe { config::take_handed(fd) }).map_err(
+                |source| RunError::Socket {
+                    path: config.api_socket.clone().unwrap_or_default(),
+                    source,
+                },
+            )?),
+            None => config.api_socket.as_ref().map(bind).transpose()?,
+        };
     let endpoints = event_loop::Endpoints {
-        api: config.api_socket.as_ref().map(bind).transpose()?,
+        api,
         console: match config.serial.mode {
             config::SerialMode::Socket => config.serial.path.as_ref().map(bind).transpose()?,
             _ => None,
         },
     };
+    // Stats read smaps through an fd opened now: no open after the filter.
+    rss::preopen();
     let filters = if config.seccomp {
         Some(seccomp::Filters::build()?)
     } else {
@@ -62,15 +77,14 @@ pub fn run(config: VmConfig) -> Result<ExitReason, RunError> {
     if let Some(f) = &filters {
         f.apply()?;
     }
-    let reason = event_loop::run(&machine, &endpoints, started)?;
-    for (path, listener) in [
-        (&machine.config.api_socket, &endpoints.api),
-        (&machine.config.serial.path, &endpoints.console),
-    ] {
-        if let (Some(p), Some(_)) = (path, listener) {
-            // Best effort: a stale socket is removed again at the next start.
-            let _ = std::fs::remove_file(p);
-        }
-    }
-    Ok(reason)
+    // Sockets bound by path stay behind (the filter allows no unlink): the
+    // next bind, or whoever started the VMM, removes them.
+    Ok(event_loop::run(&machine, &endpoints, started)?)
+}
+
+/// A handed-over listening unix socket, non-blocking.
+fn listener_from(file: std::fs::File) -> std::io::Result<std::os::unix::net::UnixListener> {
+    let l = std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(file));
+    l.set_nonblocking(true)?;
+    Ok(l)
 }

@@ -45,6 +45,18 @@ fn main() -> ExitCode {
     if api.is_some() {
         config.api_socket = api;
     }
+    if let Err(e) = config.validate() {
+        eprintln!("kubevmm-vmm: {e}");
+        return ExitCode::from(code::VMM_ERROR as u8);
+    }
+    if let Some(jail) = &config.jail {
+        // Before any thread and any guest input: see `jail`.
+        kubevmm_vmm::rss::preopen();
+        if let Err(e) = kubevmm_vmm::jail::enter(jail) {
+            eprintln!("kubevmm-vmm: {e}");
+            return ExitCode::from(code::VMM_ERROR as u8);
+        }
+    }
     if config.on_reboot == OnReboot::Restart {
         return ExitCode::from(supervise(&config) as u8);
     }

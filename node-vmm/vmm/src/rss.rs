@@ -41,8 +41,34 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Mapping>> {
     Ok(parse(&std::fs::read_to_string(path)?))
 }
 
+/// `/proc/self/smaps`, opened before the VMM jails itself (no /proc inside).
+static SMAPS: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Opens `/proc/self/smaps` for later reads by [`read_self`]; call before
+/// entering the jail. Without it, stats simply report no overhead figure.
+pub fn preopen() {
+    if let Ok(f) = std::fs::File::open("/proc/self/smaps") {
+        let _ = SMAPS.set(f);
+    }
+}
+
 pub fn read_self() -> std::io::Result<Vec<Mapping>> {
-    read(Path::new("/proc/self/smaps"))
+    let Some(f) = SMAPS.get() else {
+        return read(Path::new("/proc/self/smaps"));
+    };
+    // A seq_file read from offset 0 produces a fresh snapshot.
+    let mut text = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut off = 0u64;
+    loop {
+        let n = std::os::unix::fs::FileExt::read_at(f, &mut buf, off)?;
+        if n == 0 || text.len() > (16 << 20) {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(parse(&String::from_utf8_lossy(&text)))
 }
 
 /// RSS of all mappings that do not overlap a guest RAM range.

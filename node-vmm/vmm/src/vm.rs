@@ -131,8 +131,13 @@ fn host_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+fn open_kvm(handed: Option<i32>) -> Result<Kvm, VmError> {
+    let kvm = match handed {
+        // SAFETY: the parent opened /dev/kvm and handed this fd over for it;
+        // `validate` checked it and it is taken only here.
+        Some(fd) => unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+        None => Kvm::new().map_err(VmError::NoKvm)?,
+    };
     for (cap, name) in [
         (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
         (Cap::Irqfd, "KVM_CAP_IRQFD"),
@@ -168,6 +173,11 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
         // SAFETY: the region is a live mapping owned by `mem`, which the Vm
         // keeps for as long as the VM fd exists.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("map guest RAM"))?;
+        // Guest RAM never goes into a core dump of the VMM.
+        // SAFETY: advice on a mapping `mem` owns; it changes no contents.
+        unsafe {
+            libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTDUMP);
+        }
     }
     Ok(mem)
 }
@@ -185,13 +195,27 @@ impl LegacyDevices {
     fn create(vm_fd: &Arc<VmFd>, exit: &ExitSignal, config: &VmConfig) -> Result<Self, VmError> {
         let mut pio = Bus::default();
         let console_clients = SocketClients::default();
+        let limit = config.serial.max_file_bytes;
         let sink = match (config.serial.mode, &config.serial.path) {
-            (SerialMode::File, Some(path)) => SerialSink::file(path)?,
+            // SAFETY: the parent handed this fd over as the serial output;
+            // `validate` checked it and it is taken only here.
+            (SerialMode::File, _) if config.fds.serial.is_some() => SerialSink::handed(
+                unsafe { crate::config::take_handed(config.fds.serial.unwrap_or(-1)) },
+                limit,
+            ),
+            (SerialMode::File, Some(path)) => SerialSink::file(path, limit)?,
             (SerialMode::Socket, _) => SerialSink::Socket(console_clients.clone()),
             (SerialMode::Null | SerialMode::File, _) => SerialSink::Null,
             (SerialMode::Stdout, _) => SerialSink::Stdout,
         };
-        let (serial, serial_irq) = SerialDevice::new(sink, config.serial.log.as_deref())?;
+        let log = match (config.fds.serial_log, &config.serial.log) {
+            // SAFETY: the parent handed this fd over as the serial log;
+            // `validate` checked it and it is taken only here.
+            (Some(fd), _) => Some(unsafe { crate::config::take_handed(fd) }),
+            (None, Some(path)) => Some(crate::devices::serial::open_append(path)?),
+            (None, None) => None,
+        };
+        let (serial, serial_irq) = SerialDevice::new(sink, log, limit)?;
         vm_fd
             .register_irqfd(&serial_irq, layout::COM1_IRQ)
             .map_err(kvm_err("wire the serial interrupt"))?;
@@ -328,7 +352,7 @@ impl Vm {
                 });
             }
         }
-        let kvm = open_kvm()?;
+        let kvm = open_kvm(config.fds.kvm)?;
         let max = kvm.get_max_vcpus();
         if usize::from(config.cpus) > max {
             return Err(VmError::TooManyCpus {
@@ -364,7 +388,9 @@ impl Vm {
             &mem,
             &BootSpec {
                 kernel: &config.kernel,
+                kernel_fd: config.fds.kernel,
                 initrd: config.initrd.as_deref(),
+                initrd_fd: config.fds.initrd,
                 cmdline: &config.cmdline,
                 mem_size: config.memory,
                 rsdp_addr,

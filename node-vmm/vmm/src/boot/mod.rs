@@ -46,7 +46,11 @@ pub enum BootError {
 #[derive(Debug, Clone)]
 pub struct BootSpec<'a> {
     pub kernel: &'a Path,
+    /// The kernel as a handed-over fd (then `kernel` only names it).
+    pub kernel_fd: Option<i32>,
     pub initrd: Option<&'a Path>,
+    /// The initrd as a handed-over fd.
+    pub initrd_fd: Option<i32>,
     pub cmdline: &'a str,
     pub mem_size: u64,
     pub rsdp_addr: u64,
@@ -99,7 +103,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<EntryMode, BootErr
         return Err(BootError::CmdlineTooLong(spec.cmdline.len()));
     }
     let path = spec.kernel;
-    let mut file = File::open(path).map_err(|source| BootError::KernelOpen {
+    let mut file = open(path, spec.kernel_fd).map_err(|source| BootError::KernelOpen {
         path: path.to_owned(),
         source,
     })?;
@@ -133,7 +137,13 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<EntryMode, BootErr
         low_ram_end.min(u64::from(h.initrd_addr_max) + 1)
     });
     let initrd = match spec.initrd {
-        Some(p) => Some(load_initrd(mem, p, result.kernel_end, initrd_limit)?),
+        Some(p) => Some(load_initrd(
+            mem,
+            p,
+            spec.initrd_fd,
+            result.kernel_end,
+            initrd_limit,
+        )?),
         None => None,
     };
 
@@ -178,9 +188,20 @@ fn read_elf_entry(file: &mut File) -> std::io::Result<u64> {
     Ok(u64::from_le_bytes(hdr[24..32].try_into().expect("8 bytes")))
 }
 
+/// The handed-over fd when there is one, else the file at `path`.
+fn open(path: &Path, fd: Option<i32>) -> std::io::Result<File> {
+    match fd {
+        // SAFETY: the parent handed this fd over for this file; the machine
+        // is built once per process, so it is taken once.
+        Some(fd) => Ok(unsafe { crate::config::take_handed(fd) }),
+        None => File::open(path),
+    }
+}
+
 fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
+    fd: Option<i32>,
     kernel_end: u64,
     limit: u64,
 ) -> Result<Initrd, BootError> {
@@ -188,7 +209,7 @@ fn load_initrd(
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let mut file = open(path, fd).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let lowest = kernel_end.max(layout::HIMEM_START).div_ceil(4096) * 4096;
     let room = limit.saturating_sub(lowest);

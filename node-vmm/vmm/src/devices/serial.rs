@@ -37,26 +37,92 @@ impl Trigger for IrqTrigger {
 #[derive(Debug, Clone, Default)]
 pub struct SocketClients(pub Arc<Mutex<Vec<UnixStream>>>);
 
+/// An append-only file that never grows past `limit` bytes: when a write
+/// would pass it, the file keeps only its newest `limit / 2` bytes. Work per
+/// trim is bounded by the limit, and trims happen at most once per
+/// `limit / 2` bytes written, so the cost stays linear in the output.
+#[derive(Debug)]
+pub struct CappedFile {
+    file: File,
+    limit: u64,
+    size: u64,
+}
+
+impl CappedFile {
+    pub fn new(file: File, limit: u64) -> Self {
+        let size = file.metadata().map_or(0, |m| m.len());
+        Self {
+            file,
+            limit: limit.max(2),
+            size,
+        }
+    }
+
+    /// Keeps the newest half of the file (truncate, then append it back).
+    fn trim(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        let keep = (self.limit / 2).min(self.size);
+        let mut tail = vec![0u8; keep as usize];
+        let n = self.file.read_at(&mut tail, self.size - keep)?;
+        tail.truncate(n);
+        self.file.set_len(0)?;
+        self.file.write_all(&tail)?;
+        self.size = tail.len() as u64;
+        Ok(())
+    }
+}
+
+impl Write for CappedFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // Never more than half the limit at once, so a trim always makes room.
+        let take = buf.len().min((self.limit / 2) as usize).max(1);
+        if self.size + take as u64 > self.limit {
+            self.trim()?;
+        }
+        let n = self.file.write(&buf[..take])?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Where guest output goes.
 #[derive(Debug)]
 pub enum SerialSink {
     Stdout,
-    File(File),
+    File(CappedFile),
     Socket(SocketClients),
     Null,
 }
 
+/// Opens an output file for appending (and reading, for trims).
+pub fn open_append(path: &Path) -> Result<File, SerialError> {
+    // Readable too: trimming reads back the newest half.
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| SerialError::File {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 impl SerialSink {
-    pub fn file(path: &Path) -> Result<Self, SerialError> {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map(SerialSink::File)
-            .map_err(|source| SerialError::File {
-                path: path.to_owned(),
-                source,
-            })
+    pub fn file(path: &Path, limit: u64) -> Result<Self, SerialError> {
+        open_append(path).map(|f| Self::handed(f, limit))
+    }
+
+    /// An output file the parent opened (read-write, appending) and handed over.
+    pub fn handed(file: File, limit: u64) -> Self {
+        SerialSink::File(CappedFile::new(file, limit))
     }
 }
 
@@ -87,7 +153,7 @@ impl Write for SerialSink {
 #[derive(Debug)]
 pub struct Tee {
     pub sink: SerialSink,
-    pub log: Option<File>,
+    pub log: Option<CappedFile>,
 }
 
 impl Write for Tee {
@@ -113,14 +179,12 @@ pub struct SerialDevice {
 }
 
 impl SerialDevice {
-    pub fn new(sink: SerialSink, log: Option<&Path>) -> Result<(Self, EventFd), SerialError> {
-        let log = match log {
-            Some(path) => match SerialSink::file(path)? {
-                SerialSink::File(f) => Some(f),
-                _ => None,
-            },
-            None => None,
-        };
+    pub fn new(
+        sink: SerialSink,
+        log: Option<File>,
+        limit: u64,
+    ) -> Result<(Self, EventFd), SerialError> {
+        let log = log.map(|f| CappedFile::new(f, limit));
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let irq = evt.try_clone().map_err(SerialError::EventFd)?;
         Ok((
@@ -153,5 +217,28 @@ impl BusDevice for SerialDevice {
             // Output errors (closed stdout, full disk) must not stop the guest.
             let _ = self.uart.write(offset as u8, b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capped_file_keeps_the_newest_output_within_the_limit() {
+        let dir = std::env::temp_dir().join(format!("kubevmm-capped-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let mut f = CappedFile::new(open_append(&dir).unwrap(), 100);
+        for i in 0..1000u32 {
+            f.write_all(format!("line {i:04}\n").as_bytes()).unwrap();
+            let len = std::fs::metadata(&dir).unwrap().len();
+            assert!(len <= 100, "file grew to {len} bytes");
+        }
+        let text = std::fs::read_to_string(&dir).unwrap();
+        assert!(text.ends_with("line 0999\n"), "{text}");
+        // One huge write is also bounded.
+        f.write_all(&vec![b'x'; 10_000]).unwrap();
+        assert!(std::fs::metadata(&dir).unwrap().len() <= 100);
+        let _ = std::fs::remove_file(&dir);
     }
 }

@@ -82,6 +82,7 @@ pub fn config(name: &str, dir: &Path) -> VmConfig {
         mode: SerialMode::File,
         path: Some(dir.join("serial.log")),
         log: None,
+        ..SerialConfig::default()
     };
     c
 }
