@@ -36,9 +36,12 @@ enum Command {
         /// The `kubevmm-vmm` binary.
         #[arg(long)]
         vmm: std::path::PathBuf,
-        /// cgroup v2 directory to move into.
+        /// cgroup directories to join (repeatable: one per hierarchy).
         #[arg(long)]
-        cgroup: Option<std::path::PathBuf>,
+        cgroup: Vec<std::path::PathBuf>,
+        /// How many descriptors (from 3 on) belong to the VMM.
+        #[arg(long, default_value_t = 0)]
+        fds: usize,
     },
     /// Boot one `VirtualMachine` manifest on this host (standalone mode):
     /// console on the terminal, exits 0 when the guest powers off.
@@ -56,8 +59,9 @@ struct AgentArgs {
     /// Kubernetes node name (default: the host name).
     #[arg(long)]
     node_name: Option<String>,
-    /// Per-VM state (`<dir>/vms/<uid>`): configs, sockets, consoles, exit records.
-    #[arg(long, default_value = "/var/lib/kubevmm/run")]
+    /// Per-VM state (`<dir>/vms/<uid>`): configs, sockets, consoles, exit
+    /// records, empty disks. Must lie outside every --allowed-dir.
+    #[arg(long, default_value = "/var/lib/kubevmm-node")]
     state_dir: std::path::PathBuf,
     /// The `kubevmm-vmm` binary (default: next to this one).
     #[arg(long)]
@@ -65,6 +69,21 @@ struct AgentArgs {
     /// Directory `hostDisk` and boot `path` sources may use (repeatable).
     #[arg(long = "allowed-dir", default_values = ["/var/lib/kubevmm"])]
     allowed_dirs: Vec<std::path::PathBuf>,
+    /// Host bridge `bridge:` networks may use (repeatable; none by default).
+    #[arg(long = "allowed-bridge")]
+    allowed_bridges: Vec<String>,
+    /// Largest `emptyDisk` this node creates (a quantity).
+    #[arg(long, default_value = "1Ti")]
+    max_empty_disk: String,
+    /// First uid/gid of the range VMMs run as (one id per VM).
+    #[arg(long, default_value_t = agent::jail_ids::DEFAULT_BASE)]
+    vmm_uid_base: u32,
+    /// Size of that range.
+    #[arg(long, default_value_t = agent::jail_ids::DEFAULT_COUNT)]
+    vmm_uid_count: u32,
+    /// Memory a VM's cgroup allows beyond guest RAM (a quantity).
+    #[arg(long, default_value = "64Mi")]
+    vmm_memory_overhead: String,
     /// vCPUs held back for the host.
     #[arg(long, default_value_t = 1)]
     reserved_cpus: u32,
@@ -74,7 +93,7 @@ struct AgentArgs {
     /// Address of /metrics and /healthz.
     #[arg(long, default_value = "127.0.0.1:9101")]
     metrics_addr: std::net::SocketAddr,
-    /// Leave VMMs in the shim's cgroup instead of one cgroup (v2) per VM.
+    /// Leave VMMs in the shim's cgroup instead of one cgroup (with limits) per VM.
     #[arg(long)]
     no_cgroups: bool,
     /// Validity of the heartbeat Lease in seconds (renewed every third of it).
@@ -99,10 +118,22 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             Err(e) => return fail(format!("no --node-name and cannot read the host name: {e}")),
         },
     };
-    let reserved_memory = match kubevmm_crds::quantity::parse_bytes(&args.reserved_memory) {
-        Ok(b) => b,
-        Err(e) => return fail(format!("--reserved-memory: {e}")),
+    let quantity = |flag: &str, v: &str| {
+        kubevmm_crds::quantity::parse_bytes(v).map_err(|e| format!("{flag}: {e}"))
     };
+    let (reserved_memory, max_empty_disk, vmm_memory_overhead) = match (
+        quantity("--reserved-memory", &args.reserved_memory),
+        quantity("--max-empty-disk", &args.max_empty_disk),
+        quantity("--vmm-memory-overhead", &args.vmm_memory_overhead),
+    ) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
+    };
+    if args.vmm_uid_base == 0 || args.vmm_uid_count == 0 {
+        return fail("--vmm-uid-base and --vmm-uid-count must be positive".into());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     let vmm_binary = args.vmm_binary.unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
@@ -115,22 +146,29 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             vmm_binary.display()
         ));
     }
-    let cgroup_root = if args.no_cgroups {
-        None
+    let cgroups = if args.no_cgroups {
+        agent::cgroups::Layout::None
     } else {
-        agent::cgroup2_mount().map(|m| m.join("kubevmm"))
+        agent::cgroups::Layout::detect()
     };
     let cfg = agent::AgentConfig {
         node_name,
         state_dir: args.state_dir,
         vmm_binary,
         allowed_dirs: args.allowed_dirs,
+        allowed_bridges: args.allowed_bridges,
+        max_empty_disk,
+        jail: root.then_some(agent::jail_ids::Range {
+            base: args.vmm_uid_base,
+            count: args.vmm_uid_count,
+        }),
+        vmm_memory_overhead,
         reserve: agent::node::Reserve {
             cpus: args.reserved_cpus,
             memory: reserved_memory,
         },
         metrics_addr: args.metrics_addr,
-        cgroup_root,
+        cgroups,
         lease_seconds: args.lease_seconds.max(3),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -161,9 +199,12 @@ fn main() -> ExitCode {
             }
         },
         Command::Agent(args) => run_agent(args),
-        Command::Shim { dir, vmm, cgroup } => {
-            agent::supervisor::shim_main(&dir, &vmm, cgroup.as_deref())
-        }
+        Command::Shim {
+            dir,
+            vmm,
+            cgroup,
+            fds,
+        } => agent::supervisor::shim_main(&dir, &vmm, &cgroup, fds),
         Command::Doctor => {
             let findings = doctor::examine();
             print!("{}", doctor::render(&findings));

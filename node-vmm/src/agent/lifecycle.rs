@@ -10,6 +10,9 @@ use kubevmm_crds::{RunStrategy, VmPhase};
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Longest restart delay.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// A guest that reboots sooner than this after starting is in a reboot loop:
+/// its next start backs off like a crash instead of following at once.
+pub const REBOOT_LOOP_WINDOW: Duration = Duration::from_secs(10);
 
 /// How a VMM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,14 +81,21 @@ pub fn backoff(restarts: u32) -> Duration {
 /// Decides what follows the end of a run, per `runStrategy`.
 ///
 /// `restarts` is how many times the guest was restarted already (for the
-/// backoff). A reboot is always honoured at once (the guest asked for it),
-/// except under `Halted`.
-pub fn after_exit(strategy: RunStrategy, ended: &Ended, restarts: u32) -> AfterExit {
+/// backoff), `ran_for` how long the run that ended lasted. A reboot is
+/// honoured at once (the guest asked for it), except under `Halted` and in
+/// a reboot loop (a run shorter than [`REBOOT_LOOP_WINDOW`]), which backs off.
+pub fn after_exit(
+    strategy: RunStrategy,
+    ended: &Ended,
+    restarts: u32,
+    ran_for: Duration,
+) -> AfterExit {
     use AfterExit::{Restart, Stay};
     match (strategy, ended) {
         (RunStrategy::Halted, _) | (_, Ended::StoppedByUs | Ended::ShutDownByUs) => {
             Stay(VmPhase::Stopped)
         }
+        (_, Ended::Reboot) if ran_for < REBOOT_LOOP_WINDOW => Restart(backoff(restarts)),
         (_, Ended::Reboot) => Restart(Duration::ZERO),
         (RunStrategy::Always, _) => Restart(backoff(restarts)),
         (RunStrategy::RerunOnFailure, e) if e.is_failure() => Restart(backoff(restarts)),
@@ -124,6 +134,9 @@ pub fn should_start(
 mod tests {
     use super::*;
 
+    /// A run long enough not to count as a reboot loop.
+    const LONG: Duration = Duration::from_secs(3600);
+
     #[test]
     fn backoff_doubles_and_caps() {
         assert_eq!(backoff(0), Duration::from_secs(1));
@@ -137,48 +150,67 @@ mod tests {
     fn strategies() {
         let crash = Ended::Crash("triple fault".into());
         assert_eq!(
-            after_exit(RunStrategy::Always, &Ended::PowerOff, 0),
+            after_exit(RunStrategy::Always, &Ended::PowerOff, 0, LONG),
             AfterExit::Restart(backoff(0))
         );
         assert_eq!(
-            after_exit(RunStrategy::Always, &crash, 3),
+            after_exit(RunStrategy::Always, &crash, 3, LONG),
             AfterExit::Restart(backoff(3))
         );
         assert_eq!(
-            after_exit(RunStrategy::RerunOnFailure, &crash, 0),
+            after_exit(RunStrategy::RerunOnFailure, &crash, 0, LONG),
             AfterExit::Restart(backoff(0))
         );
         assert_eq!(
-            after_exit(RunStrategy::RerunOnFailure, &Ended::PowerOff, 0),
+            after_exit(RunStrategy::RerunOnFailure, &Ended::PowerOff, 0, LONG),
             AfterExit::Stay(VmPhase::Succeeded)
         );
         assert_eq!(
-            after_exit(RunStrategy::Once, &crash, 0),
+            after_exit(RunStrategy::Once, &crash, 0, LONG),
             AfterExit::Stay(VmPhase::Failed)
         );
         assert_eq!(
-            after_exit(RunStrategy::Once, &Ended::PowerOff, 0),
+            after_exit(RunStrategy::Once, &Ended::PowerOff, 0, LONG),
             AfterExit::Stay(VmPhase::Succeeded)
         );
         assert_eq!(
-            after_exit(RunStrategy::Manual, &Ended::PowerOff, 0),
+            after_exit(RunStrategy::Manual, &Ended::PowerOff, 0, LONG),
             AfterExit::Stay(VmPhase::Stopped)
         );
         assert_eq!(
-            after_exit(RunStrategy::Manual, &crash, 0),
+            after_exit(RunStrategy::Manual, &crash, 0, LONG),
             AfterExit::Stay(VmPhase::Failed)
         );
         assert_eq!(
-            after_exit(RunStrategy::Halted, &crash, 0),
+            after_exit(RunStrategy::Halted, &crash, 0, LONG),
             AfterExit::Stay(VmPhase::Stopped)
         );
         assert_eq!(
-            after_exit(RunStrategy::Always, &Ended::StoppedByUs, 0),
+            after_exit(RunStrategy::Always, &Ended::StoppedByUs, 0, LONG),
             AfterExit::Stay(VmPhase::Stopped)
         );
         assert_eq!(
-            after_exit(RunStrategy::Once, &Ended::Reboot, 0),
+            after_exit(RunStrategy::Once, &Ended::Reboot, 0, LONG),
             AfterExit::Restart(Duration::ZERO)
+        );
+        // A reboot loop backs off like a crash.
+        assert_eq!(
+            after_exit(
+                RunStrategy::Always,
+                &Ended::Reboot,
+                3,
+                Duration::from_secs(1)
+            ),
+            AfterExit::Restart(Duration::from_secs(8))
+        );
+        assert_eq!(
+            after_exit(
+                RunStrategy::Halted,
+                &Ended::Reboot,
+                3,
+                Duration::from_secs(1)
+            ),
+            AfterExit::Stay(VmPhase::Stopped)
         );
     }
 

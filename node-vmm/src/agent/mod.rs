@@ -8,9 +8,14 @@
 //! server-side apply as field manager `node-vmm`. VMMs outlive the agent; a
 //! restarted agent re-adopts them from its state directory.
 
+pub mod cgroups;
+pub mod handoff;
+pub mod hostfs;
+pub mod jail_ids;
 pub mod lifecycle;
 pub mod metrics;
 pub mod node;
+pub mod opener;
 pub mod prepare;
 pub mod reconcile;
 pub mod server;
@@ -44,12 +49,21 @@ pub struct AgentConfig {
     pub vmm_binary: PathBuf,
     /// Directories `hostDisk` and boot `path` sources may use.
     pub allowed_dirs: Vec<PathBuf>,
+    /// Host bridges `bridge` networks may name.
+    pub allowed_bridges: Vec<String>,
+    /// Largest `emptyDisk`, in bytes.
+    pub max_empty_disk: u64,
+    /// The uids/gids VMMs run as (one per VM); `None` runs them unjailed
+    /// (only when the agent is not root, which it says at start).
+    pub jail: Option<jail_ids::Range>,
+    /// Memory a VM's cgroup allows beyond its guest RAM.
+    pub vmm_memory_overhead: u64,
     /// Held back from guests.
     pub reserve: Reserve,
     /// Address of the metrics and health endpoint.
     pub metrics_addr: std::net::SocketAddr,
-    /// Parent cgroup (v2) for per-VM cgroups; none to leave VMMs where the shim starts.
-    pub cgroup_root: Option<PathBuf>,
+    /// Where per-VM cgroups go (with limits).
+    pub cgroups: cgroups::Layout,
     /// Validity of the heartbeat Lease, in seconds.
     pub lease_seconds: i32,
 }
@@ -74,6 +88,9 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The state directory overlaps an allowed directory.
+    #[error(transparent)]
+    Layout(#[from] hostfs::HostFsError),
     /// The state directory.
     #[error("state directory {path}: {source}")]
     State {
@@ -84,26 +101,38 @@ pub enum AgentError {
     },
 }
 
-/// The first cgroup v2 mount, from /proc/self/mounts.
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    std::fs::read_to_string("/proc/self/mounts")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-}
-
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    // No user path may name the agent's own files (compared resolved).
+    let resolved = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+    hostfs::check_layout(
+        &resolved(&cfg.state_dir),
+        &cfg.allowed_dirs.iter().map(resolved).collect::<Vec<_>>(),
+    )?;
+    hostfs::check_layout(&cfg.state_dir, &cfg.allowed_dirs)?;
     let client = Client::try_default().await.map_err(AgentError::Client)?;
     let vms_dir = cfg.state_dir.join("vms");
-    std::fs::create_dir_all(&vms_dir).map_err(|source| AgentError::State {
-        path: vms_dir.clone(),
-        source,
-    })?;
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&vms_dir)
+            .map_err(|source| AgentError::State {
+                path: vms_dir.clone(),
+                source,
+            })?;
+    }
+    if let Some(r) = cfg.jail {
+        tracing::info!(
+            "VMMs are jailed: uids/gids {}..{}, own mount/PID/IPC namespaces, chroot, no capabilities, seccomp",
+            r.base,
+            r.base + r.count - 1
+        );
+    } else {
+        tracing::warn!("not running as root: VMMs run unjailed as this user");
+    }
+    tracing::info!(layout = ?cfg.cgroups, "per-VM cgroups");
     let metrics = Arc::new(metrics::Metrics::new()?);
     let reporter = NodeReporter::new(
         client.clone(),

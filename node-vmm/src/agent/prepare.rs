@@ -1,13 +1,19 @@
 //! From a `VirtualMachine` spec to what the VMM needs on this node: the
-//! desired [`VmConfig`] and the host resources to create (sparse disks, tap
-//! devices). [`plan`] is pure (unit-tested); [`realize`] does the I/O.
+//! desired [`VmConfig`], the host resources to create (sparse disks, tap
+//! devices) and the files to open for it. [`plan`] is pure (unit-tested);
+//! [`realize`] does the I/O: it opens every file, tap and device the guest
+//! uses (user-named paths beneath the allow-list, see [`hostfs`]) and
+//! returns them as a [`Handoff`] for the jailed VMM.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::handoff::{Handoff, HandoffError};
+use super::hostfs::{self, HostFsError};
+
 use kubevmm_crds::vm::BootSource;
 use kubevmm_crds::VirtualMachineSpec;
-use kubevmm_vmm::config::{DiskConfig, NetConfig, SerialConfig, SerialMode};
+use kubevmm_vmm::config::{DiskConfig, JailConfig, NetConfig, SerialConfig, SerialMode};
 use kubevmm_vmm::VmConfig;
 
 use super::supervisor::VmDir;
@@ -23,13 +29,17 @@ pub enum PrepareError {
         /// What is missing, and what to use instead.
         what: String,
     },
-    /// A node path outside the allow-list.
-    #[error("{field}: {path} is outside the allowed directories ({allowed}); put the file there or ask the administrator to allow its directory")]
-    NotAllowed {
+    /// A user-named node path that cannot be used (outside the allow-list,
+    /// escaping it, not a file, locked by another VM).
+    #[error(transparent)]
+    Path(#[from] HostFsError),
+    /// A bridge the administrator did not allow.
+    #[error("{field}: bridge {bridge} is not in the allowed bridges ({allowed}); use masquerade or ask the administrator to allow the bridge (--allowed-bridge)")]
+    BridgeNotAllowed {
         /// The field.
         field: String,
-        /// The path.
-        path: String,
+        /// The bridge.
+        bridge: String,
         /// The allow-list.
         allowed: String,
     },
@@ -69,11 +79,38 @@ pub struct Tap {
     pub bridge: String,
 }
 
+/// A file the agent opens for the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileSource {
+    /// Named by the user: opened beneath the allow-list.
+    User {
+        /// The spec field, for errors.
+        field: String,
+        /// The path as written.
+        path: String,
+    },
+    /// The agent's own file in the VM's state directory.
+    State(PathBuf),
+}
+
+/// What `realize` opens, in the order of the config's items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opens {
+    /// The kernel.
+    pub kernel: FileSource,
+    /// The initrd.
+    pub initrd: Option<FileSource>,
+    /// One per `config.disks` entry.
+    pub disks: Vec<FileSource>,
+}
+
 /// Everything needed to start the guest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// The VMM config.
+    /// The VMM config (paths; `realize` adds the fds and the jail).
     pub config: VmConfig,
+    /// The files to open.
+    pub opens: Opens,
     /// Empty disks to create if missing.
     pub sparse_files: Vec<SparseFile>,
     /// Taps to create.
@@ -87,30 +124,37 @@ pub struct Plan {
 pub struct NodeContext {
     /// Directories `hostDisk` and boot `path` sources may use.
     pub allowed_dirs: Vec<PathBuf>,
+    /// Host bridges `bridge` networks may name.
+    pub allowed_bridges: Vec<String>,
+    /// Largest `emptyDisk` this node creates, in bytes.
+    pub max_empty_disk: u64,
 }
 
-fn allowed(ctx: &NodeContext, field: &str, path: &str) -> Result<PathBuf, PrepareError> {
-    let p = Path::new(path);
-    // The CRD already refuses relative paths and '..'.
-    if ctx.allowed_dirs.iter().any(|d| p.starts_with(d)) {
-        Ok(p.to_path_buf())
-    } else {
-        Err(PrepareError::NotAllowed {
+/// A user path, checked against the allow-list by text (a fast, clear
+/// refusal; `realize` opens it beneath the directory, which is the check
+/// that counts).
+fn user_file(
+    ctx: &NodeContext,
+    field: &str,
+    path: &str,
+) -> Result<(PathBuf, FileSource), PrepareError> {
+    hostfs::locate(&ctx.allowed_dirs, field, path)?;
+    Ok((
+        PathBuf::from(path),
+        FileSource::User {
             field: field.into(),
             path: path.into(),
-            allowed: ctx
-                .allowed_dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
-    }
+        },
+    ))
 }
 
-fn boot(ctx: &NodeContext, src: &BootSource, field: &str) -> Result<PathBuf, PrepareError> {
+fn boot(
+    ctx: &NodeContext,
+    src: &BootSource,
+    field: &str,
+) -> Result<(PathBuf, FileSource), PrepareError> {
     match (&src.path, &src.image) {
-        (Some(p), _) => allowed(ctx, &format!("{field}.path"), p),
+        (Some(p), _) => user_file(ctx, &format!("{field}.path"), p),
         (None, _) => Err(PrepareError::Unsupported {
             field: format!("{field}.image"),
             what: "VirtualMachineImage boot sources are not imported by node-vmm yet; use {path: FILE} in an allowed directory".into(),
@@ -145,18 +189,19 @@ pub fn tap_name(uid: &str, index: usize) -> String {
     format!("kvt{short}n{index}")
 }
 
-/// Disk configs and the empty disks to create.
-fn disks(
-    spec: &VirtualMachineSpec,
-    dir: &VmDir,
-    ctx: &NodeContext,
-) -> Result<(Vec<DiskConfig>, Vec<SparseFile>), PrepareError> {
+/// Disk configs, what to open for them, and the empty disks to create.
+type Disks = (Vec<DiskConfig>, Vec<FileSource>, Vec<SparseFile>);
+
+fn disks(spec: &VirtualMachineSpec, dir: &VmDir, ctx: &NodeContext) -> Result<Disks, PrepareError> {
     let mut sparse_files = Vec::new();
     let mut disks = Vec::new();
+    let mut opens = Vec::new();
     for (i, d) in spec.disks.iter().enumerate() {
         let field = format!("spec.disks[{i}]");
         let path = if let Some(h) = &d.host_disk {
-            allowed(ctx, &format!("{field}.hostDisk.path"), &h.path)?
+            let (path, src) = user_file(ctx, &format!("{field}.hostDisk.path"), &h.path)?;
+            opens.push(src);
+            path
         } else if let Some(e) = &d.empty_disk {
             let size = kubevmm_crds::quantity::parse_bytes(&e.size.0).map_err(|err| {
                 PrepareError::Invalid {
@@ -164,11 +209,21 @@ fn disks(
                     what: err.to_string(),
                 }
             })?;
+            if size > ctx.max_empty_disk {
+                return Err(PrepareError::Invalid {
+                    field: format!("{field}.emptyDisk.size"),
+                    what: format!(
+                        "{size} bytes is more than this node allows for an empty disk ({} bytes, --max-empty-disk)",
+                        ctx.max_empty_disk
+                    ),
+                });
+            }
             let path = dir.0.join(format!("disk-{}.img", d.name));
             sparse_files.push(SparseFile {
                 path: path.clone(),
                 size,
             });
+            opens.push(FileSource::State(path.clone()));
             path
         } else if d.image.is_some() {
             return Err(PrepareError::Unsupported {
@@ -189,14 +244,14 @@ fn disks(
             fd: None,
         });
     }
-    Ok((disks, sparse_files))
+    Ok((disks, opens, sparse_files))
 }
 
 /// NIC configs, taps to create, and `(network, MAC, tap)` for status.
 type Nics = (Vec<NetConfig>, Vec<Tap>, Vec<(String, String, String)>);
 
 /// Builds the NICs of `spec`.
-fn networks(spec: &VirtualMachineSpec, uid: &str) -> Result<Nics, PrepareError> {
+fn networks(spec: &VirtualMachineSpec, uid: &str, ctx: &NodeContext) -> Result<Nics, PrepareError> {
     let mut nets = Vec::new();
     let mut taps = Vec::new();
     let mut interfaces = Vec::new();
@@ -207,6 +262,17 @@ fn networks(spec: &VirtualMachineSpec, uid: &str) -> Result<Nics, PrepareError> 
                 what: "masquerade networking is not provided by node-vmm yet; use bridge: {name: BRIDGE}".into(),
             });
         };
+        if !ctx.allowed_bridges.contains(&bridge.name) {
+            return Err(PrepareError::BridgeNotAllowed {
+                field: format!("spec.networks[{i}].bridge.name"),
+                bridge: bridge.name.clone(),
+                allowed: if ctx.allowed_bridges.is_empty() {
+                    "none".into()
+                } else {
+                    ctx.allowed_bridges.join(", ")
+                },
+            });
+        }
         let mac = n
             .mac_address
             .clone()
@@ -250,15 +316,16 @@ pub fn plan(
                 kubevmm_vmm::config::MAX_CPUS
             ),
         })?;
-    let kernel = boot(ctx, &spec.boot.kernel, "spec.boot.kernel")?;
-    let initrd = spec
+    let (kernel, kernel_src) = boot(ctx, &spec.boot.kernel, "spec.boot.kernel")?;
+    let (initrd, initrd_src) = spec
         .boot
         .initrd
         .as_ref()
         .map(|i| boot(ctx, i, "spec.boot.initrd"))
-        .transpose()?;
-    let (disks, sparse_files) = disks(spec, dir, ctx)?;
-    let (nets, taps, interfaces) = networks(spec, uid)?;
+        .transpose()?
+        .unzip();
+    let (disks, disk_srcs, sparse_files) = disks(spec, dir, ctx)?;
+    let (nets, taps, interfaces) = networks(spec, uid, ctx)?;
     let config = VmConfig {
         cpus,
         memory,
@@ -271,14 +338,21 @@ pub fn plan(
         serial: SerialConfig {
             mode: SerialMode::File,
             path: Some(dir.console_log()),
-            log: None,
+            ..SerialConfig::default()
         },
         api_socket: Some(dir.api_socket()),
         on_reboot: kubevmm_vmm::config::OnReboot::Exit,
         seccomp: true,
+        fds: kubevmm_vmm::config::HandedFds::default(),
+        jail: None,
     };
     Ok(Plan {
         config,
+        opens: Opens {
+            kernel: kernel_src,
+            initrd: initrd_src,
+            disks: disk_srcs,
+        },
         sparse_files,
         taps,
         interfaces,
@@ -301,18 +375,22 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Creates what the plan needs on the host and writes the VMM config.
-pub fn realize(plan: &Plan, dir: &VmDir) -> Result<(), PrepareError> {
+/// Creates what the plan needs on the host (empty disks, taps), opens every
+/// file and device the guest uses, and writes the VMM config that names
+/// them by fd. With `jail_id`, the VMM confines itself as that uid/gid in
+/// `dir/root`. The returned [`Handoff`] holds the fds (and the disk locks).
+pub fn realize(
+    plan: &Plan,
+    dir: &VmDir,
+    ctx: &NodeContext,
+    jail_id: Option<u32>,
+) -> Result<(VmConfig, Handoff), PrepareError> {
     let host = |what: String| move |why: String| PrepareError::Host { what, why };
-    std::fs::create_dir_all(&dir.0)
+    super::opener::state_dir(dir)
         .map_err(|e| host(format!("state directory {}", dir.0.display()))(e.to_string()))?;
     for f in &plan.sparse_files {
-        if !f.path.exists() {
-            let file = std::fs::File::create(&f.path)
-                .and_then(|file| file.set_len(f.size).map(|()| file))
-                .map_err(|e| host(format!("empty disk {}", f.path.display()))(e.to_string()))?;
-            drop(file);
-        }
+        super::opener::sparse_file(&f.path, f.size)
+            .map_err(|e| host(format!("empty disk {}", f.path.display()))(e.to_string()))?;
     }
     for t in &plan.taps {
         if !Path::new("/sys/class/net")
@@ -331,15 +409,35 @@ pub fn realize(plan: &Plan, dir: &VmDir) -> Result<(), PrepareError> {
             .and_then(|()| ip(&["link", "set", &t.name, "up"]))
             .map_err(host(format!("tap {}", t.name)))?;
     }
-    let json = serde_json::to_vec_pretty(&plan.config)
-        .map_err(|e| host("VMM config".into())(e.to_string()))?;
+    let (mut config, handoff) = super::opener::open_all(plan, dir, &ctx.allowed_dirs)?;
+    config.jail = jail_id.map(|id| JailConfig {
+        uid: id,
+        gid: id,
+        root: dir.jail_root(),
+    });
+    let json =
+        serde_json::to_vec_pretty(&config).map_err(|e| host("VMM config".into())(e.to_string()))?;
     super::supervisor::write_atomic(&dir.config(), &json)
-        .map_err(|e| host("VMM config".into())(e.to_string()))
+        .map_err(|e| host("VMM config".into())(e.to_string()))?;
+    Ok((config, handoff))
 }
+
+impl From<HandoffError> for PrepareError {
+    fn from(e: HandoffError) -> Self {
+        PrepareError::Host {
+            what: "descriptors for the VMM".into(),
+            why: e.to_string(),
+        }
+    }
+}
+
+/// Most NICs a VM may have (the VMM's virtio device limit): the orphan
+/// sweep, which no longer knows the spec, releases this many tap names.
+pub const MAX_TAPS: usize = kubevmm_vmm::arch::layout::VIRTIO_MAX_DEVICES;
 
 /// Removes the taps of a plan (best effort; used when the VM goes away).
 pub fn release_taps(uid: &str, count: usize) {
-    for i in 0..count.max(16) {
+    for i in 0..count.min(MAX_TAPS) {
         let name = tap_name(uid, i);
         if Path::new("/sys/class/net").join(&name).exists() {
             let _ = ip(&["link", "del", &name]);
@@ -358,6 +456,8 @@ mod tests {
     fn ctx() -> NodeContext {
         NodeContext {
             allowed_dirs: vec![PathBuf::from("/var/lib/kubevmm")],
+            allowed_bridges: vec!["br0".into()],
+            max_empty_disk: 1 << 40,
         }
     }
 
@@ -381,6 +481,16 @@ mod tests {
                 size: 1 << 30
             }]
         );
+        assert_eq!(
+            p.opens.disks,
+            vec![
+                FileSource::User {
+                    field: "spec.disks[0].hostDisk.path".into(),
+                    path: "/var/lib/kubevmm/disks/d.img".into()
+                },
+                FileSource::State(PathBuf::from("/run/vm1/disk-scratch.img")),
+            ]
+        );
         assert_eq!(p.taps[0].bridge, "br0");
         assert!(p.taps[0].name.len() <= 15);
         assert_eq!(p.interfaces[0].1, stable_mac("0a1b2c3d-4e5f", "lan"));
@@ -393,6 +503,26 @@ mod tests {
         assert!(e
             .to_string()
             .contains("spec.boot.kernel.path: /etc/shadow is outside the allowed directories"));
+    }
+
+    #[test]
+    fn refuses_bridges_and_empty_disks_beyond_the_node_limits() {
+        let base = "memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\n";
+        let cases = [
+            (
+                "networks: [{name: lan, bridge: {name: br1}}]\n",
+                "spec.networks[0].bridge.name: bridge br1 is not in the allowed bridges (br0)",
+            ),
+            (
+                "disks: [{name: big, emptyDisk: {size: 2Ti}}]\n",
+                "spec.disks[0].emptyDisk.size: 2199023255552 bytes is more than this node allows",
+            ),
+        ];
+        for (extra, want) in cases {
+            let s = spec(&format!("{base}{extra}"));
+            let e = plan(&s, "u", &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
+            assert!(e.to_string().starts_with(want), "{e}");
+        }
     }
 
     #[test]

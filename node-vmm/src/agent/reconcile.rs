@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::lifecycle::{self, AfterExit, Ended};
 use super::supervisor::{self, ProcessId, VmDir};
-use super::{prepare, vmm_client, AgentConfig};
+use super::{cgroups, jail_ids, prepare, vmm_client, AgentConfig};
 
 /// Errors of one reconcile; the VM is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -83,11 +83,29 @@ impl Ctx {
         VmDir(self.cfg.state_dir.join("vms").join(uid))
     }
 
-    fn cgroup(&self, uid: &str) -> Option<PathBuf> {
-        self.cfg
-            .cgroup_root
-            .as_ref()
-            .map(|r| r.join(format!("vm-{uid}")))
+    /// The VM's cgroup directories, with limits when `vm` is given.
+    fn cgroups(&self, uid: &str, vm: Option<&VirtualMachine>) -> Vec<cgroups::Dir> {
+        let limits = vm.and_then(|vm| {
+            let memory = kubevmm_crds::quantity::parse_bytes(&vm.spec.memory.0).ok()?;
+            Some(cgroups::limits(
+                vm.spec.cpus,
+                memory,
+                self.cfg.vmm_memory_overhead,
+            ))
+        });
+        cgroups::plan(&self.cfg.cgroups, uid, limits)
+    }
+
+    /// Removes everything the VM has on this host: taps, cgroups (killing
+    /// what is left in them), the state directory. Written once, used by
+    /// release and by the orphan sweep.
+    fn remove_host_state(&self, uid: &str, taps: usize) {
+        prepare::release_taps(uid, taps);
+        let left = cgroups::remove(&self.cgroups(uid, None));
+        if !left.is_empty() {
+            tracing::warn!(uid, ?left, "cgroups still busy; the orphan sweep retries");
+        }
+        let _ = std::fs::remove_dir_all(self.dir(uid).0);
     }
 }
 
@@ -335,7 +353,16 @@ async fn handle_exit(
         |r| r.ended(local.stopping.is_some()),
     );
     local.stopping = None;
-    let after = lifecycle::after_exit(spec.run_strategy, &ended, local.restarts.max(0) as u32);
+    let ran_for = local
+        .started_at
+        .and_then(|t| Duration::try_from(Timestamp::now().duration_since(t)).ok())
+        .unwrap_or(Duration::ZERO);
+    let after = lifecycle::after_exit(
+        spec.run_strategy,
+        &ended,
+        local.restarts.max(0) as u32,
+        ran_for,
+    );
     event(ctx, vm, ended.is_failure(), ended.reason(), ended.message()).await;
     match after {
         AfterExit::Restart(delay) if !deleting => {
@@ -359,15 +386,54 @@ async fn handle_exit(
     let _ = std::fs::remove_file(dir.api_socket());
 }
 
+/// Plans the VM, readies its cgroups (empty: no stale VMM may run beside a
+/// new one; limits written), picks its VMM uid and opens what it uses.
+fn prepare_host(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    uid: &str,
+    dir: &VmDir,
+    node: &prepare::NodeContext,
+    cg: &[cgroups::Dir],
+) -> Result<(prepare::Plan, super::handoff::Handoff), prepare::PrepareError> {
+    let plan = prepare::plan(&vm.spec, uid, dir, node)?;
+    let stale = cgroups::live_pids(cg);
+    if !stale.is_empty() {
+        tracing::warn!(
+            uid,
+            ?stale,
+            "stopping VMM processes left in the VM's cgroup before starting it"
+        );
+        cgroups::remove(cg);
+    }
+    cgroups::create(cg).map_err(|e| prepare::PrepareError::Host {
+        what: "VM cgroup".into(),
+        why: e.to_string(),
+    })?;
+    let jail = ctx
+        .cfg
+        .jail
+        .map(|r| jail_ids::assign(&ctx.cfg.state_dir.join("vms"), uid, r))
+        .transpose()
+        .map_err(|e| prepare::PrepareError::Host {
+            what: "VMM user id".into(),
+            why: e.to_string(),
+        })?;
+    let (_, fds) = prepare::realize(&plan, dir, node, jail)?;
+    Ok((plan, fds))
+}
+
 /// Prepares and starts the VMM; failures become status, not errors.
 async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &mut LocalVm) {
     local.next_start = None;
     let ctx_node = prepare::NodeContext {
         allowed_dirs: ctx.cfg.allowed_dirs.clone(),
+        allowed_bridges: ctx.cfg.allowed_bridges.clone(),
+        max_empty_disk: ctx.cfg.max_empty_disk,
     };
-    let plan = match prepare::plan(&vm.spec, uid, dir, &ctx_node)
-        .and_then(|p| prepare::realize(&p, dir).map(|()| p))
-    {
+    let cg = ctx.cgroups(uid, Some(vm));
+    let prepared = prepare_host(ctx, vm, uid, dir, &ctx_node, &cg);
+    let (plan, fds) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let reason = match e {
@@ -388,14 +454,14 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
     local.prepare_failures = 0;
     let owner = json!({"namespace": vm.namespace(), "name": vm.name_any(), "uid": uid});
     let _ = supervisor::write_atomic(&dir.owner_file(), owner.to_string().as_bytes());
-    let (node_vmm, vmm, cg, d) = (
+    let (node_vmm, vmm, d) = (
         ctx.node_vmm.clone(),
         ctx.cfg.vmm_binary.clone(),
-        ctx.cgroup(uid),
         dir.clone(),
     );
+    let cg: Vec<PathBuf> = cg.into_iter().map(|c| c.path).collect();
     let spawned =
-        tokio::task::spawn_blocking(move || supervisor::spawn(&node_vmm, &vmm, &d, cg.as_deref()))
+        tokio::task::spawn_blocking(move || supervisor::spawn(&node_vmm, &vmm, &d, &cg, &fds))
             .await;
     match spawned {
         Ok(Ok(pid)) => {
@@ -425,8 +491,12 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
         }
         Ok(Err(e)) => {
             let ended = Ended::VmmFailure(e.to_string());
-            let after =
-                lifecycle::after_exit(vm.spec.run_strategy, &ended, local.restarts.max(0) as u32);
+            let after = lifecycle::after_exit(
+                vm.spec.run_strategy,
+                &ended,
+                local.restarts.max(0) as u32,
+                Duration::ZERO,
+            );
             if let AfterExit::Restart(d) = after {
                 local.next_start = Some(Instant::now() + d);
             } else {
@@ -576,13 +646,10 @@ async fn stop_step(
 
 /// Releases taps, cgroup, metrics series and the state directory.
 fn release(ctx: &Ctx, uid: &str, dir: &VmDir, vm: &VirtualMachine) {
-    prepare::release_taps(uid, vm.spec.networks.len());
-    if let Some(cg) = ctx.cgroup(uid) {
-        let _ = std::fs::remove_dir(cg);
-    }
+    debug_assert_eq!(dir.0, ctx.dir(uid).0);
+    ctx.remove_host_state(uid, vm.spec.networks.len());
     ctx.metrics
         .forget(&vm.namespace().unwrap_or_default(), &vm.name_any());
-    let _ = std::fs::remove_dir_all(&dir.0);
 }
 
 async fn remove_finalizer(ctx: &Ctx, vm: &VirtualMachine) -> Result<(), ReconcileError> {
@@ -775,12 +842,14 @@ pub async fn collect_orphans(ctx: Arc<Ctx>, store: Store<VirtualMachine>) {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 supervisor::kill(pid);
             }
-            prepare::release_taps(&uid, 16);
-            if let Some(cg) = ctx.cgroup(&uid) {
-                let _ = std::fs::remove_dir(cg);
-            }
-            let _ = std::fs::remove_dir_all(&dir.0);
+            ctx.remove_host_state(&uid, prepare::MAX_TAPS);
             ctx.lock().remove(&uid);
+        }
+        // cgroups that outlived their state directory (busy at release).
+        for uid in cgroups::vm_uids(&ctx.cfg.cgroups) {
+            if !bound.contains(&uid) && !ctx.dir(&uid).0.exists() {
+                cgroups::remove(&ctx.cgroups(&uid, None));
+            }
         }
         let mut counts: HashMap<&'static str, i64> = HashMap::new();
         for vm in store.state() {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::handoff::Handoff;
 use super::lifecycle::Ended;
 
 /// Errors of process supervision.
@@ -141,6 +142,10 @@ impl VmDir {
     pub fn exit_file(&self) -> PathBuf {
         self.0.join("exit.json")
     }
+    /// The empty directory the jailed VMM sees as `/`.
+    pub fn jail_root(&self) -> PathBuf {
+        self.0.join("root")
+    }
     /// Which Kubernetes object this directory belongs to.
     pub fn owner_file(&self) -> PathBuf {
         self.0.join("owner.json")
@@ -157,23 +162,40 @@ impl VmDir {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename). The
+/// temp file is new (`O_EXCL`, mode 0600, never through a symlink) and named
+/// after the target and this process, so two writers never share it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SupervisorError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
     f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// Starts the shim for `dir` and waits until the VMM process exists.
+/// Starts the shim for `dir`, handing it `fds`, and waits until the VMM
+/// process exists. The shim joins `cgroups` and starts the VMM in a new PID
+/// namespace.
 pub fn spawn(
     node_vmm: &Path,
     vmm: &Path,
     dir: &VmDir,
-    cgroup: Option<&Path>,
+    cgroups: &[PathBuf],
+    fds: &Handoff,
 ) -> Result<ProcessId, SupervisorError> {
-    for stale in [dir.pid_file(), dir.exit_file(), dir.api_socket()] {
+    for stale in [dir.pid_file(), dir.exit_file()] {
         let _ = fs::remove_file(stale);
     }
     let mut cmd = Command::new(node_vmm);
@@ -185,9 +207,11 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    if let Some(cg) = cgroup {
+    for cg in cgroups {
         cmd.arg("--cgroup").arg(cg);
     }
+    cmd.arg("--fds").arg(fds.count().to_string());
+    fds.install(&mut cmd);
     // The shim forks away at once; this waits only for that first process.
     let status = cmd.status().map_err(|source| SupervisorError::Spawn {
         exe: node_vmm.to_path_buf(),
@@ -246,14 +270,23 @@ pub fn kill(id: ProcessId) {
     }
 }
 
+/// The last `n` non-empty lines of `path`, reading at most its last 8 KiB.
 fn last_lines(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut tail = Vec::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        let len = f.metadata().map_or(0, |m| m.len());
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
+        let _ = f.take(8192).read_to_end(&mut tail);
+    }
+    let text = String::from_utf8_lossy(&tail);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// `node-vmm shim --dir DIR --vmm BIN [--cgroup CG]`: see the module docs.
-pub fn shim_main(dir: &Path, vmm: &Path, cgroup: Option<&Path>) -> ExitCode {
+/// `node-vmm shim --dir DIR --vmm BIN [--cgroup CG]... --fds N`: see the
+/// module docs. Fds `3..3+N` are the VMM's, inherited from the agent.
+pub fn shim_main(dir: &Path, vmm: &Path, cgroups: &[PathBuf], fds: usize) -> ExitCode {
     // SAFETY: the shim has started no threads yet, so fork is safe; the
     // parent only returns.
     match unsafe { libc::fork() } {
@@ -278,18 +311,21 @@ pub fn shim_main(dir: &Path, vmm: &Path, cgroup: Option<&Path>) -> ExitCode {
         );
         ExitCode::FAILURE
     };
-    let mut cgroup_note = None;
-    if let Some(cg) = cgroup {
-        // Own cgroup for the shim and its VMM: outside the agent's.
-        if let Err(e) =
-            fs::create_dir_all(cg).and_then(|()| fs::write(cg.join("cgroup.procs"), b"0"))
-        {
-            cgroup_note = Some(format!(
-                "node-vmm shim: cgroup {} not used: {e}\n",
-                cg.display()
-            ));
+    // Own cgroups for the shim and its VMM, outside the agent's: the limits
+    // were written by the agent; joining is what puts us under them.
+    for cg in cgroups {
+        if let Err(e) = fs::write(cg.join("cgroup.procs"), b"0") {
+            return fail(format!("cannot join cgroup {}: {e}", cg.display()));
         }
     }
+    // The VMM becomes PID 1 of a new PID namespace: it sees no other process.
+    // SAFETY: unshare takes flags only; the shim is single-threaded.
+    let cgroup_note = (unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0).then(|| {
+        format!(
+            "node-vmm shim: no PID namespace for the VMM: {}\n",
+            std::io::Error::last_os_error()
+        )
+    });
     let log = match fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -319,6 +355,15 @@ pub fn shim_main(dir: &Path, vmm: &Path, cgroup: Option<&Path>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start {}: {e}", vmm.display())),
     };
+    // The VMM holds its own copies now; the shim keeps none (a disk lock
+    // must end with the VMM).
+    for fd in 0..fds {
+        // SAFETY: closes the inherited descriptors 3..3+fds, which nothing
+        // in the shim uses.
+        unsafe {
+            libc::close(super::handoff::FIRST + fd as i32);
+        }
+    }
     let pid = child.id() as i32;
     let Some(id) = ProcessId::of(pid) else {
         return fail("the VMM exited before it could be recorded".into());

@@ -1,0 +1,135 @@
+//! The I/O half of `prepare::realize`: the VM's state directory and empty
+//! disks, created without following symlinks, and every descriptor the
+//! jailed VMM needs: `/dev/kvm`, kernel and initrd, disks (locked), taps,
+//! the console file and the control socket.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::Path;
+
+use kubevmm_vmm::VmConfig;
+
+use super::handoff::Handoff;
+use super::hostfs::{self, Access};
+use super::prepare::{FileSource, Plan, PrepareError};
+use super::supervisor::VmDir;
+
+/// Creates the VM's directory (0700) and the empty jail root inside it.
+pub fn state_dir(dir: &VmDir) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir.0)?;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700))?;
+    let root = dir.jail_root();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o555)
+        .create(&root)?;
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o555))
+}
+
+/// Creates a sparse file of `size` bytes unless it exists; never follows a
+/// symlink.
+pub fn sparse_file(path: &Path, size: u64) -> std::io::Result<()> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f.set_len(size),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn host(what: String) -> impl FnOnce(std::io::Error) -> PrepareError {
+    move |e| PrepareError::Host {
+        what,
+        why: e.to_string(),
+    }
+}
+
+/// Opens one planned file.
+fn open_source(
+    src: &FileSource,
+    allowed: &[std::path::PathBuf],
+    access: Access,
+) -> Result<OwnedFd, PrepareError> {
+    match src {
+        FileSource::User { field, path } => {
+            Ok(hostfs::open_user_path(allowed, field, path, access)?)
+        }
+        FileSource::State(path) => {
+            let fd: OwnedFd = OpenOptions::new()
+                .read(true)
+                .write(access == Access::DiskReadWrite)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(host(format!("disk {}", path.display())))?
+                .into();
+            let p = path.display().to_string();
+            hostfs::lock(&fd, access, &p, &p)?;
+            Ok(fd)
+        }
+    }
+}
+
+/// Opens everything of `plan` and returns the config naming the fds.
+pub fn open_all(
+    plan: &Plan,
+    dir: &VmDir,
+    allowed: &[std::path::PathBuf],
+) -> Result<(VmConfig, Handoff), PrepareError> {
+    let mut config = plan.config.clone();
+    let mut h = Handoff::default();
+    let kvm: OwnedFd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(host("/dev/kvm".into()))?
+        .into();
+    config.fds.kvm = Some(h.add(&kvm)?);
+    config.fds.kernel = Some(h.add(&open_source(&plan.opens.kernel, allowed, Access::Boot)?)?);
+    if let Some(i) = &plan.opens.initrd {
+        config.fds.initrd = Some(h.add(&open_source(i, allowed, Access::Boot)?)?);
+    }
+    for (disk, src) in config.disks.iter_mut().zip(&plan.opens.disks) {
+        let access = if disk.read_only {
+            Access::DiskReadOnly
+        } else {
+            Access::DiskReadWrite
+        };
+        disk.fd = Some(h.add(&open_source(src, allowed, access)?)?);
+    }
+    for net in &mut config.nets {
+        let Some(tap) = net.tap.take() else { continue };
+        let file: File =
+            kubevmm_vmm::devices::virtio::net::open_tap(&net.id, &tap).map_err(|e| {
+                PrepareError::Host {
+                    what: format!("tap {tap}"),
+                    why: e.to_string(),
+                }
+            })?;
+        net.fd = Some(h.add(&OwnedFd::from(file))?);
+    }
+    let console = dir.console_log();
+    let log: OwnedFd = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&console)
+        .map_err(host(format!("console {}", console.display())))?
+        .into();
+    config.fds.serial = Some(h.add(&log)?);
+    let sock = dir.api_socket();
+    let listener = kubevmm_vmm::vm::bind_unix(&sock)
+        .map_err(host(format!("API socket {}", sock.display())))?;
+    config.fds.api = Some(h.add(&OwnedFd::from(listener))?);
+    Ok((config, h))
+}
