@@ -6,7 +6,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 export KUBECONFIG="${KUBEVMM_CLUSTER_DIR:-$HOME/.cache/kubevmm/cluster}/admin.kubeconfig"
-STATE="${KUBEVMM_STATE_DIR:-/var/lib/kubevmm/run}"
+STATE="${KUBEVMM_STATE_DIR:-/var/lib/kubevmm-node}"
 
 say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 

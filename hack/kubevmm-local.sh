@@ -12,7 +12,7 @@
 #
 # Environment: KUBEVMM_CLUSTER_DIR [~/.cache/kubevmm/cluster], KUBEVMM_BIN
 # [<repo>/target/release], KUBEVMM_NODE_NAME [host name],
-# KUBEVMM_STATE_DIR [/var/lib/kubevmm/run].
+# KUBEVMM_STATE_DIR [/var/lib/kubevmm-node].
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,7 +20,7 @@ REPO=$(cd "$HERE/.." && pwd)
 D="${KUBEVMM_CLUSTER_DIR:-$HOME/.cache/kubevmm/cluster}"
 BIN="${KUBEVMM_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release}"
 NODE="${KUBEVMM_NODE_NAME:-$(hostname)}"
-STATE="${KUBEVMM_STATE_DIR:-/var/lib/kubevmm/run}"
+STATE="${KUBEVMM_STATE_DIR:-/var/lib/kubevmm-node}"
 RUN="$D/run"
 LOGS="$D/logs"
 

@@ -353,17 +353,6 @@ pub fn wait_for<T>(
     }
 }
 
-/// The first cgroup v2 mount, where node-vmm puts per-VM cgroups.
-fn cgroup2_root() -> Option<PathBuf> {
-    std::fs::read_to_string("/proc/self/mounts")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-}
-
 /// Tears down what a test's node agent left in its state directory `state`
 /// (call after killing the agent): kills every VMM recorded there — guests
 /// outlive the agent by design, and must not outlive the test — removes
@@ -384,11 +373,11 @@ pub fn kill_guests(state: &Path) {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
-        if let Some(root) = cgroup2_root() {
-            // Empty once its processes are gone; retried briefly.
-            let cg = root
-                .join("kubevmm")
-                .join(format!("vm-{}", d.file_name().to_string_lossy()));
+        // The VM's cgroups in every hierarchy (v2, and v1 memory/pids/cpu on
+        // hybrid hosts): empty once its processes are gone; retried briefly.
+        let leaf = format!("kubevmm/vm-{}", d.file_name().to_string_lossy());
+        for root in cgroup_roots() {
+            let cg = root.join(&leaf);
             for _ in 0..20 {
                 if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
                     break;
@@ -398,4 +387,16 @@ pub fn kill_guests(state: &Path) {
         }
     }
     let _ = std::fs::remove_dir_all(state);
+}
+
+/// Every cgroup mount (v2 and each v1 controller), from /proc/self/mounts.
+pub fn cgroup_roots() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && (f[2] == "cgroup2" || f[2] == "cgroup")).then(|| PathBuf::from(f[1]))
+        })
+        .collect()
 }

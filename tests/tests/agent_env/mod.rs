@@ -1,0 +1,274 @@
+//! The per-test world of the agent end-to-end tests: a namespace, a node,
+//! a real `node-vmm agent` and `kubevmm-operator` on the shared private
+//! control plane, and helpers to apply VMs and read their state.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use kubevmm_e2e::{
+    bin_path, build_guests, free_port, kill_guests, run_with_input, wait_for, ControlPlane, Daemon,
+};
+use serde_json::Value;
+
+/// Our guests busy-poll; on a 2-core machine they run one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub struct Env {
+    pub cp: &'static ControlPlane,
+    pub ns: String,
+    pub node: String,
+    pub state: PathBuf,
+    pub guests: PathBuf,
+    pub agent: Daemon,
+    pub operator: Daemon,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+pub fn require_kvm() {
+    let r = kubevmm_vmm::host_check::probe();
+    assert!(
+        r.usable(),
+        "these tests boot real guests and need /dev/kvm: {:?}",
+        r.problem
+    );
+}
+
+pub fn start_agent(
+    cp: &ControlPlane,
+    node: &str,
+    state: &std::path::Path,
+    guests: &std::path::Path,
+    log: &str,
+) -> Daemon {
+    start_agent_with(cp, node, state, guests, log, "1")
+}
+
+pub fn start_agent_with(
+    cp: &ControlPlane,
+    node: &str,
+    state: &std::path::Path,
+    guests: &std::path::Path,
+    log: &str,
+    reserved_cpus: &str,
+) -> Daemon {
+    let mut cmd = std::process::Command::new(bin_path("node-vmm"));
+    cmd.env("KUBECONFIG", cp.kubeconfig())
+        .args(["agent", "--node-name", node, "--state-dir"])
+        .arg(state)
+        .arg("--allowed-dir")
+        .arg(guests)
+        .args([
+            "--reserved-cpus",
+            reserved_cpus,
+            "--lease-seconds",
+            "6",
+            "--metrics-addr",
+        ])
+        .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+    Daemon::start(cmd, state.join(log))
+}
+
+impl Env {
+    pub fn new(test: &str) -> Self {
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        require_kvm();
+        let cp = ControlPlane::shared();
+        let guests = build_guests();
+        let ns = cp.namespace(test);
+        let node = format!("node-{ns}");
+        let state = std::env::temp_dir().join(format!("kubevmm-e2e-{node}"));
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).expect("state dir");
+        let agent = start_agent(cp, &node, &state, &guests, "agent.log");
+        let kubectl_ok = |args: &[&str]| {
+            cp.kubectl()
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        wait_for(
+            60,
+            "the agent to register its HypervisorNode",
+            || kubectl_ok(&["get", "hvnode", &node]).then_some(()),
+            || agent.output(),
+        );
+        assert!(kubectl_ok(&[
+            "label",
+            "hvnode",
+            &node,
+            &format!("kubevmm.io/test-node={node}")
+        ]));
+        let mut op = std::process::Command::new(bin_path("kubevmm-operator"));
+        op.arg("--kubeconfig")
+            .arg(cp.kubeconfig())
+            .args([
+                "--namespace",
+                &ns,
+                "--node-selector",
+                &format!("kubevmm.io/test-node={node}"),
+            ])
+            .args(["--leader-lease", &format!("op-{node}"), "--metrics-addr"])
+            .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+        let operator = Daemon::start(op, state.join("operator.log"));
+        Self {
+            cp,
+            ns,
+            node,
+            state,
+            guests,
+            agent,
+            operator,
+            _serial: serial,
+        }
+    }
+
+    pub fn apply(&self, name: &str, guest: &str, extra: &str) {
+        self.apply_kernel(name, &self.guests.join(format!("{guest}.elf")), extra);
+    }
+
+    pub fn apply_kernel(&self, name: &str, kernel: &std::path::Path, extra: &str) {
+        let manifest = format!(
+            "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: 1\n  memory: 64Mi\n  \
+             terminationGracePeriodSeconds: 60\n  nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{path: {kernel}}}\n{extra}",
+            node = self.node,
+            kernel = kernel.display(),
+        );
+        let out = run_with_input(
+            self.cp.kubectl().args(["apply", "-n", &self.ns, "-f", "-"]),
+            &manifest,
+        );
+        assert!(out.success, "apply refused: {}", out.stderr);
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self
+            .cp
+            .kubectl()
+            .args(["-n", &self.ns])
+            .args(args)
+            .output()
+            .expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn vm(&self, name: &str) -> Option<Value> {
+        let out = self
+            .cp
+            .kubectl()
+            .args(["-n", &self.ns, "get", "vm", name, "-o", "json"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    pub fn phase(&self, name: &str) -> Option<String> {
+        self.vm(name)?
+            .pointer("/status/phase")?
+            .as_str()
+            .map(str::to_string)
+    }
+
+    pub fn condition(&self, name: &str, type_: &str) -> Option<Value> {
+        let vm = self.vm(name)?;
+        vm.pointer("/status/conditions")?
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+    }
+
+    pub fn uid(&self, name: &str) -> String {
+        self.vm(name)
+            .and_then(|v| v.pointer("/metadata/uid")?.as_str().map(str::to_string))
+            .expect("uid")
+    }
+
+    pub fn describe(&self, name: &str) -> String {
+        let lease = self
+            .cp
+            .kubectl()
+            .args([
+                "get",
+                "lease",
+                "-n",
+                "kubevmm-system",
+                &format!("node-vmm-{}", self.node),
+                "-o",
+                "jsonpath={.spec.renewTime}",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "{}\nnode Lease renewed at {lease}\n--- agent ---\n{}\n--- operator ---\n{}",
+            self.vm(name)
+                .map(|v| v["status"].to_string())
+                .unwrap_or_default(),
+            tail(&self.agent.output()),
+            tail(&self.operator.output())
+        )
+    }
+
+    pub fn wait_phase(&self, name: &str, phase: &str, seconds: u64) {
+        wait_for(
+            seconds,
+            &format!("{name} to be {phase}"),
+            || (self.phase(name).as_deref() == Some(phase)).then_some(()),
+            || self.describe(name),
+        );
+    }
+
+    pub fn vm_dir(&self, uid: &str) -> PathBuf {
+        self.state.join("vms").join(uid)
+    }
+
+    pub fn console(&self, uid: &str) -> String {
+        std::fs::read_to_string(self.vm_dir(uid).join("console.log")).unwrap_or_default()
+    }
+
+    pub fn vmm_pid(&self, uid: &str) -> Option<i32> {
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(self.vm_dir(uid).join("vmm.pid")).ok()?).ok()?;
+        v["pid"].as_i64().map(|p| p as i32)
+    }
+
+    pub fn events(&self, name: &str) -> String {
+        self.kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "custom-columns=REASON:.reason,NOTE:.note,MESSAGE:.message",
+        ])
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rfind(')').is_some_and(|i| !s[i + 2..].starts_with('Z')))
+}
+
+pub fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Never leave guests behind: they spin on the CPU.
+        self.agent.kill();
+        kill_guests(&self.state);
+    }
+}
