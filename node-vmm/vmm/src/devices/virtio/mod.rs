@@ -2,10 +2,12 @@
 //! notifications on ioeventfds and interrupts on irqfds.
 
 pub mod block;
+pub mod log_limit;
 pub mod mmio;
 pub mod net;
-
 pub mod rng;
+#[cfg(test)]
+mod test_util;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
