@@ -15,7 +15,7 @@ use super::{Interrupt, VirtioDevice, VirtioError, TYPE_BLOCK};
 
 pub mod request;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 use request::{
     DiscardRange, Disk, Kind, Request, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,

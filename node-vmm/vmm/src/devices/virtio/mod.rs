@@ -5,6 +5,8 @@ pub mod block;
 pub mod log_limit;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+mod proptests;
 pub mod rng;
 #[cfg(test)]
 mod test_util;

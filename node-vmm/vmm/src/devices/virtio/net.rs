@@ -17,7 +17,7 @@ use crate::config::{parse_mac, NetConfig};
 
 pub mod frame;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 use frame::{RxBuffer, MAX_FRAME, VNET_HDR_LEN};
 
@@ -222,6 +222,17 @@ impl Net {
             rx_bufs: Vec::new(),
             log: LogLimiter::default(),
         }
+    }
+
+    /// Bytes held for frames: (TX buffer capacity, RX buffer length, RX
+    /// buffer list length), to check they stay bounded.
+    #[cfg(test)]
+    pub(crate) fn buffer_sizes(&self) -> (usize, usize, usize) {
+        (
+            self.tx_frame.capacity(),
+            self.rx_frame.len(),
+            self.rx_bufs.capacity(),
+        )
     }
 
     fn process_tx(&mut self) {

@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 use super::{Interrupt, VirtioDevice, VirtioError, TYPE_RNG};
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 const QUEUE_SIZE: u16 = 64;
 /// Random bytes given for one request, however many buffers or bytes the
@@ -37,6 +37,12 @@ impl Default for Rng {
 impl Rng {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The request buffer's capacity, to check it stays bounded.
+    #[cfg(test)]
+    pub(crate) fn buffer_size(&self) -> usize {
+        self.buf.capacity()
     }
 }
 
