@@ -162,8 +162,12 @@ pub fn wait(child: Vmm, dir: &Path) -> Outcome {
     wait_within(child, dir, HANG_GUARD)
 }
 
-/// Like `wait`, with a different guard.
+/// Like `wait`, with a different guard. stdout and stderr are read while
+/// the child runs: a child that writes more than a pipe holds (64 KiB)
+/// would otherwise block on the full pipe and never exit.
 pub fn wait_within(mut child: Vmm, dir: &Path, guard: Duration) -> Outcome {
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -179,26 +183,24 @@ pub fn wait_within(mut child: Vmm, dir: &Path, guard: Duration) -> Outcome {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
     Outcome {
         code: status.code(),
-        stdout,
-        stderr,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
         serial: serial_log(dir),
     }
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            // A read error ends the output; what came before is kept.
+            let _ = p.read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 pub fn run(config: &VmConfig, dir: &Path) -> Outcome {
