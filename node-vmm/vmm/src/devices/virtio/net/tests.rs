@@ -261,3 +261,29 @@ fn rx_waits_without_frames_and_without_buffers() {
     assert!(used.is_empty());
     assert_eq!(fx.sent().len(), 0);
 }
+
+#[test]
+fn rx_descriptor_loops_and_bad_indirect_tables() {
+    let mut fx = Fixture::new();
+    fx.host.send(&frame_bytes(3000)).unwrap();
+    fx.host.send(&frame_bytes(60)).unwrap();
+    fx.host.send(&frame_bytes(60)).unwrap();
+    {
+        let (mut rx, _tx) = drivers(&fx.mem, &mut fx.net);
+        // 0 -> 0 -> ...: the same 1 KiB buffer until the queue size (16).
+        rx.set(0, BUF, 1024, 1 | WRITE, 0);
+        rx.make_available(0);
+        // Indirect tables outside memory and of a bad length.
+        rx.set(1, MEM_SIZE + 0x1000, 32, INDIRECT, 0);
+        rx.make_available(1);
+        rx.set(2, TABLES, 24, INDIRECT, 0);
+        rx.make_available(2);
+        rx.set(3, BUF + 0x1000, 2048, WRITE, 0);
+        rx.make_available(3);
+        fx.net.process_queue(0);
+        assert_eq!(rx.used(), [(0, 3000), (1, 0), (2, 0), (3, 60)]);
+    }
+    assert_eq!(fx.counter("rx_malformed"), 2);
+    let (_, _, bufs) = fx.net.buffer_sizes();
+    assert!(bufs <= 16);
+}
