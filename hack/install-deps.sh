@@ -52,6 +52,7 @@ PACKAGES=(
 	xz-utils
 	zstd
 	util-linux      # flock, setsid
+	strace          # the blk flush test orders fdatasync before the guest sees completion
 	shellcheck      # make lint: hack/*.sh, .ci/run
 )
 

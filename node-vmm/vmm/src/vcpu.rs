@@ -1,11 +1,13 @@
 //! vCPU threads: run loop, exit dispatch, pause/resume and statistics.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -48,30 +50,108 @@ impl VcpuStats {
 }
 
 /// Pause gate shared by all vCPUs.
+///
+/// Every vCPU is either running, parked at the gate, or stopped for good
+/// (its machine is going down, or its thread ended): `pause_all` waits
+/// until each one is parked or stopped, so it neither returns early nor
+/// waits forever for a vCPU that will never come back.
 #[derive(Debug, Default)]
 pub struct PauseGate {
     want_paused: AtomicBool,
-    parked: Mutex<usize>,
+    state: Mutex<GateState>,
     cv: Condvar,
 }
 
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct GateState {
+    parked: usize,
+    stopped: usize,
+}
+
+impl GateState {
+    fn settled(self) -> usize {
+        self.parked + self.stopped
+    }
+}
+
 impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // The state is two counters that stay consistent whatever panicked.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn park_if_requested(&self) {
-        if !self.want_paused.load(Ordering::Acquire) {
+        if !self.want_paused.load(Ordering::SeqCst) {
             return;
         }
-        let mut parked = self.parked.lock().expect("pause lock poisoned");
-        *parked += 1;
+        let mut state = self.lock();
+        state.parked += 1;
         self.cv.notify_all();
-        while self.want_paused.load(Ordering::Acquire) {
-            parked = self.cv.wait(parked).expect("pause lock poisoned");
+        while self.want_paused.load(Ordering::SeqCst) {
+            state = self
+                .cv
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        *parked -= 1;
+        state.parked -= 1;
+        self.cv.notify_all();
+    }
+
+    /// This vCPU will not run again.
+    fn stop(&self) {
+        self.lock().stopped += 1;
         self.cv.notify_all();
     }
 
     pub fn is_paused(&self) -> bool {
-        self.want_paused.load(Ordering::Acquire)
+        self.want_paused.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts its vCPU as stopped when dropped: on every way out of the run
+/// loop, a panic included.
+struct StopOnDrop<'a>(&'a PauseGate);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+thread_local! {
+    /// This vCPU thread's `kvm_run`, for the kick handler; null elsewhere.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Publishes this thread's `kvm_run` to the kick handler until dropped.
+struct KickTarget;
+
+impl KickTarget {
+    fn set(run: *mut kvm_run) -> Self {
+        KVM_RUN.with(|p| p.set(run));
+        Self
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
+
+/// Sets or clears `immediate_exit` of this thread's vCPU, if it has one.
+fn set_immediate_exit(value: u8) {
+    // A const-initialized thread-local without destructor: a plain TLS
+    // access, safe in a signal handler.
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: `run` is this thread's vCPU mapping, published by
+        // `KickTarget` for exactly as long as the VcpuFd that owns it lives
+        // on this thread; a volatile byte write races with nothing but the
+        // kernel's read at KVM_RUN entry, which is what it is for.
+        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, value) };
     }
 }
 
@@ -101,7 +181,12 @@ pub struct VcpuHandle {
     thread: JoinHandle<()>,
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+/// The kick: a signal that interrupts `KVM_RUN`, and sets `immediate_exit`
+/// so that a kick landing just before `KVM_RUN` is not lost either: that
+/// `KVM_RUN` returns at once with EINTR and the loop sees the request.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    set_immediate_exit(1);
+}
 
 /// Installs the no-op handler for the signal that kicks vCPUs out of `KVM_RUN`.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
@@ -133,46 +218,60 @@ impl VcpuHandle {
     }
 }
 
-/// Stops all vCPUs between two `KVM_RUN`s and waits until they are parked.
+/// Stops all vCPUs between two `KVM_RUN`s and waits until each is parked
+/// (or stopped for good, and so will not run either).
 pub fn pause_all(gate: &PauseGate, vcpus: &[VcpuHandle]) {
-    gate.want_paused.store(true, Ordering::Release);
-    let mut parked = gate.parked.lock().expect("pause lock poisoned");
-    while *parked < vcpus.len() {
-        // A kick that lands outside KVM_RUN is lost, so repeat until parked.
+    gate.want_paused.store(true, Ordering::SeqCst);
+    let mut state = gate.lock();
+    while state.settled() < vcpus.len() {
+        // One kick is enough (immediate_exit covers the window before
+        // KVM_RUN); repeating it costs nothing and survives a lost signal.
         for v in vcpus {
             v.kick();
         }
-        parked = gate
+        state = gate
             .cv
-            .wait_timeout(parked, Duration::from_millis(2))
-            .expect("pause lock poisoned")
+            .wait_timeout(state, Duration::from_millis(10))
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .0;
     }
 }
 
 pub fn resume_all(gate: &PauseGate) {
-    let _parked = gate.parked.lock().expect("pause lock poisoned");
-    gate.want_paused.store(false, Ordering::Release);
+    let _state = gate.lock();
+    gate.want_paused.store(false, Ordering::SeqCst);
     gate.cv.notify_all();
 }
 
-fn run(index: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, stats: &VcpuStats) {
-    if let Some(f) = &ctx.filters {
-        if let Err(e) = f.apply() {
+/// Installs the thread's seccomp filter; false (the machine asked to stop)
+/// when that failed.
+fn apply_filters(index: u8, ctx: &VcpuContext) -> bool {
+    match ctx.filters.as_ref().map(crate::seccomp::Filters::apply) {
+        Some(Err(e)) => {
             ctx.exit
                 .request(ExitReason::Error(format!("vCPU {index}: {e}")));
-            return;
+            false
         }
+        _ => true,
     }
+}
+
+fn run(index: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, stats: &VcpuStats) {
+    let stopped = StopOnDrop(&ctx.gate);
+    if !apply_filters(index, ctx) {
+        return;
+    }
+    let kick_target = KickTarget::set(std::ptr::from_mut(vcpu.get_kvm_run()));
     loop {
         ctx.gate.park_if_requested();
         if ctx.exit.reason().is_some() {
-            // The machine is going down; the main thread ends the process.
-            std::thread::park();
-            continue;
+            break;
         }
         let start = Instant::now();
         let result = vcpu.run();
+        // Cleared before the loop looks at the pause request again: a kick
+        // after this point finds the request already visible.
+        set_immediate_exit(0);
         let elapsed = start.elapsed().as_nanos() as u64;
         stats.run_ns.fetch_add(elapsed, Ordering::Relaxed);
         let outcome = match result {
@@ -253,6 +352,14 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, stats: &VcpuStats) {
             ctx.exit.request(reason);
         }
     }
+    // The machine is going down; the main thread ends the process. This
+    // vCPU no longer holds up a pause, and the thread stays (with its
+    // VcpuFd) rather than unmapping and closing under the seccomp filter.
+    drop(stopped);
+    drop(kick_target);
+    loop {
+        std::thread::park();
+    }
 }
 
 /// " at rip 0x..: bytes" for crash reports, best effort.
@@ -297,4 +404,156 @@ fn internal_error(index: u8, vcpu: &mut VcpuFd, mem: &GuestMemoryMmap) -> String
         "{what} on vCPU {index} (suberror {suberror}){}",
         where_(vcpu, mem)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::{Kvm, VmFd};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    use super::*;
+    use crate::arch::regs::{self, EntryMode};
+    use crate::devices::BusDevice;
+
+    /// Port 0x99: any write asks the machine to power off.
+    struct PowerOffPort(ExitSignal);
+
+    impl BusDevice for PowerOffPort {
+        fn read(&mut self, _: u64, _: &mut [u8]) {}
+        fn write(&mut self, _: u64, _: &[u8]) {
+            self.0.request(ExitReason::PowerOff);
+        }
+    }
+
+    /// A VM of `codes.len()` vCPUs, vCPU i running `codes[i]` in 32-bit
+    /// protected mode, started.
+    struct Machine {
+        _vm: VmFd,
+        gate: Arc<PauseGate>,
+        exit: ExitSignal,
+        vcpus: Vec<VcpuHandle>,
+    }
+
+    /// `mov al, 1; out 0x99, al; jmp $`: asks for power-off, then spins.
+    const POWER_OFF: &[u8] = &[0xb0, 0x01, 0xe6, 0x99, 0xeb, 0xfe];
+    /// `jmp $`
+    const SPIN: &[u8] = &[0xeb, 0xfe];
+
+    fn machine(codes: &[&[u8]]) -> Machine {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let region = mem.iter().next().unwrap();
+        let r = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: region.len(),
+            userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
+        };
+        // SAFETY: `mem` is a live mapping; the VM and its vCPUs live no
+        // longer than the test process that keeps `mem` (cloned below).
+        unsafe { vm.set_user_memory_region(r) }.unwrap();
+        let exit = ExitSignal::new().unwrap();
+        let mut pio = Bus::default();
+        pio.insert(0x99, 1, Arc::new(Mutex::new(PowerOffPort(exit.clone()))))
+            .unwrap();
+        let gate = Arc::new(PauseGate::default());
+        let ctx = VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::default()),
+            mem: mem.clone(),
+            exit: exit.clone(),
+            gate: gate.clone(),
+            filters: None,
+        };
+        install_kick_handler().unwrap();
+        let mut vcpus = Vec::new();
+        for (i, code) in codes.iter().enumerate() {
+            let entry = 0x1_0000 + 0x1000 * i as u64;
+            mem.write_slice(code, GuestAddress(entry)).unwrap();
+            let vcpu = vm.create_vcpu(i as u64).unwrap();
+            let mode = EntryMode::Pvh {
+                entry,
+                start_info: 0,
+            };
+            regs::setup_sregs(&mem, &vcpu, mode).unwrap();
+            regs::setup_regs(&vcpu, mode).unwrap();
+            vcpus.push(VcpuHandle::spawn(i as u8, vcpu, ctx.clone()).unwrap());
+        }
+        Machine {
+            _vm: vm,
+            gate,
+            exit,
+            vcpus,
+        }
+    }
+
+    /// Runs `pause_all` on a helper thread; true when it returned in time.
+    fn pause_returns(m: &Arc<Machine>, within: Duration) -> bool {
+        let (tx, rx) = mpsc::channel();
+        let m = m.clone();
+        std::thread::spawn(move || {
+            pause_all(&m.gate, &m.vcpus);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(within).is_ok()
+    }
+
+    fn run_ns(m: &Machine) -> Vec<u64> {
+        m.vcpus
+            .iter()
+            .map(|v| v.stats.run_ns.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    #[test]
+    fn pause_returns_when_a_vcpu_has_stopped_for_power_off() {
+        let m = Arc::new(machine(&[POWER_OFF, SPIN]));
+        let start = Instant::now();
+        while m.exit.reason().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(30), "no power-off");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // vCPU 0 saw the exit request and stopped; pausing must not wait
+        // for it to park.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            pause_returns(&m, Duration::from_secs(10)),
+            "pause hung on a vCPU stopped for exit"
+        );
+        // vCPU 1 parked, or (exiting KVM_RUN for the kick) saw the exit
+        // request first and stopped too.
+        let state = *m.gate.lock();
+        assert!(state.settled() == 2 && state.stopped >= 1, "{state:?}");
+        resume_all(&m.gate);
+    }
+
+    #[test]
+    fn pause_parks_every_vcpu_every_time() {
+        let m = machine(&[SPIN, SPIN]);
+        for _ in 0..50 {
+            pause_all(&m.gate, &m.vcpus);
+            assert_eq!(
+                *m.gate.lock(),
+                GateState {
+                    parked: 2,
+                    stopped: 0
+                }
+            );
+            let before = run_ns(&m);
+            std::thread::sleep(Duration::from_millis(2));
+            assert_eq!(run_ns(&m), before, "a vCPU ran while paused");
+            resume_all(&m.gate);
+        }
+        // And resumed, they run.
+        let before = run_ns(&m);
+        std::thread::sleep(Duration::from_millis(50));
+        pause_all(&m.gate, &m.vcpus);
+        assert!(run_ns(&m).iter().zip(&before).all(|(a, b)| a > b));
+        resume_all(&m.gate);
+    }
 }

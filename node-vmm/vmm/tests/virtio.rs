@@ -101,6 +101,10 @@ fn blk_read_only_refuses_writes() {
     );
 }
 
+/// The flushed write is in the file after a SIGKILL. This alone would pass
+/// without any fdatasync (the page cache survives the VMM); the order of
+/// fdatasync and completion is proven by
+/// `flush_reaches_the_disk_before_the_guest_sees_it_complete`.
 #[test]
 fn flushed_write_survives_kill_9() {
     let dir = scratch("blk-kill");
@@ -124,6 +128,115 @@ fn flushed_write_survives_kill_9() {
             .enumerate()
             .all(|(i, &b)| b == 0x5au8.wrapping_add((i as u8).wrapping_mul(7))),
         "flushed write lost"
+    );
+}
+
+/// The VMM's syscalls under strace, one per line (`-f -y`: every thread,
+/// file descriptors with their paths).
+fn strace_lines(trace: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(trace)
+        .unwrap_or_else(|e| panic!("no strace output at {}: {e}", trace.display()))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Index of the line whose write to serial.log starts `text` (the console
+/// is written a byte or a few at a time).
+fn serial_write_line(lines: &[String], text: &str) -> Option<usize> {
+    let mut stream = String::new();
+    let mut owner = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(rest) = l.split_once("serial.log>, \"").map(|x| x.1) else {
+            continue;
+        };
+        if !l.contains("write(") {
+            continue;
+        }
+        let Some(end) = rest.find("\", ") else {
+            continue;
+        };
+        for c in rest[..end].chars() {
+            stream.push(c);
+            owner.push(i);
+        }
+    }
+    stream.find(text).map(|at| owner[at])
+}
+
+/// A FLUSH must reach the disk (fdatasync) before the guest sees it
+/// complete. Ordered by tracing the VMM: the guest prints "flushed" only
+/// after the used ring says so, so the fdatasync of the disk must return
+/// before the first byte of "flushed" is written to the console. (Killing
+/// the VMM, as above, cannot tell: the page cache survives a SIGKILL.)
+#[test]
+fn flush_reaches_the_disk_before_the_guest_sees_it_complete() {
+    let which = std::process::Command::new("strace").arg("-V").output();
+    assert!(
+        which.is_ok_and(|o| o.status.success()),
+        "strace is missing: run hack/install-deps.sh (apt-get install strace)"
+    );
+    let dir = scratch("blk-flush-order");
+    let (path, _) = make_disk(&dir);
+    let trace = dir.join("strace.log");
+    let mut c = config("blk", &dir);
+    c.disks.push(disk(&path, false));
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args([
+        "-f",
+        "-y",
+        "-qq",
+        "-e",
+        "trace=fdatasync,fsync,pwrite64,write",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(vmm_bin());
+    let out = wait(spawn_with(cmd, &c, &dir, "vm.json"), &dir);
+    assert_eq!(out.code, Some(code::POWER_OFF), "{out:?}");
+    assert!(out.serial.contains("flushed"), "{out:?}");
+    let lines = strace_lines(&trace);
+    let disk_name = "disk.img>";
+    // The guest's write: 4 KiB at sector 200.
+    let write = lines
+        .iter()
+        .position(|l| {
+            l.contains("pwrite64(") && l.contains(disk_name) && l.contains(", 4096, 102400")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no pwrite64 of sector 200 in the trace:\n{}",
+                lines.join("\n")
+            )
+        });
+    // The flush: fdatasync of the disk, returned 0 (possibly resumed on a
+    // later line when another thread's syscall came in between).
+    let synced = lines
+        .iter()
+        .skip(write)
+        .position(|l| {
+            (l.contains("fdatasync(") && l.contains(disk_name) && l.ends_with("= 0"))
+                || (l.contains("<... fdatasync resumed>") && l.ends_with("= 0"))
+        })
+        .map_or_else(
+            || {
+                panic!(
+                    "no fdatasync of the disk after its write:\n{}",
+                    lines.join("\n")
+                )
+            },
+            |i| write + i,
+        );
+    let flushed = serial_write_line(&lines, "flushed").unwrap_or_else(|| {
+        panic!(
+            "no \"flushed\" on the console in the trace:\n{}",
+            lines.join("\n")
+        )
+    });
+    assert!(
+        write < synced && synced < flushed,
+        "pwrite64 at line {write}, fdatasync returned at line {synced}, \"flushed\" at line {flushed}:\n{}",
+        lines[write.min(synced).min(flushed)..=write.max(synced).max(flushed)].join("\n")
     );
 }
 

@@ -92,32 +92,64 @@ pub fn vmm_bin() -> &'static str {
 }
 
 /// A running VMM process, killed and reaped when dropped, so a failing or
-/// panicking test never leaves a guest spinning behind it.
+/// panicking test never leaves a guest spinning behind it. Its stdout and
+/// stderr (when piped) are read from the start by threads of their own: a
+/// VMM that writes more than a pipe holds (64 KiB) would otherwise block,
+/// and its guest with it, until the test reads.
 #[derive(Debug)]
-pub struct Vmm(Option<Child>);
+pub struct Vmm {
+    child: Option<Child>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
 
 impl Vmm {
-    pub fn new(child: Child) -> Self {
-        Self(Some(child))
+    pub fn new(mut child: Child) -> Self {
+        let stdout = child.stdout.take().map(drain);
+        let stderr = child.stderr.take().map(drain);
+        Self {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
     }
+
+    /// Everything the child wrote to stdout and stderr, once it has exited
+    /// (or has been killed).
+    fn output(&mut self) -> (String, String) {
+        let join = |h: Option<std::thread::JoinHandle<String>>| {
+            h.map(|h| h.join().unwrap()).unwrap_or_default()
+        };
+        (join(self.stdout.take()), join(self.stderr.take()))
+    }
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        // A read error ends the output; what came before is kept.
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 impl std::ops::Deref for Vmm {
     type Target = Child;
     fn deref(&self) -> &Child {
-        self.0.as_ref().expect("child present")
+        self.child.as_ref().expect("child present")
     }
 }
 
 impl std::ops::DerefMut for Vmm {
     fn deref_mut(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child present")
+        self.child.as_mut().expect("child present")
     }
 }
 
 impl Drop for Vmm {
     fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
+        if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -180,20 +212,7 @@ pub fn wait_within(mut child: Vmm, dir: &Path, guard: Duration) -> Outcome {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (stdout, stderr) = child.output();
     Outcome {
         code: status.code(),
         stdout,

@@ -8,12 +8,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::log_limit::LogLimiter;
 use super::{Interrupt, VirtioDevice, VirtioError, TYPE_BLOCK};
 
-const SECTOR_SHIFT: u64 = 9;
-const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+pub mod request;
+#[cfg(test)]
+pub(super) mod tests;
+
+use request::{
+    DiscardRange, Disk, Kind, Request, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
+    SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, S_IOERR, S_OK,
+};
+
 const QUEUE_SIZE: u16 = 256;
 
 const F_SEG_MAX: u64 = 1 << 2;
@@ -21,20 +29,6 @@ const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
-
-const ID_BYTES: usize = 20;
-const SEG_MAX: u32 = 126;
-const MAX_DISCARD_SECTORS: u32 = u32::MAX >> SECTOR_SHIFT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -62,6 +56,9 @@ pub struct BlockCounters {
     pub flush_ops: AtomicU64,
     pub discard_ops: AtomicU64,
     pub errors: AtomicU64,
+    /// Chains that were not a valid request (answered `IOERR`, or returned
+    /// unanswered when they had no status byte).
+    pub malformed: AtomicU64,
 }
 
 struct Active {
@@ -77,6 +74,7 @@ pub struct Block {
     id: [u8; ID_BYTES],
     active: Option<Active>,
     pub counters: Arc<BlockCounters>,
+    log: LogLimiter,
 }
 
 impl std::fmt::Debug for Block {
@@ -86,15 +84,6 @@ impl std::fmt::Debug for Block {
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Debug)]
-struct Request {
-    kind: u32,
-    sector: u64,
-    /// (guest address, length, device-writable) of the data descriptors.
-    data: Vec<(GuestAddress, u32, bool)>,
-    status: GuestAddress,
 }
 
 impl Block {
@@ -136,6 +125,7 @@ impl Block {
             id: idb,
             active: None,
             counters: Arc::new(BlockCounters::default()),
+            log: LogLimiter::default(),
         })
     }
 
@@ -146,80 +136,48 @@ impl Block {
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
         c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
         c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
         c
     }
 
-    fn parse(
-        mem: &GuestMemoryMmap,
-        chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
-    ) -> Option<Request> {
-        let descs: Vec<_> = chain.collect();
-        let (head, rest) = descs.split_first()?;
-        let (status, data) = rest.split_last()?;
-        if head.is_write_only() || head.len() < 16 || !status.is_write_only() || status.len() < 1 {
-            return None;
+    fn disk(&self) -> Disk {
+        Disk {
+            sectors: self.sectors,
+            read_only: self.read_only,
         }
-        let kind: u32 = mem.read_obj(head.addr()).ok()?;
-        let sector: u64 = mem.read_obj(head.addr().checked_add(8)?).ok()?;
-        Some(Request {
-            kind,
-            sector,
-            data: data
-                .iter()
-                .map(|d| (d.addr(), d.len(), d.is_write_only()))
-                .collect(),
-            status: status.addr(),
-        })
     }
 
-    /// Executes one request; returns (status, bytes written into guest buffers).
+    /// Executes one checked request; returns (status, bytes written into
+    /// guest buffers).
     fn execute(&self, mem: &GuestMemoryMmap, req: &Request) -> (u8, u32) {
         let c = &self.counters;
-        let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
-        let in_range = |len: u64| {
-            req.sector
-                .checked_add(len.div_ceil(SECTOR_SIZE))
-                .is_some_and(|end| end <= self.sectors)
-        };
-        match req.kind {
-            T_IN => {
-                if !in_range(total) || req.data.iter().any(|d| !d.2) {
-                    return (S_IOERR, 0);
-                }
-                let mut off = req.sector << SECTOR_SHIFT;
-                for &(addr, len, _) in &req.data {
-                    if self.transfer(mem, addr, len, off, true).is_err() {
+        match &req.kind {
+            &Kind::In { offset, len } | &Kind::Out { offset, len } => {
+                let to_guest = matches!(req.kind, Kind::In { .. });
+                let mut off = offset;
+                for seg in &req.data {
+                    if self
+                        .transfer(mem, seg.addr, seg.len, off, to_guest)
+                        .is_err()
+                    {
                         c.errors.fetch_add(1, Ordering::Relaxed);
                         return (S_IOERR, 0);
                     }
-                    off += u64::from(len);
+                    off += u64::from(seg.len);
                 }
-                c.read_ops.fetch_add(1, Ordering::Relaxed);
-                c.read_bytes.fetch_add(total, Ordering::Relaxed);
-                (S_OK, total as u32)
+                if to_guest {
+                    c.read_ops.fetch_add(1, Ordering::Relaxed);
+                    c.read_bytes.fetch_add(len, Ordering::Relaxed);
+                    // The data fits in one chain, below 2^32 bytes.
+                    (S_OK, u32::try_from(len).unwrap_or(u32::MAX))
+                } else {
+                    c.write_ops.fetch_add(1, Ordering::Relaxed);
+                    c.write_bytes.fetch_add(len, Ordering::Relaxed);
+                    (S_OK, 0)
+                }
             }
-            T_OUT => {
-                if self.read_only {
-                    return (S_IOERR, 0);
-                }
-                if !in_range(total) || req.data.iter().any(|d| d.2) {
-                    return (S_IOERR, 0);
-                }
-                let mut off = req.sector << SECTOR_SHIFT;
-                for &(addr, len, _) in &req.data {
-                    if self.transfer(mem, addr, len, off, false).is_err() {
-                        c.errors.fetch_add(1, Ordering::Relaxed);
-                        return (S_IOERR, 0);
-                    }
-                    off += u64::from(len);
-                }
-                c.write_ops.fetch_add(1, Ordering::Relaxed);
-                c.write_bytes.fetch_add(total, Ordering::Relaxed);
-                (S_OK, 0)
-            }
-            T_FLUSH => {
+            Kind::Flush => {
                 c.flush_ops.fetch_add(1, Ordering::Relaxed);
                 // The flushed data must be on stable storage before the guest
                 // sees the request complete.
@@ -230,30 +188,23 @@ impl Block {
                     (S_IOERR, 0)
                 }
             }
-            T_GET_ID => match req.data.first() {
-                Some(&(addr, len, true)) => {
-                    let n = (len as usize).min(ID_BYTES);
-                    match mem.write_slice(&self.id[..n], addr) {
-                        Ok(()) => (S_OK, n as u32),
-                        Err(_) => (S_IOERR, 0),
-                    }
+            Kind::GetId(buf) => {
+                let n = (buf.len as usize).min(ID_BYTES);
+                match mem.write_slice(&self.id[..n], buf.addr) {
+                    Ok(()) => (S_OK, n as u32),
+                    Err(_) => (S_IOERR, 0),
                 }
-                _ => (S_IOERR, 0),
-            },
-            T_DISCARD => {
-                if self.read_only {
-                    return (S_IOERR, 0);
-                }
+            }
+            Kind::Discard(ranges) => {
                 c.discard_ops.fetch_add(1, Ordering::Relaxed);
-                for &(addr, len, _) in &req.data {
-                    if self.discard(mem, addr, len).is_err() {
+                for r in ranges {
+                    if self.discard(*r).is_err() {
                         c.errors.fetch_add(1, Ordering::Relaxed);
                         return (S_IOERR, 0);
                     }
                 }
                 (S_OK, 0)
             }
-            _ => (S_UNSUPP, 0),
         }
     }
 
@@ -288,13 +239,17 @@ impl Block {
             match n {
                 n if n > 0 => done += n as usize,
                 0 if to_guest => {
-                    // Past the end of a sparse file: zeroes.
-                    slice
-                        .subslice(done, remaining)
-                        .map_err(|e| std::io::Error::other(e.to_string()))?
-                        .write_slice(&vec![0; remaining], 0)
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    done = len as usize;
+                    // The file ends early (it shrank under us): zeroes, a
+                    // page at a time rather than a guest-sized allocation.
+                    const ZEROES: [u8; 4096] = [0; 4096];
+                    while done < len as usize {
+                        let n = (len as usize - done).min(ZEROES.len());
+                        slice
+                            .subslice(done, n)
+                            .and_then(|s| s.write_slice(&ZEROES[..n], 0))
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        done += n;
+                    }
                 }
                 0 => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
                 _ => {
@@ -308,33 +263,57 @@ impl Block {
         Ok(())
     }
 
-    fn discard(&self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> std::io::Result<()> {
-        // Segments: sector u64, num_sectors u32, flags u32.
-        for i in 0..u64::from(len) / 16 {
-            let at = addr.unchecked_add(i * 16);
-            let sector: u64 = mem
-                .read_obj(at)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let count: u32 = mem
-                .read_obj(at.unchecked_add(8))
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            if sector.saturating_add(u64::from(count)) > self.sectors {
-                return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
-            }
-            // SAFETY: fallocate on our own open file descriptor; no memory involved.
-            let r = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    (sector << SECTOR_SHIFT) as libc::off_t,
-                    (u64::from(count) << SECTOR_SHIFT) as libc::off_t,
-                )
-            };
-            if r != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+    /// Punches a hole over a range `request::parse` checked against the disk.
+    fn discard(&self, r: DiscardRange) -> std::io::Result<()> {
+        // SAFETY: fallocate on our own open file descriptor; no memory involved.
+        let ret = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (r.sector << SECTOR_SHIFT) as libc::off_t,
+                (u64::from(r.sectors) << SECTOR_SHIFT) as libc::off_t,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
         }
-        Ok(())
+    }
+}
+
+impl Block {
+    /// Parses and executes one chain; returns the used length: the bytes
+    /// written into guest buffers, status byte included.
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    ) -> u32 {
+        let parsed = match request::parse(mem, chain, self.disk()) {
+            Ok(p) => p,
+            Err(e) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                self.log
+                    .warn(format_args!("virtio-blk: chain returned unanswered: {e}"));
+                return 0;
+            }
+        };
+        let (status, len) = match &parsed.request {
+            Ok(req) => self.execute(mem, req),
+            Err(e) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                self.log
+                    .warn(format_args!("virtio-blk: request refused: {e}"));
+                (e.status(), 0)
+            }
+        };
+        // A failed status write means the guest gave us a bad buffer; there
+        // is nothing more we can report.
+        match mem.write_obj(status, parsed.status) {
+            Ok(()) => len.saturating_add(1),
+            Err(_) => len,
+        }
     }
 }
 
@@ -397,17 +376,7 @@ impl VirtioDevice for Block {
         let mut used_any = false;
         while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
-            let (status, len) = match Self::parse(&active.mem, chain) {
-                Some(req) => {
-                    let (s, n) = self.execute(&active.mem, &req);
-                    // A failed status write means the guest gave us a bad buffer;
-                    // there is nothing more we can report.
-                    let _ = active.mem.write_obj(s, req.status);
-                    (s, n + 1)
-                }
-                None => (S_IOERR, 0),
-            };
-            let _ = status;
+            let len = self.serve(&active.mem, chain);
             if active.queue.add_used(&active.mem, head, len).is_err() {
                 break;
             }
@@ -426,6 +395,7 @@ impl VirtioDevice for Block {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = &self.counters;
         vec![
+            ("malformed", c.malformed.load(Ordering::Relaxed)),
             ("read_bytes", c.read_bytes.load(Ordering::Relaxed)),
             ("write_bytes", c.write_bytes.load(Ordering::Relaxed)),
             ("read_ops", c.read_ops.load(Ordering::Relaxed)),

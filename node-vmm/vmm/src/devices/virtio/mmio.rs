@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::log_limit::LogLimiter;
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 
@@ -16,6 +17,7 @@ const STATUS_ACKNOWLEDGE: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 64;
 const STATUS_FAILED: u32 = 128;
 
 pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
@@ -33,6 +35,7 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    log: LogLimiter,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -59,6 +62,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            log: LogLimiter::default(),
         }
     }
 
@@ -103,9 +107,32 @@ impl MmioTransport {
         self.interrupt.status.store(0, Ordering::SeqCst);
     }
 
+    /// A driver write to `Status` (virtio 1.2 sections 2.1 and 3.1.1): 0
+    /// resets; otherwise bits are only ever added, in the order the spec
+    /// gives, and a device in `DEVICE_NEEDS_RESET` accepts nothing but a reset.
     fn set_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
+            return;
+        }
+        if self.status & STATUS_NEEDS_RESET != 0 {
+            // Only a reset brings the device back; the driver may say it gave up.
+            self.status |= value & STATUS_FAILED;
+            return;
+        }
+        if value & self.status != self.status {
+            self.refuse(
+                value,
+                "a status write may not clear bits (only a reset does)",
+            );
+            return;
+        }
+        let driver = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
+        if value & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) != 0 && value & driver != driver {
+            self.refuse(
+                value,
+                "FEATURES_OK or DRIVER_OK without ACKNOWLEDGE and DRIVER",
+            );
             return;
         }
         if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
@@ -113,9 +140,13 @@ impl MmioTransport {
             let ok = self.driver_features & !self.offered_features() == 0
                 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
-                self.status = value & !STATUS_FEATURES_OK;
+                self.status = value & !(STATUS_FEATURES_OK | STATUS_DRIVER_OK);
                 return;
             }
+        }
+        if value & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK == 0 {
+            self.refuse(value, "DRIVER_OK without FEATURES_OK");
+            return;
         }
         self.status = value;
         if value & STATUS_DRIVER_OK != 0 && value & STATUS_FAILED == 0 && !self.activated {
@@ -123,17 +154,28 @@ impl MmioTransport {
         }
     }
 
+    /// A status write we do not follow: the device needs a reset.
+    fn refuse(&mut self, value: u32, why: &str) {
+        self.log.warn(format_args!(
+            "virtio device type {}: status {value:#x} refused: {why}",
+            self.device.device_type()
+        ));
+        self.status |= STATUS_NEEDS_RESET;
+    }
+
     fn activate(&mut self) {
+        // Every queue the device has must be set up: ready, a valid size, and
+        // rings inside guest memory.
         if let Some(bad) = self
             .queues
             .iter()
-            .position(|q| q.ready() && !q.is_valid(&self.mem))
+            .position(|q| !q.ready() || !q.is_valid(&self.mem))
         {
-            eprintln!(
-                "kubevmm-vmm: virtio device type {}: queue {bad} is invalid",
+            self.log.warn(format_args!(
+                "virtio device type {}: queue {bad} is not ready or invalid",
                 self.device.device_type()
-            );
-            self.status |= STATUS_FAILED;
+            ));
+            self.status |= STATUS_NEEDS_RESET;
             return;
         }
         let queues = std::mem::replace(&mut self.queues, Self::fresh_queues(self.device.as_ref()));
@@ -145,8 +187,11 @@ impl MmioTransport {
         ) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                eprintln!("kubevmm-vmm: virtio device activation failed: {e}");
-                self.status |= STATUS_FAILED;
+                self.log.warn(format_args!(
+                    "virtio device type {}: activation failed: {e}",
+                    self.device.device_type()
+                ));
+                self.status |= STATUS_NEEDS_RESET;
             }
         }
     }
@@ -204,8 +249,12 @@ impl MmioTransport {
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
             0x038 => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(v as u16);
+                // A size that does not fit 16 bits is invalid, not truncated;
+                // the queue keeps its size (and checks the new one) otherwise.
+                if let (Some(q), Ok(size)) = (self.selected_queue(), u16::try_from(v)) {
+                    if !q.ready() {
+                        q.set_size(size);
+                    }
                 }
             }
             0x044 => {
@@ -229,8 +278,10 @@ impl MmioTransport {
         }
     }
 
+    /// Changes the selected queue's ring addresses, which the driver may
+    /// only do while the queue is not ready.
     fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        if let Some(q) = self.selected_queue() {
+        if let Some(q) = self.selected_queue().filter(|q| !q.ready()) {
             f(q);
         }
     }
@@ -265,5 +316,200 @@ impl BusDevice for MmioTransport {
         if let Ok(bytes) = <[u8; 4]>::try_from(data) {
             self.write_reg(offset, u32::from_le_bytes(bytes));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+
+    /// A device with two queues that counts its activations.
+    struct Probe {
+        activations: Arc<AtomicU32>,
+    }
+
+    impl VirtioDevice for Probe {
+        fn device_type(&self) -> u32 {
+            99
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn activate(
+            &mut self,
+            _: GuestMemoryMmap,
+            _: Vec<Queue>,
+            _: Interrupt,
+            _: u64,
+        ) -> Result<(), super::super::VirtioError> {
+            self.activations.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn process_queue(&mut self, _: usize) {}
+        fn reset(&mut self) {}
+        fn counters(&self) -> Vec<(&'static str, u64)> {
+            Vec::new()
+        }
+    }
+
+    const MEM: u64 = 0x10_0000;
+
+    fn transport() -> (MmioTransport, Arc<AtomicU32>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let activations = Arc::new(AtomicU32::new(0));
+        let dev = Probe {
+            activations: activations.clone(),
+        };
+        let irq = Interrupt::new(EventFd::new(0).unwrap());
+        (MmioTransport::new(Box::new(dev), mem, irq), activations)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Queue `index` at `base` (desc, avail, used one page apart) with `size`.
+    fn setup_queue(t: &mut MmioTransport, index: u32, base: u64, size: u32) {
+        w(t, 0x030, index);
+        w(t, 0x038, size);
+        for (off, addr) in [
+            (0x080, base),
+            (0x090, base + 0x1000),
+            (0x0a0, base + 0x2000),
+        ] {
+            w(t, off, addr as u32);
+            w(t, off + 4, (addr >> 32) as u32);
+        }
+        w(t, 0x044, 1);
+    }
+
+    fn negotiate(t: &mut MmioTransport) {
+        w(t, 0x070, 0);
+        w(t, 0x070, STATUS_ACKNOWLEDGE);
+        w(t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, 0x024, 1);
+        w(t, 0x020, 1); // VERSION_1
+        w(
+            t,
+            0x070,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+    }
+
+    const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn a_well_behaved_driver_activates_the_device() {
+        let (mut t, n) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1_0000, 16);
+        setup_queue(&mut t, 1, 0x2_0000, 8);
+        w(&mut t, 0x070, ALL_OK);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        assert_eq!(r(&mut t, 0x070), ALL_OK);
+    }
+
+    #[test]
+    fn driver_ok_without_features_ok_is_refused() {
+        let (mut t, n) = transport();
+        w(&mut t, 0x070, STATUS_ACKNOWLEDGE);
+        w(&mut t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        setup_queue(&mut t, 0, 0x1_0000, 16);
+        setup_queue(&mut t, 1, 0x2_0000, 16);
+        w(
+            &mut t,
+            0x070,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+        );
+        assert_eq!(n.load(Ordering::SeqCst), 0, "activated without FEATURES_OK");
+        assert_ne!(r(&mut t, 0x070) & STATUS_NEEDS_RESET, 0);
+        // Nothing but a reset gets it going again.
+        w(&mut t, 0x070, ALL_OK);
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1_0000, 16);
+        setup_queue(&mut t, 1, 0x2_0000, 16);
+        w(&mut t, 0x070, ALL_OK);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn driver_ok_straight_from_reset_is_refused() {
+        let (mut t, n) = transport();
+        setup_queue(&mut t, 0, 0x1_0000, 16);
+        setup_queue(&mut t, 1, 0x2_0000, 16);
+        w(&mut t, 0x070, STATUS_DRIVER_OK);
+        w(&mut t, 0x070, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn queues_outside_memory_or_missing_are_not_activated() {
+        for (base1, ready1) in [
+            (MEM - 0x1000, true),
+            (0xffff_ffff_ffff_0000, true),
+            (0x2_0000, false),
+        ] {
+            let (mut t, n) = transport();
+            negotiate(&mut t);
+            setup_queue(&mut t, 0, 0x1_0000, 16);
+            setup_queue(&mut t, 1, base1, 16);
+            if !ready1 {
+                w(&mut t, 0x044, 0);
+            }
+            w(&mut t, 0x070, ALL_OK);
+            assert_eq!(n.load(Ordering::SeqCst), 0, "queue 1 at {base1:#x}");
+            assert_ne!(r(&mut t, 0x070) & STATUS_NEEDS_RESET, 0);
+        }
+    }
+
+    #[test]
+    fn queue_sizes_are_checked_not_truncated() {
+        let (mut t, _) = transport();
+        w(&mut t, 0x030, 0);
+        // 0x1_0008 would truncate to 8; 3 is not a power of two; 32 > max.
+        for bad in [0x1_0008, 3, 32, 0] {
+            w(&mut t, 0x038, bad);
+            assert_eq!(t.queues[0].size(), 16, "size {bad:#x} accepted");
+        }
+        w(&mut t, 0x038, 8);
+        assert_eq!(t.queues[0].size(), 8);
+    }
+
+    #[test]
+    fn a_ready_queue_keeps_its_addresses() {
+        let (mut t, _) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1_0000, 16);
+        w(&mut t, 0x080, 0x5_0000);
+        w(&mut t, 0x038, 4);
+        assert_eq!(t.queues[0].desc_table(), 0x1_0000);
+        assert_eq!(t.queues[0].size(), 16);
+    }
+
+    #[test]
+    fn status_bits_cannot_be_cleared_without_reset() {
+        let (mut t, n) = transport();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1_0000, 16);
+        setup_queue(&mut t, 1, 0x2_0000, 16);
+        w(&mut t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER_OK);
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+        assert_ne!(r(&mut t, 0x070) & STATUS_NEEDS_RESET, 0);
     }
 }

@@ -2,10 +2,14 @@
 //! notifications on ioeventfds and interrupts on irqfds.
 
 pub mod block;
+pub mod log_limit;
 pub mod mmio;
 pub mod net;
-
+#[cfg(test)]
+mod proptests;
 pub mod rng;
+#[cfg(test)]
+mod test_util;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -9,19 +9,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
+use super::log_limit::LogLimiter;
 use super::{Interrupt, VirtioDevice, VirtioError, TYPE_NET};
 use crate::config::{parse_mac, NetConfig};
+
+pub mod frame;
+#[cfg(test)]
+pub(super) mod tests;
+
+use frame::{RxBuffer, MAX_FRAME, VNET_HDR_LEN};
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
-/// `virtio_net_hdr_v1`: flags, `gso_type`, `hdr_len`, `gso_size`, `csum_start`,
-/// `csum_offset`, `num_buffers`.
-const VNET_HDR_LEN: usize = 12;
-/// Largest frame a tap hands us with TSO on, plus the header.
-const MAX_FRAME: usize = 65_562 + VNET_HDR_LEN;
 
 const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
@@ -66,7 +68,13 @@ pub struct NetCounters {
     pub rx_frames: AtomicU64,
     pub tx_bytes: AtomicU64,
     pub tx_frames: AtomicU64,
+    /// Frames from the tap that did not fit the guest's buffers or were
+    /// too short to carry a virtio-net header.
     pub rx_dropped: AtomicU64,
+    /// RX chains returned unused (a device-readable or too small buffer).
+    pub rx_malformed: AtomicU64,
+    /// TX chains not sent: too long, too short, device-writable, unreadable.
+    pub tx_dropped: AtomicU64,
 }
 
 struct Active {
@@ -78,9 +86,18 @@ struct Active {
 
 pub struct Net {
     tap: File,
+    /// Whether `tap` is a tap (offloads are set on it) rather than a
+    /// datagram socket standing in for one in tests.
+    is_tap: bool,
     mac: [u8; 6],
     active: Option<Active>,
     pub counters: Arc<NetCounters>,
+    /// One TX frame, never more than `MAX_FRAME` bytes.
+    tx_frame: Vec<u8>,
+    /// One RX frame as read from the tap, `MAX_FRAME` bytes.
+    rx_frame: Vec<u8>,
+    rx_bufs: Vec<RxBuffer>,
+    log: LogLimiter,
 }
 
 impl std::fmt::Debug for Net {
@@ -188,38 +205,64 @@ impl Net {
             id: cfg.id.clone(),
             mac: cfg.mac.clone(),
         })?;
-        Ok(Self {
+        Ok(Self::with_backend(tap, true, mac))
+    }
+
+    /// The device on an open tap (or, with `is_tap` false, a datagram
+    /// socket that carries the same frames).
+    pub fn with_backend(tap: File, is_tap: bool, mac: [u8; 6]) -> Self {
+        Self {
             tap,
+            is_tap,
             mac,
             active: None,
             counters: Arc::new(NetCounters::default()),
-        })
+            tx_frame: Vec::with_capacity(MAX_FRAME),
+            rx_frame: vec![0; MAX_FRAME],
+            rx_bufs: Vec::new(),
+            log: LogLimiter::default(),
+        }
+    }
+
+    /// Bytes held for frames: (TX buffer capacity, RX buffer length, RX
+    /// buffer list length), to check they stay bounded.
+    #[cfg(test)]
+    pub(crate) fn buffer_sizes(&self) -> (usize, usize, usize) {
+        (
+            self.tx_frame.capacity(),
+            self.rx_frame.len(),
+            self.rx_bufs.capacity(),
+        )
     }
 
     fn process_tx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Self {
+            active: Some(a),
+            tap,
+            tx_frame,
+            counters,
+            log,
+            ..
+        } = self
+        else {
             return;
         };
         let mut used = false;
-        let mut frame = Vec::with_capacity(MAX_FRAME);
         while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
-            frame.clear();
-            for d in chain.filter(|d| !d.is_write_only()) {
-                let start = frame.len();
-                frame.resize(start + d.len() as usize, 0);
-                if a.mem.read_slice(&mut frame[start..], d.addr()).is_err() {
-                    frame.truncate(start);
-                    break;
-                }
-            }
-            if frame.len() > VNET_HDR_LEN {
+            match frame::gather_tx(&a.mem, chain, tx_frame) {
                 // If the tap is down or full the frame is dropped, as on a wire.
-                if let Ok(n) = self.tap.write(&frame) {
-                    self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .tx_bytes
-                        .fetch_add((n.saturating_sub(VNET_HDR_LEN)) as u64, Ordering::Relaxed);
+                Ok(()) => {
+                    if let Ok(n) = tap.write(tx_frame) {
+                        counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .tx_bytes
+                            .fetch_add(n.saturating_sub(VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    log.warn(format_args!("virtio-net: TX frame dropped: {e}"));
                 }
             }
             if a.tx.add_used(&a.mem, head, 0).is_err() {
@@ -233,40 +276,55 @@ impl Net {
     }
 
     fn process_rx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Self {
+            active: Some(a),
+            tap,
+            rx_frame,
+            rx_bufs,
+            counters,
+            log,
+            ..
+        } = self
+        else {
             return;
         };
-        let mut buf = vec![0u8; MAX_FRAME];
         let mut used = false;
         // Only read a frame when a guest buffer is waiting for it.
         while let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
-            let Ok(n) = self.tap.read(&mut buf) else {
-                a.rx.go_to_previous_position();
-                break;
-            };
-            // num_buffers = 1 (no mergeable buffers).
-            buf[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let mut off = 0usize;
-            for d in chain.filter(virtio_queue::desc::split::Descriptor::is_write_only) {
-                if off >= n {
-                    break;
-                }
-                let len = (d.len() as usize).min(n - off);
-                if a.mem.write_slice(&buf[off..off + len], d.addr()).is_err() {
-                    break;
-                }
-                off += len;
-            }
-            if off < n {
-                self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            let written = if let Err(e) = frame::rx_buffers(chain, rx_bufs) {
+                counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+                log.warn(format_args!("virtio-net: RX buffer returned unused: {e}"));
+                0
             } else {
-                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .rx_bytes
-                    .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-            }
-            if a.rx.add_used(&a.mem, head, off as u32).is_err() {
+                let n = match tap.read(rx_frame) {
+                    Ok(n) if n >= VNET_HDR_LEN => n,
+                    Ok(n) if n > 0 => {
+                        // No room for the header: not a frame. The buffer
+                        // waits for the next one.
+                        counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        a.rx.go_to_previous_position();
+                        continue;
+                    }
+                    _ => {
+                        a.rx.go_to_previous_position();
+                        break;
+                    }
+                };
+                // num_buffers = 1 (no mergeable buffers).
+                rx_frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+                let written = frame::scatter_rx(&a.mem, rx_bufs, &rx_frame[..n]);
+                if written < n {
+                    counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .rx_bytes
+                        .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                }
+                written as u32
+            };
+            if a.rx.add_used(&a.mem, head, written).is_err() {
                 break;
             }
             used = true;
@@ -326,11 +384,13 @@ impl VirtioDevice for Net {
                 offload |= TUN_F_TSO6;
             }
         }
-        ioctl_int(
-            self.tap.as_raw_fd(),
-            TUNSETOFFLOAD,
-            libc::c_ulong::from(offload),
-        )?;
+        if self.is_tap {
+            ioctl_int(
+                self.tap.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(offload),
+            )?;
+        }
         let tx = queues.pop().expect("two queues");
         let rx = queues.pop().expect("two queues");
         self.active = Some(Active {
@@ -372,6 +432,8 @@ impl VirtioDevice for Net {
             ("tx_bytes", c.tx_bytes.load(Ordering::Relaxed)),
             ("tx_frames", c.tx_frames.load(Ordering::Relaxed)),
             ("rx_dropped", c.rx_dropped.load(Ordering::Relaxed)),
+            ("rx_malformed", c.rx_malformed.load(Ordering::Relaxed)),
+            ("tx_dropped", c.tx_dropped.load(Ordering::Relaxed)),
         ]
     }
 }

@@ -2,25 +2,74 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 
 use super::{Interrupt, VirtioDevice, VirtioError, TYPE_RNG};
 
-const QUEUE_SIZE: u16 = 64;
-/// Largest single buffer we fill, to bound the work per request.
-const MAX_CHUNK: u32 = 64 * 1024;
+#[cfg(test)]
+pub(super) mod tests;
 
-#[derive(Debug, Default)]
+const QUEUE_SIZE: u16 = 64;
+/// Random bytes given for one request, however many buffers or bytes the
+/// chain offers: the work per request is bounded, not the guest's choice.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug)]
 pub struct Rng {
     active: Option<(GuestMemoryMmap, Queue, Interrupt)>,
     bytes: AtomicU64,
+    /// One request's bytes, `MAX_REQUEST` long.
+    buf: Vec<u8>,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self {
+            active: None,
+            bytes: AtomicU64::new(0),
+            buf: vec![0; MAX_REQUEST],
+        }
+    }
 }
 
 impl Rng {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// The request buffer's capacity, to check it stays bounded.
+    #[cfg(test)]
+    pub(crate) fn buffer_size(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+/// Fills the device-writable buffers of one chain, `MAX_REQUEST` bytes at
+/// most in all; device-readable ones are skipped. Returns the bytes written.
+fn fill_chain<M: GuestMemory>(
+    mem: &M,
+    chain: impl Iterator<Item = Descriptor>,
+    buf: &mut [u8],
+) -> u32 {
+    let mut written = 0usize;
+    for d in chain.filter(Descriptor::is_write_only) {
+        let len = (d.len() as usize).min(buf.len() - written);
+        if len == 0 {
+            if written == buf.len() {
+                break;
+            }
+            continue;
+        }
+        let chunk = &mut buf[written..written + len];
+        if !fill_random(chunk) || mem.write_slice(chunk, d.addr()).is_err() {
+            break;
+        }
+        written += len;
+    }
+    // At most MAX_REQUEST.
+    written as u32
 }
 
 fn fill_random(buf: &mut [u8]) -> bool {
@@ -74,15 +123,7 @@ impl VirtioDevice for Rng {
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
-            let mut written = 0u32;
-            for d in chain.filter(virtio_queue::desc::split::Descriptor::is_write_only) {
-                let len = d.len().min(MAX_CHUNK);
-                let mut buf = vec![0u8; len as usize];
-                if !fill_random(&mut buf) || mem.write_slice(&buf, d.addr()).is_err() {
-                    break;
-                }
-                written += len;
-            }
+            let written = fill_chain(&*mem, chain, &mut self.buf);
             self.bytes.fetch_add(u64::from(written), Ordering::Relaxed);
             if queue.add_used(&*mem, head, written).is_err() {
                 break;
