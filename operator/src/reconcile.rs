@@ -1271,4 +1271,105 @@ mod tests {
         assert!(c.message.contains("spec.memory"), "{}", c.message);
         assert!(w.add_finalizer);
     }
+
+    /// A VM bound to `node` by the operator (status.nodeName it owns).
+    fn bound_vm(node: &str, strategy: &str) -> DynamicObject {
+        let mut obj = DynamicObject::new("vm", &vm_resource()).within("ns");
+        obj.metadata.finalizers = Some(vec![contract::FINALIZER.into()]);
+        obj.metadata.labels = Some([(contract::LABEL_NODE.to_string(), node.to_string())].into());
+        obj.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some(contract::MANAGER_OPERATOR.into()),
+            operation: Some("Apply".into()),
+            subresource: Some("status".into()),
+            fields_v1: Some(FieldsV1(
+                json!({"f:status": {"f:nodeName": {}, "f:phase": {}}}),
+            )),
+            ..ManagedFieldsEntry::default()
+        }]);
+        obj.data = json!({
+            "spec": {"runStrategy": strategy, "cpus": 1, "memory": "64Mi", "boot": {"kernel": {"path": "/k"}}},
+            "status": {"nodeName": node, "phase": "Running"},
+        });
+        obj
+    }
+
+    #[test]
+    fn a_deleted_node_is_lost_not_gone_until_fenced() {
+        let t0 = Instant::now();
+        let expired = Liveness::Expired {
+            silent_for: Duration::from_secs(50),
+            duration: Duration::from_secs(40),
+            last_renew: Timestamp::UNIX_EPOCH,
+        };
+        let alive = Liveness::Alive {
+            expires_at: t0 + Duration::from_secs(10),
+        };
+        let fenced = |mut s: NodeState| {
+            s.fenced = true;
+            s
+        };
+        // node state | re-placed? | NodeLost
+        let table: Vec<(NodeState, bool, Option<&str>)> = vec![
+            (deleted_node_state("a", alive), false, None),
+            (deleted_node_state("a", expired), false, Some("True")),
+            (
+                deleted_node_state("a", Liveness::NoLease),
+                false,
+                Some("True"),
+            ),
+            (
+                fenced(deleted_node_state("a", expired)),
+                true,
+                Some("False"),
+            ),
+        ];
+        for (state, moved, lost) in table {
+            let liveness = state.liveness;
+            let states = BTreeMap::from([("a".to_string(), state)]);
+            let w = decide(bound_vm("a", "Always"), &states);
+            assert_eq!(w.bind.is_none(), moved, "{liveness:?}");
+            assert_eq!(w.candidate, moved, "{liveness:?}");
+            assert_eq!(
+                w.conditions.get(condition::NODE_LOST).map(|c| c.status),
+                lost,
+                "{liveness:?}"
+            );
+            if lost == Some("True") {
+                let msg = &w.conditions[condition::NODE_LOST].message;
+                assert!(msg.contains("HypervisorNode was deleted"), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unconfirmed_heartbeat_changes_nothing() {
+        let t0 = Instant::now();
+        let mut state = deleted_node_state("a", Liveness::Unconfirmed { expires_at: t0 });
+        state.deleted = false;
+        let states = BTreeMap::from([("a".to_string(), state)]);
+        let w = decide(bound_vm("a", "Always"), &states);
+        assert_eq!(w.bind.as_deref(), Some("a"));
+        assert!(!w.conditions.contains_key(condition::NODE_LOST));
+        assert!(!w.conditions.contains_key(condition::READY));
+        assert!(!w.drop_conditions.contains(condition::READY));
+    }
+
+    #[test]
+    fn a_label_without_an_operator_binding_is_not_a_binding() {
+        let mut obj = bound_vm("a", "Always");
+        obj.metadata.managed_fields = None; // status.nodeName written by someone else
+        let states = BTreeMap::from([(
+            "a".to_string(),
+            deleted_node_state(
+                "a",
+                Liveness::Alive {
+                    expires_at: Instant::now() + Duration::from_secs(9),
+                },
+            ),
+        )]);
+        let w = decide(obj, &states);
+        assert_eq!(w.bind, None);
+        assert!(w.candidate, "placed by the scheduler like any unbound VM");
+        assert!(w.events.iter().any(|e| e.reason == "NodeLabelIgnored"));
+    }
 }
