@@ -11,7 +11,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 RELEASE_BIN := $(TARGET_DIR)/release
 
-.PHONY: all build deps guests fixtures crds lint test test-rust demo demo-standalone demo-cluster \
+.PHONY: all build deps guests fixtures crds lint test test-rust test-linux-hw demo demo-standalone demo-cluster \
 	cluster-up cluster-down bench doctor clean
 
 all: build
@@ -48,6 +48,11 @@ lint:
 test-rust:
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+
+## Full Linux boot to the initramfs with disk and NIC: VT-x/AMD-V hosts only
+## (ignored by `make test`, which says so; needs hack/fixtures-linux.sh).
+test-linux-hw: fixtures
+	$(CARGO) test -p kubevmm-vmm --test linux -- --ignored linux_full_boot_to_initramfs_with_disk_and_nic
 
 ## The README's test command.
 test: deps guests lint test-rust

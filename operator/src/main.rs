@@ -3,9 +3,11 @@
 //! heartbeating and re-places them once their node is confirmed gone.
 //! Leader-elected: any number of replicas, one acts.
 
+mod heartbeat;
 mod leader;
 mod metrics;
 mod reconcile;
+mod retry;
 mod scheduling;
 mod telemetry;
 
@@ -211,12 +213,18 @@ fn spawn_watchers(
 }
 
 /// Runs passes while leader: after each change (coalesced), when a Lease
-/// is due to expire, on resync, and after errors with exponential backoff.
+/// is due to expire or a failed VM's backoff ends, on resync, and after a
+/// failed pass (nothing could be read) with exponential backoff. Errors of
+/// single VMs do not slow the loop down: those VMs back off on their own
+/// (see `retry`), and watch events keep triggering passes for the others.
 async fn control_loop(ctx: Context, notify: std::sync::Arc<Notify>, resync: Duration) {
     let mut leader_rx = ctx.leadership.subscribe();
     let mut backoff = Duration::ZERO;
     loop {
         if !*leader_rx.borrow() {
+            // Observations made before losing leadership may be arbitrarily
+            // old by the time it comes back: start over with a first look.
+            ctx.heartbeats().reset();
             if leader_rx.changed().await.is_err() {
                 return;
             }
@@ -251,10 +259,12 @@ async fn control_loop(ctx: Context, notify: std::sync::Arc<Notify>, resync: Dura
                         .reconcile_errors_total
                         .with_label_values(&[e.kind()])
                         .inc();
-                    tracing::warn!(error = %e, "reconcile");
+                    tracing::warn!(error = %e, "reconcile; this VM is retried with backoff");
                 }
-                backoff = next_backoff(backoff);
-                wake = wake.min(backoff);
+                backoff = Duration::ZERO;
+                if let Some(w) = report.wake_in {
+                    wake = wake.min(w);
+                }
             }
             Err(e) => {
                 ctx.metrics
@@ -331,6 +341,8 @@ async fn run(flags: Flags) -> Result<(), MainError> {
         },
         metrics,
         leadership,
+        heartbeats: std::sync::Mutex::default(),
+        retries: std::sync::Mutex::default(),
     };
     let control = tokio::spawn(control_loop(
         ctx,

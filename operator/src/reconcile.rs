@@ -10,6 +10,15 @@
 //! replica that still believes it leads) fails with a conflict instead of
 //! overwriting, and the pass is retried.
 //!
+//! The binding is `status.nodeName` as written by the operator (its field
+//! manager owns that field); the `kubevmm.io/node` label is derived from it
+//! and corrected when it differs, so a label the operator did not write
+//! binds nothing (an admission policy refuses it in the first place).
+//!
+//! Node liveness comes from [`crate::heartbeat`] (the operator's monotonic
+//! clock, never the agents' wall clocks). A VM whose writes fail is retried
+//! on its own with backoff ([`crate::retry`]); the others go on.
+//!
 //! What the operator owns on a VM (see docs/architecture.md, "The contract"):
 //! the finalizer, the `kubevmm.io/node` label, and in the status (server-side
 //! apply, field manager `kubevmm-operator`, force) `nodeName`, the
@@ -20,12 +29,13 @@
 //! once wrote disappears by omission.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::ResourceExt;
@@ -34,8 +44,10 @@ use kubevmm_crds::quantity::parse_bytes;
 use kubevmm_crds::{HypervisorNode, RunStrategy, VirtualMachine, VmPhase};
 use serde_json::{json, Value};
 
+use crate::heartbeat::{HeartbeatClock, LeaseRecord, Liveness};
 use crate::leader::{is_status, Leadership};
 use crate::metrics::Metrics;
+use crate::retry::{self, Retries};
 use crate::scheduling::{self, BoundVm, NodeInfo, Overcommit, Request};
 
 /// What can fail in a pass. Every error is retried with backoff.
@@ -101,6 +113,25 @@ pub struct Context {
     pub leadership: Leadership,
     /// Event publisher.
     pub recorder: Recorder,
+    /// When each heartbeat Lease was last seen to change (operator clock).
+    pub heartbeats: Mutex<HeartbeatClock>,
+    /// VMs whose writes failed, and when to try them again.
+    pub retries: Mutex<Retries>,
+}
+
+impl Context {
+    /// The heartbeat observations (a poisoned lock still holds valid data).
+    pub fn heartbeats(&self) -> std::sync::MutexGuard<'_, HeartbeatClock> {
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn retries(&self) -> std::sync::MutexGuard<'_, Retries> {
+        self.retries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -114,52 +145,69 @@ impl std::fmt::Debug for Context {
 /// Outcome of a pass.
 #[derive(Debug, Default)]
 pub struct PassReport {
-    /// Errors on individual VMs (the pass went on with the others).
+    /// Errors on individual VMs (the pass went on with the others; each is
+    /// retried on its own with backoff).
     pub errors: Vec<ReconcileError>,
     /// When the next pass is due even if nothing changes (a heartbeat Lease
-    /// that will expire).
+    /// that will expire, a VM whose backoff ends).
     pub wake_in: Option<Duration>,
 }
 
-/// The heartbeat state of one node.
+/// The state of one node a VM may be bound to.
 #[derive(Debug, Clone)]
 struct NodeState {
     info: NodeInfo,
-    /// `renewTime` of its Lease, if any.
-    last_heartbeat: Option<Timestamp>,
-    /// When the Lease expires (or expired).
-    expires: Option<Timestamp>,
+    /// Its heartbeat, on the operator's clock.
+    liveness: Liveness,
+    /// Annotated `kubevmm.io/fenced=true`: its guests are certainly dead.
     fenced: bool,
+    /// Its `HypervisorNode` no longer exists (VMs may still be bound to it).
+    deleted: bool,
 }
 
-/// Why the bound node is considered gone.
+/// Why the bound node is confirmed gone (its guests are dead), if it is.
+///
+/// Only fencing confirms it. A deleted `HypervisorNode` does not: deleting
+/// the object stops no VMM, so its VMs are treated as on a lost node (kept
+/// bound, `NodeLost` once the heartbeat expires) until it is fenced —
+/// recreate it with the annotation.
 fn gone_reason(node: &str, state: Option<&NodeState>) -> Option<String> {
-    match state {
-        None => Some(format!("HypervisorNode {node} was deleted")),
-        Some(s) if s.fenced => Some(format!(
-            "HypervisorNode {node} is fenced ({}=true)",
+    state.filter(|s| s.fenced).map(|s| {
+        let deleted = if s.deleted { " (after deletion)" } else { "" };
+        format!(
+            "HypervisorNode {node} is fenced{deleted} ({}=true)",
             contract::ANNOTATION_FENCED
-        )),
-        Some(_) => None,
+        )
+    })
+}
+
+/// The Lease of a node as the heartbeat clock records it; `None` without `renewTime`.
+fn lease_record(lease: &Lease) -> Option<LeaseRecord> {
+    let spec = lease.spec.as_ref()?;
+    Some(LeaseRecord {
+        renew_time: spec.renew_time.as_ref()?.0,
+        duration: Duration::from_secs(
+            u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+        ),
+    })
+}
+
+/// A node whose `HypervisorNode` is gone but to which VMs are still bound.
+fn deleted_node_state(name: &str, liveness: Liveness) -> NodeState {
+    NodeState {
+        info: NodeInfo {
+            name: name.to_string(),
+            cordoned: true,
+            ..NodeInfo::default()
+        },
+        liveness,
+        fenced: false,
+        deleted: true,
     }
 }
 
-fn node_state(node: &HypervisorNode, lease: Option<&Lease>, now: Timestamp) -> NodeState {
+fn node_state(node: &HypervisorNode, liveness: Liveness) -> NodeState {
     let status = node.status.clone().unwrap_or_default();
-    let (last_heartbeat, expires) = match lease.and_then(|l| l.spec.as_ref()) {
-        Some(spec) => {
-            let renew = spec.renew_time.as_ref().map(|t| t.0);
-            let secs = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
-            (
-                renew,
-                renew.map(|r| {
-                    r.saturating_add(SignedDuration::from_secs(secs))
-                        .unwrap_or(r)
-                }),
-            )
-        }
-        None => (None, None),
-    };
     let alloc = status.allocatable.unwrap_or_default();
     let allocatable_memory = if alloc.memory.0.is_empty() {
         0
@@ -174,23 +222,28 @@ fn node_state(node: &HypervisorNode, lease: Option<&Lease>, now: Timestamp) -> N
             name: node.name_any(),
             labels: node.labels().clone(),
             cordoned: node.spec.cordoned,
-            ready: expires.is_some_and(|e| e > now),
+            ready: liveness.is_alive(),
             kvm_available: status.kvm.is_some_and(|k| k.available),
             allocatable_cpus: alloc.cpus,
             allocatable_memory,
         },
-        last_heartbeat,
-        expires,
+        liveness,
         fenced: node
             .annotations()
             .get(contract::ANNOTATION_FENCED)
             .is_some_and(|v| v == "true"),
+        deleted: false,
     }
 }
 
-/// Which status fields the operator's field manager owns now.
+/// Which fields the operator's field manager owns now.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)] // one flag per field, not a state machine
 struct Owned {
+    /// `status.nodeName`: the binding, when the operator wrote it.
+    node_name: bool,
+    /// The `kubevmm.io/node` label.
+    label: bool,
     phase: bool,
     restart_count: bool,
     conditions: BTreeSet<String>,
@@ -199,14 +252,24 @@ struct Owned {
 fn owned_by_operator(obj: &DynamicObject) -> Owned {
     let mut owned = Owned::default();
     for entry in obj.metadata.managed_fields.iter().flatten() {
-        if entry.manager.as_deref() != Some(contract::MANAGER_OPERATOR)
-            || entry.subresource.as_deref() != Some("status")
-        {
+        if entry.manager.as_deref() != Some(contract::MANAGER_OPERATOR) {
             continue;
         }
-        let Some(status) = entry.fields_v1.as_ref().and_then(|f| f.0.get("f:status")) else {
+        let fields = entry.fields_v1.as_ref().map(|f| &f.0);
+        if entry.subresource.as_deref() != Some("status") {
+            owned.label |= fields
+                .and_then(|f| {
+                    f.get("f:metadata")?
+                        .get("f:labels")?
+                        .get(format!("f:{}", contract::LABEL_NODE))
+                })
+                .is_some();
+            continue;
+        }
+        let Some(status) = fields.and_then(|f| f.get("f:status")) else {
             continue;
         };
+        owned.node_name |= status.get("f:nodeName").is_some();
         owned.phase |= status.get("f:phase").is_some();
         owned.restart_count |= status.get("f:restartCount").is_some();
         if let Some(conds) = status.get("f:conditions").and_then(Value::as_object) {
@@ -295,9 +358,36 @@ impl Work {
         self.obj.labels().get(contract::LABEL_NODE).cloned()
     }
 
+    /// The node the operator bound the VM to: `status.nodeName`, if the
+    /// operator's field manager wrote it (a value from anyone else binds
+    /// nothing).
+    fn binding(&self) -> Option<String> {
+        binding_of(&self.obj, &self.owned)
+    }
+
+    /// The VM's uid (namespace/name when absent, for objects not from the API).
+    fn uid(&self) -> String {
+        self.obj
+            .metadata
+            .uid
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", self.namespace, self.name))
+    }
+
     fn phase_now(&self) -> Option<VmPhase> {
         self.current_status().phase
     }
+}
+
+fn binding_of(obj: &DynamicObject, owned: &Owned) -> Option<String> {
+    if !owned.node_name {
+        return None;
+    }
+    obj.data
+        .pointer("/status/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(String::from)
 }
 
 fn vm_resource() -> ApiResource {
@@ -348,48 +438,65 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
             source,
         })?;
 
-    let leases: BTreeMap<String, Lease> = leases
+    // Heartbeats: record what changed, on the operator's clock.
+    let mono = Instant::now();
+    let records: BTreeMap<String, LeaseRecord> = leases
         .items
-        .into_iter()
-        .map(|l| (l.name_any(), l))
+        .iter()
+        .filter_map(|l| Some((l.name_any(), lease_record(l)?)))
         .collect();
+    let liveness: BTreeMap<String, Liveness> = {
+        let mut clock = ctx.heartbeats();
+        clock.record(&records, mono);
+        records
+            .keys()
+            .map(|l| (l.clone(), clock.liveness(l, mono)))
+            .collect()
+    };
+    let heartbeats = |node: &str| {
+        liveness
+            .get(&contract::node_lease_name(node))
+            .copied()
+            .unwrap_or(Liveness::NoLease)
+    };
     let mut states: BTreeMap<String, NodeState> = nodes
         .items
         .iter()
-        .map(|n| {
-            let lease = leases.get(&contract::node_lease_name(&n.name_any()));
-            (n.name_any(), node_state(n, lease, now))
-        })
+        .map(|n| (n.name_any(), node_state(n, heartbeats(&n.name_any()))))
         .collect();
 
     let mut report = PassReport::default();
 
-    // Nodes outside --node-selector that VMs are bound to: look them up so a
-    // node is never taken for deleted just because the selector hides it.
-    if ctx.settings.node_selector.is_some() {
-        let missing: BTreeSet<String> = vms
-            .items
-            .iter()
-            .filter_map(|o| o.labels().get(contract::LABEL_NODE).cloned())
-            .filter(|n| !states.contains_key(n))
-            .collect();
-        for name in missing {
-            match node_api.get_opt(&name).await {
-                Ok(Some(n)) => {
-                    let lease = leases.get(&contract::node_lease_name(&name));
-                    let mut s = node_state(&n, lease, now);
-                    s.info.cordoned = true; // never place onto a node outside the selector
-                    states.insert(name, s);
-                }
-                Ok(None) => {}
-                Err(source) => {
-                    return Err(ReconcileError::List {
-                        what: "HypervisorNodes",
-                        source,
-                    })
-                }
+    // Nodes VMs are bound to that the list did not return: outside
+    // --node-selector (look them up, so a node is never taken for deleted
+    // just because the selector hides it), or deleted (treated as lost).
+    let missing: BTreeSet<String> = vms
+        .items
+        .iter()
+        .filter_map(|o| binding_of(o, &owned_by_operator(o)))
+        .filter(|n| !states.contains_key(n))
+        .collect();
+    for name in missing {
+        let found = if ctx.settings.node_selector.is_some() {
+            node_api
+                .get_opt(&name)
+                .await
+                .map_err(|source| ReconcileError::List {
+                    what: "HypervisorNodes",
+                    source,
+                })?
+        } else {
+            None
+        };
+        let state = match found {
+            Some(n) => {
+                let mut s = node_state(&n, heartbeats(&name));
+                s.info.cordoned = true; // never place onto a node outside the selector
+                s
             }
-        }
+            None => deleted_node_state(&name, heartbeats(&name)),
+        };
+        states.insert(name, state);
     }
 
     // VMs by phase, as read.
@@ -417,10 +524,7 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
         key(a).cmp(&key(b))
     });
 
-    let mut works: Vec<Work> = items
-        .into_iter()
-        .map(|obj| decide(obj, &states, now))
-        .collect();
+    let mut works: Vec<Work> = items.into_iter().map(|obj| decide(obj, &states)).collect();
 
     // Capacity taken by what stays bound, then placement in order.
     let bound: Vec<BoundVm> = works
@@ -433,11 +537,16 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
                 cpus: req.map_or(0, |r| r.cpus),
                 memory: req.map_or(0, |r| r.memory),
                 phase: w.phase.or(w.phase_now()),
+                strategy: w.vm.as_ref().map(|v| v.spec.run_strategy),
             })
         })
         .collect();
     let mut used = scheduling::usage_by_node(&bound);
-    let infos: Vec<NodeInfo> = states.values().map(|s| s.info.clone()).collect();
+    let infos: Vec<NodeInfo> = states
+        .values()
+        .filter(|s| !s.deleted)
+        .map(|s| s.info.clone())
+        .collect();
     for w in works.iter_mut().filter(|w| w.candidate) {
         let Some(req) = w.request.clone() else {
             continue;
@@ -482,36 +591,67 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
         }
     }
 
-    // Next wake-up: the earliest future expiry of a Lease a bound VM depends on.
-    let soonest = works
-        .iter()
-        .filter_map(|w| w.bind.as_ref())
-        .filter_map(|n| states.get(n).and_then(|s| s.expires))
-        .filter(|e| *e > now)
+    // Next wake-up: the earliest expiry of a Lease a VM waits on (bound
+    // VMs watch their node; unconfirmed nodes become placeable or lost).
+    let soonest = states
+        .values()
+        .filter_map(|s| s.liveness.deadline())
+        .filter(|d| *d > mono)
         .min();
-    report.wake_in = soonest.map(|e| {
-        let d = e.duration_since(now);
-        Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(0))
-            + Duration::from_millis(100)
-    });
+    let mut wake = soonest.map(|d| d.duration_since(mono) + Duration::from_millis(100));
 
+    let present: BTreeSet<String> = works.iter().map(Work::uid).collect();
+    ctx.retries().retain(&present);
     for w in works {
+        let uid = w.uid();
+        // A VM whose last write failed waits for its backoff; the others go on.
+        let waiting = ctx.retries().wait(&uid, Instant::now());
+        if let Some(d) = waiting {
+            wake = Some(wake.map_or(d, |w| w.min(d)));
+            continue;
+        }
         // Writes go to the VM's own namespace (a cluster-wide Api has no
         // namespace in its URLs and cannot patch namespaced objects).
         let vm_ns_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &w.namespace, &ar);
-        if let Err(e) = execute(ctx, &vm_ns_api, w, now).await {
-            if matches!(e, ReconcileError::NotLeader) {
-                return Err(e);
+        let reference = object_ref(&w);
+        match execute(ctx, &vm_ns_api, w, now).await {
+            Ok(()) => ctx.retries().succeeded(&uid),
+            Err(ReconcileError::NotLeader) => return Err(ReconcileError::NotLeader),
+            Err(e) => {
+                let kind = if e.kind() == "conflict" {
+                    retry::Failure::Conflict
+                } else {
+                    retry::Failure::Error
+                };
+                let report_it = ctx
+                    .retries()
+                    .failed(&uid, kind, e.to_string(), Instant::now());
+                if let Some(d) = ctx.retries().wait(&uid, Instant::now()) {
+                    wake = Some(wake.map_or(d, |w| w.min(d)));
+                }
+                if report_it && kind == retry::Failure::Error {
+                    publish(
+                        ctx,
+                        &reference,
+                        &Ev {
+                            warning: true,
+                            reason: "ReconcileFailed",
+                            note: format!("{e}; retrying this VM with backoff"),
+                        },
+                    )
+                    .await;
+                }
+                report.errors.push(e);
             }
-            report.errors.push(e);
         }
     }
+    report.wake_in = wake;
     Ok(report)
 }
 
 /// Decides everything but placement for one VM.
 #[allow(clippy::too_many_lines)]
-fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timestamp) -> Work {
+fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -> Work {
     let name = obj.name_any();
     let namespace = obj.namespace().unwrap_or_default();
     let owned = owned_by_operator(&obj);
@@ -537,14 +677,27 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
         failure_reason: None,
         events: Vec::new(),
     };
-    let label = w.label();
-    w.bind.clone_from(&label);
+    // The binding is what the operator wrote, never the label alone.
+    let bound = w.binding();
+    w.bind.clone_from(&bound);
+    if let Some(l) = w.label().filter(|l| Some(l) != bound.as_ref()) {
+        if !w.owned.label {
+            w.events.push(Ev {
+                warning: true,
+                reason: "NodeLabelIgnored",
+                note: format!(
+                    "label {}={l} was not set by the operator and binds nothing; it is corrected",
+                    contract::LABEL_NODE
+                ),
+            });
+        }
+    }
     let deleting = w.obj.metadata.deletion_timestamp.is_some();
     let has_finalizer = w.obj.finalizers().iter().any(|f| f == contract::FINALIZER);
 
     if deleting {
         if has_finalizer {
-            match &label {
+            match &bound {
                 None => w.remove_finalizer = true,
                 Some(node) => {
                     if let Some(why) = gone_reason(node, states.get(node)) {
@@ -558,9 +711,9 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
                 }
             }
         }
-        if let Some(node) = &label {
+        if let Some(node) = &bound {
             if !w.remove_finalizer {
-                node_health(&mut w, node, states.get(node), now);
+                node_health(&mut w, node, states.get(node));
             }
         }
         // Keep counting it on its node until node-vmm lets go.
@@ -574,7 +727,6 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
     let vm = match parsed {
         Ok(vm) => vm,
         Err(e) => {
-            w.bind = label;
             w.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
@@ -583,7 +735,7 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
                     format!("the operator cannot read this VirtualMachine: {e}"),
                 ),
             );
-            if w.label().is_none() {
+            if w.bind.is_none() {
                 w.phase = Some(VmPhase::Pending);
             }
             w.failure_reason = Some("InvalidSpec");
@@ -595,7 +747,7 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
     let phase = w.phase_now();
     let strategy = vm.spec.run_strategy;
 
-    if let Some(node) = &label {
+    if let Some(node) = &bound {
         if let Some(why) = gone_reason(node, states.get(node)) {
             w.bind = None;
             if scheduling::wants_to_run(strategy, phase)
@@ -664,7 +816,7 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
                 note: format!("guest {p} on node {node}; binding released"),
             });
         } else {
-            node_health(&mut w, node, states.get(node), now);
+            node_health(&mut w, node, states.get(node));
             let keep = w
                 .current_condition(condition::SCHEDULED)
                 .filter(|c| c.status == "True" && c.message.ends_with(&format!("node {node}")));
@@ -731,19 +883,42 @@ fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>, now: Timesta
 }
 
 /// `NodeLost` / `Ready=Unknown` while the node's heartbeat is stale; cleared when fresh.
-fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>, now: Timestamp) {
+///
+/// Staleness is the operator's own observation (see [`crate::heartbeat`]);
+/// a node the operator has only just started watching is left as it is
+/// until its Lease renews or a whole Lease duration passes. A deleted
+/// `HypervisorNode` is judged by its Lease like any other: its agent may
+/// still run the guests.
+fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
     let Some(state) = state else { return };
-    let lost = state.expires.is_none_or(|e| e <= now);
+    if matches!(state.liveness, Liveness::Unconfirmed { .. }) {
+        return;
+    }
     let current = w.current_condition(condition::NODE_LOST);
-    if lost {
-        let message = match state.last_heartbeat {
-            Some(t) => format!(
-                "node {node} stopped heartbeating: last heartbeat at {}, Lease expired at {}",
-                fmt_time(t),
-                state.expires.map_or_else(|| "?".into(), fmt_time)
+    if state.liveness.is_lost() {
+        let deleted = if state.deleted {
+            format!(
+                " (its HypervisorNode was deleted; the VM stays bound until the node is fenced: \
+                 recreate HypervisorNode {node} annotated {}=true)",
+                contract::ANNOTATION_FENCED
+            )
+        } else {
+            String::new()
+        };
+        let message = match state.liveness {
+            Liveness::Expired {
+                silent_for,
+                duration,
+                last_renew,
+            } => format!(
+                "node {node} stopped heartbeating: last heartbeat at {} (node clock), \
+                 no renewal seen for {}s, Lease duration {}s{deleted}",
+                fmt_time(last_renew),
+                silent_for.as_secs(),
+                duration.as_secs()
             ),
-            None => format!(
-                "node {node} has no heartbeat Lease {}/{}",
+            _ => format!(
+                "node {node} has no heartbeat Lease {}/{}{deleted}",
                 contract::LEASE_NAMESPACE,
                 contract::node_lease_name(node)
             ),
@@ -967,8 +1142,14 @@ async fn execute(
             w.obj.metadata.resource_version.clone(),
             json!({ "labels": { contract::LABEL_NODE: w.bind } }),
         );
+        // Under the operator's field manager: a label it wrote is told
+        // apart from one somebody else set.
+        let pp = PatchParams {
+            field_manager: Some(contract::MANAGER_OPERATOR.into()),
+            ..PatchParams::default()
+        };
         let out = api
-            .patch(&w.name, &PatchParams::default(), &patch)
+            .patch(&w.name, &pp, &patch)
             .await
             .map_err(|e| werr("set the node label of", &w, e))?;
         w.obj.metadata.resource_version = out.metadata.resource_version;
@@ -1008,26 +1189,36 @@ async fn execute(
 
     let reference = object_ref(&w);
     for ev in &w.events {
-        let event = Event {
-            type_: if ev.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: ev.reason.to_string(),
-            note: Some(ev.note.chars().take(1000).collect()),
-            action: ev.reason.to_string(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-            ctx.metrics
-                .reconcile_errors_total
-                .with_label_values(&["event"])
-                .inc();
-            tracing::warn!(vm = %format!("{}/{}", w.namespace, w.name), error = %e, "cannot publish Event");
-        }
+        publish(ctx, &reference, ev).await;
     }
     Ok(())
+}
+
+/// Publishes an Event about a VM; a failure is counted and logged, never fatal.
+async fn publish(ctx: &Context, reference: &ObjectReference, ev: &Ev) {
+    let event = Event {
+        type_: if ev.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: ev.reason.to_string(),
+        note: Some(ev.note.chars().take(1000).collect()),
+        action: ev.reason.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+        ctx.metrics
+            .reconcile_errors_total
+            .with_label_values(&["event"])
+            .inc();
+        let vm = format!(
+            "{}/{}",
+            reference.namespace.as_deref().unwrap_or_default(),
+            reference.name.as_deref().unwrap_or_default()
+        );
+        tracing::warn!(%vm, error = %e, "cannot publish Event");
+    }
 }
 
 #[cfg(test)]
@@ -1072,12 +1263,113 @@ mod tests {
     fn unparseable_memory_is_a_condition_not_a_crash() {
         let mut obj = DynamicObject::new("bad", &vm_resource()).within("ns");
         obj.data = json!({"spec": {"memory": "lots", "boot": {"kernel": {"path": "/k"}}}});
-        let w = decide(obj, &BTreeMap::new(), Timestamp::now());
+        let w = decide(obj, &BTreeMap::new());
         assert!(!w.candidate);
         assert_eq!(w.phase, Some(VmPhase::Pending));
         let c = &w.conditions[condition::SCHEDULED];
         assert_eq!(c.reason, "InvalidSpec");
         assert!(c.message.contains("spec.memory"), "{}", c.message);
         assert!(w.add_finalizer);
+    }
+
+    /// A VM bound to `node` by the operator (status.nodeName it owns).
+    fn bound_vm(node: &str, strategy: &str) -> DynamicObject {
+        let mut obj = DynamicObject::new("vm", &vm_resource()).within("ns");
+        obj.metadata.finalizers = Some(vec![contract::FINALIZER.into()]);
+        obj.metadata.labels = Some([(contract::LABEL_NODE.to_string(), node.to_string())].into());
+        obj.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some(contract::MANAGER_OPERATOR.into()),
+            operation: Some("Apply".into()),
+            subresource: Some("status".into()),
+            fields_v1: Some(FieldsV1(
+                json!({"f:status": {"f:nodeName": {}, "f:phase": {}}}),
+            )),
+            ..ManagedFieldsEntry::default()
+        }]);
+        obj.data = json!({
+            "spec": {"runStrategy": strategy, "cpus": 1, "memory": "64Mi", "boot": {"kernel": {"path": "/k"}}},
+            "status": {"nodeName": node, "phase": "Running"},
+        });
+        obj
+    }
+
+    #[test]
+    fn a_deleted_node_is_lost_not_gone_until_fenced() {
+        let t0 = Instant::now();
+        let expired = Liveness::Expired {
+            silent_for: Duration::from_secs(50),
+            duration: Duration::from_secs(40),
+            last_renew: Timestamp::UNIX_EPOCH,
+        };
+        let alive = Liveness::Alive {
+            expires_at: t0 + Duration::from_secs(10),
+        };
+        let fenced = |mut s: NodeState| {
+            s.fenced = true;
+            s
+        };
+        // node state | re-placed? | NodeLost
+        let table: Vec<(NodeState, bool, Option<&str>)> = vec![
+            (deleted_node_state("a", alive), false, None),
+            (deleted_node_state("a", expired), false, Some("True")),
+            (
+                deleted_node_state("a", Liveness::NoLease),
+                false,
+                Some("True"),
+            ),
+            (
+                fenced(deleted_node_state("a", expired)),
+                true,
+                Some("False"),
+            ),
+        ];
+        for (state, moved, lost) in table {
+            let liveness = state.liveness;
+            let states = BTreeMap::from([("a".to_string(), state)]);
+            let w = decide(bound_vm("a", "Always"), &states);
+            assert_eq!(w.bind.is_none(), moved, "{liveness:?}");
+            assert_eq!(w.candidate, moved, "{liveness:?}");
+            assert_eq!(
+                w.conditions.get(condition::NODE_LOST).map(|c| c.status),
+                lost,
+                "{liveness:?}"
+            );
+            if lost == Some("True") {
+                let msg = &w.conditions[condition::NODE_LOST].message;
+                assert!(msg.contains("HypervisorNode was deleted"), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unconfirmed_heartbeat_changes_nothing() {
+        let t0 = Instant::now();
+        let mut state = deleted_node_state("a", Liveness::Unconfirmed { expires_at: t0 });
+        state.deleted = false;
+        let states = BTreeMap::from([("a".to_string(), state)]);
+        let w = decide(bound_vm("a", "Always"), &states);
+        assert_eq!(w.bind.as_deref(), Some("a"));
+        assert!(!w.conditions.contains_key(condition::NODE_LOST));
+        assert!(!w.conditions.contains_key(condition::READY));
+        assert!(!w.drop_conditions.contains(condition::READY));
+    }
+
+    #[test]
+    fn a_label_without_an_operator_binding_is_not_a_binding() {
+        let mut obj = bound_vm("a", "Always");
+        obj.metadata.managed_fields = None; // status.nodeName written by someone else
+        let states = BTreeMap::from([(
+            "a".to_string(),
+            deleted_node_state(
+                "a",
+                Liveness::Alive {
+                    expires_at: Instant::now() + Duration::from_secs(9),
+                },
+            ),
+        )]);
+        let w = decide(obj, &states);
+        assert_eq!(w.bind, None);
+        assert!(w.candidate, "placed by the scheduler like any unbound VM");
+        assert!(w.events.iter().any(|e| e.reason == "NodeLabelIgnored"));
     }
 }

@@ -4,7 +4,8 @@
 //! A node can take a VM when it is Ready (fresh heartbeat Lease), has usable
 //! KVM, is not cordoned, carries every label of the VM's `nodeSelector`, and
 //! has the vCPUs and memory free: allocatable × overcommit ratio minus what
-//! the non-terminal VMs already bound to it ask for. Among the nodes that
+//! the VMs already bound to it ask for (see [`holds_capacity`]: a bound VM
+//! whose guest ended but will run again keeps its share). Among the nodes that
 //! fit, the one with the most free memory wins (spreading guests), ties
 //! broken by name so two replicas decide alike.
 
@@ -147,15 +148,30 @@ pub struct BoundVm {
     pub cpus: u32,
     /// Memory in bytes.
     pub memory: u64,
-    /// Its phase; terminal phases hold no capacity.
+    /// Its phase.
     pub phase: Option<VmPhase>,
+    /// Its run strategy (`None` when the spec cannot be read).
+    pub strategy: Option<RunStrategy>,
 }
 
-/// What the bound, non-terminal VMs take on each node.
+/// Whether a bound VM counts against its node's capacity.
+///
+/// A running (or starting, stopping, paused...) guest does. A guest in a
+/// terminal phase does too when it will run again on the same node: an
+/// `Always` VM whose guest `Failed`, or a `RerunOnFailure` one, stays bound
+/// while node-vmm restarts it with backoff, so its vCPUs and memory must not
+/// be handed to another VM meanwhile. Only a terminal VM that will not run
+/// again (it is being released) frees its share; a VM whose strategy is
+/// unknown keeps it.
+pub fn holds_capacity(phase: Option<VmPhase>, strategy: Option<RunStrategy>) -> bool {
+    !is_terminal(phase) || strategy.is_none_or(|s| wants_to_run(s, phase))
+}
+
+/// What the bound VMs that hold capacity take on each node.
 pub fn usage_by_node<'a>(vms: impl IntoIterator<Item = &'a BoundVm>) -> BTreeMap<String, Usage> {
     let mut used: BTreeMap<String, Usage> = BTreeMap::new();
     for vm in vms {
-        if !is_terminal(vm.phase) {
+        if holds_capacity(vm.phase, vm.strategy) {
             used.entry(vm.node.clone())
                 .or_default()
                 .add(vm.cpus, vm.memory);
@@ -498,20 +514,54 @@ mod tests {
     }
 
     #[test]
-    fn terminal_vms_hold_no_capacity() {
-        let bound = |node: &str, cpus, phase| BoundVm {
+    fn which_bound_vms_hold_capacity() {
+        use RunStrategy::{Always, Halted, Manual, Once, RerunOnFailure};
+        use VmPhase::{Failed, Pending, Running, Scheduled, Stopped, Stopping, Succeeded};
+        // phase | strategy | holds
+        let table: &[(Option<VmPhase>, Option<RunStrategy>, bool)] = &[
+            (Some(Running), Some(Once), true),
+            (Some(Scheduled), Some(Manual), true),
+            (Some(Stopping), Some(Halted), true),
+            (None, Some(Always), true),
+            (Some(Pending), None, true),
+            // Bound and restarted in place by node-vmm: keeps its share.
+            (Some(Failed), Some(Always), true),
+            (Some(Stopped), Some(Always), true),
+            (Some(Succeeded), Some(Always), true),
+            (Some(Failed), Some(RerunOnFailure), true),
+            // Unknown strategy: cannot tell whether it runs again.
+            (Some(Failed), None, true),
+            // Will not run again: released, so it frees its share.
+            (Some(Succeeded), Some(RerunOnFailure), false),
+            (Some(Failed), Some(Once), false),
+            (Some(Stopped), Some(Manual), false),
+            (Some(Stopped), Some(Halted), false),
+        ];
+        for &(phase, strategy, want) in table {
+            assert_eq!(
+                holds_capacity(phase, strategy),
+                want,
+                "{phase:?} under {strategy:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn terminal_vms_that_will_not_run_again_hold_no_capacity() {
+        let bound = |node: &str, cpus, phase, strategy| BoundVm {
             node: node.into(),
             cpus,
             memory: GI,
             phase,
+            strategy: Some(strategy),
         };
         let vms = [
-            bound("n", 2, Some(VmPhase::Running)),
-            bound("n", 1, Some(VmPhase::Scheduled)),
-            bound("n", 4, Some(VmPhase::Stopped)),
-            bound("n", 4, Some(VmPhase::Succeeded)),
-            bound("n", 4, Some(VmPhase::Failed)),
-            bound("m", 1, None),
+            bound("n", 2, Some(VmPhase::Running), RunStrategy::Once),
+            bound("n", 1, Some(VmPhase::Scheduled), RunStrategy::Once),
+            bound("n", 4, Some(VmPhase::Stopped), RunStrategy::Halted),
+            bound("n", 4, Some(VmPhase::Succeeded), RunStrategy::Once),
+            bound("n", 4, Some(VmPhase::Failed), RunStrategy::Manual),
+            bound("m", 1, None, RunStrategy::Always),
         ];
         let used = usage_by_node(&vms);
         assert_eq!(
@@ -534,6 +584,28 @@ mod tests {
             Ok("n".into())
         );
         assert!(place(&req(2, GI), &nodes, &used, Overcommit::default()).is_err());
+    }
+
+    #[test]
+    fn a_failed_always_vm_keeps_its_share_while_bound() {
+        let failed = BoundVm {
+            node: "n".into(),
+            cpus: 2,
+            memory: 2 * GI,
+            phase: Some(VmPhase::Failed),
+            strategy: Some(RunStrategy::Always),
+        };
+        let used = usage_by_node([&failed]);
+        assert_eq!(
+            used["n"],
+            Usage {
+                cpus: 2,
+                memory: 2 * GI
+            }
+        );
+        let nodes = [node("n", 2, 2)];
+        let err = place(&req(1, GI), &nodes, &used, Overcommit::default()).unwrap_err();
+        assert_eq!(err.reason, "Insufficient");
     }
 
     #[test]

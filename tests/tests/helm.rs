@@ -7,14 +7,17 @@
 //! `helm` is built from the Go module proxy by `hack/helm-build.sh`
 //! (`hack/install-deps.sh` runs it) into `~/.cache/kubevmm/helm-<version>/`.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 
-use kubevmm_e2e::{
-    bin_path, free_port, repo_root, run_with_input, wait_for, ControlPlane, Daemon, Outcome,
+use kubevmm_e2e::{bin_path, free_port, repo_root, run_with_input, wait_for, ControlPlane, Daemon};
+use support::{
+    apply_as, as_token, bind_as_operator, can_i, chart, create_as, ensure_lease_namespace,
+    get_json, helm, node_tokens, ok, outcome, sa_kubeconfig, status_patch, token_kubeconfig,
 };
-use serde_json::Value;
 
 /// Installs share cluster-scoped objects (the Lease namespace, Nodes): one
 /// at a time.
@@ -24,91 +27,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A pinned version from `hack/helm-build.sh` (`NAME=v...`).
-fn pinned(var: &str) -> String {
-    let script = repo_root().join("hack/helm-build.sh");
-    let text = std::fs::read_to_string(&script).expect("read hack/helm-build.sh");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{var}=")))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {var}= in {}", script.display()))
-        .to_string()
-}
-
-/// A tool built by `hack/helm-build.sh`; fails (never skips) when missing.
-fn cached_tool(name: &str, var: &str) -> PathBuf {
-    let home = std::env::var_os("HOME").expect("HOME");
-    let path = Path::new(&home)
-        .join(".cache/kubevmm")
-        .join(format!("{name}-{}", pinned(var)))
-        .join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run hack/helm-build.sh (hack/install-deps.sh and make test do)",
-        path.display()
-    );
-    path
-}
-
-fn chart() -> PathBuf {
-    repo_root().join("charts/kubevmm")
-}
-
-/// `helm` bound to the control plane, with private config/cache dirs.
-fn helm(cp: &ControlPlane) -> Command {
-    let mut c = Command::new(cached_tool("helm", "HELM_VERSION"));
-    let home = cp.dir().join("helm");
-    c.env("KUBECONFIG", cp.kubeconfig())
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_DATA_HOME", home.join("data"));
-    c
-}
-
-fn outcome(cmd: &mut Command) -> Outcome {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    Outcome {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let desc = format!("{cmd:?}");
-    let o = outcome(cmd);
-    assert!(
-        o.success,
-        "{desc} failed:\n{}\n{}",
-        o.stderr,
-        tail(&o.stdout)
-    );
-    o.stdout
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// The Lease namespace the binaries use; install releases expect it.
-fn ensure_lease_namespace(cp: &ControlPlane) {
-    let o = outcome(cp.kubectl().args(["create", "namespace", "kubevmm-system"]));
-    assert!(
-        o.success || o.stderr.contains("AlreadyExists"),
-        "create namespace kubevmm-system: {}",
-        o.stderr
-    );
-}
-
-fn get_json(cp: &ControlPlane, args: &[&str]) -> Option<Value> {
-    let o = outcome(cp.kubectl().args(args).args(["-o", "json"]));
-    o.success
-        .then(|| serde_json::from_str(&o.stdout).expect("kubectl printed JSON"))
 }
 
 #[test]
@@ -275,7 +193,7 @@ fn rendered_chart_is_accepted_by_the_api_server() {
         "--set",
         "grafanaDashboard.enabled=true,createNamespace=true,operator.replicas=3,nodeVmm.hostPID=false",
         "--set",
-        "operator.image.tag=test,nodeVmm.image.pullPolicy=Always,nodeRestriction.enabled=false",
+        "operator.image.tag=test,nodeVmm.image.pullPolicy=Always,nodeRestriction.enabled=false,bindingRestriction.enabled=false",
     ]);
     let full = template_and_dry_run(cp, &ns, &args);
     for want in [
@@ -369,21 +287,6 @@ fn install_upgrade_uninstall() {
     assert!(get_json(cp, &["get", "namespace", "kubevmm-system"]).is_some());
 }
 
-/// `kubectl auth can-i VERB RESOURCE [extra] --as SA` → allowed?
-fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
-    let o = outcome(
-        cp.kubectl()
-            .args(["auth", "can-i"])
-            .args(args)
-            .arg(format!("--as={sa}")),
-    );
-    match o.stdout.trim() {
-        "yes" => true,
-        "no" => false,
-        other => panic!("kubectl auth can-i {args:?}: {other} {}", o.stderr),
-    }
-}
-
 /// `who | kubectl auth can-i arguments | yes/no`: what the binaries need
 /// (templates/rbac.yaml says why) and a sample of what they must not do.
 const RBAC_CASES: &str = "
@@ -411,7 +314,8 @@ const RBAC_CASES: &str = "
     agent | create virtualmachines.kubevmm.io -n default               | no
     agent | delete virtualmachines.kubevmm.io -n default               | no
     agent | create hypervisornodes.kubevmm.io                          | yes
-    agent | patch hypervisornodes.kubevmm.io                           | yes
+    agent | patch hypervisornodes.kubevmm.io                           | no
+    agent | update hypervisornodes.kubevmm.io                          | no
     agent | patch hypervisornodes.kubevmm.io --subresource=status      | yes
     agent | delete hypervisornodes.kubevmm.io                          | no
     agent | list hypervisornodes.kubevmm.io                            | no
@@ -424,6 +328,7 @@ const RBAC_CASES: &str = "
     agent | create events.events.k8s.io -n default                     | yes
     agent | get secrets -n kubevmm-system                              | no
     agent | create pods -n default                                     | no
+    agent | create namespaces                                          | no
 ";
 
 #[test]
@@ -451,125 +356,11 @@ fn service_accounts_may_do_what_the_binaries_need_and_no_more() {
     ok(helm(cp).args(["uninstall", "perm", "-n", &ns]));
 }
 
-/// A kubeconfig for this control plane that authenticates with `token`.
-fn token_kubeconfig(cp: &ControlPlane, name: &str, token: &str) -> PathBuf {
-    let server = ok(cp.kubectl().args([
-        "config",
-        "view",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ]));
-    let ca = ok(cp.kubectl().args([
-        "config",
-        "view",
-        "--minify",
-        "--raw",
-        "-o",
-        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
-    ]));
-    let path = cp.dir().join(format!("{name}.kubeconfig"));
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\n\
-         users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n"
-    );
-    std::fs::write(&path, text).expect("write kubeconfig");
-    path
-}
-
-fn as_token(kubeconfig: &Path) -> Command {
-    let mut c = Command::new("kubectl");
-    c.env("KUBECONFIG", kubeconfig);
-    c
-}
-
-fn vm_manifest(name: &str, node: &str) -> String {
+fn vm_manifest(name: &str) -> String {
     format!(
-        "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\n  labels: {{kubevmm.io/node: {node}}}\n\
+        "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\n\
          spec:\n  cpus: 1\n  memory: 64Mi\n  boot:\n    kernel: {{path: /var/lib/kubevmm/boot/k}}\n"
     )
-}
-
-fn status_patch(kubeconfig: &Path, ns: &str, vm: &str) -> Outcome {
-    outcome(as_token(kubeconfig).args([
-        "patch",
-        "vm",
-        vm,
-        "-n",
-        ns,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"phase":"Running"}}"#,
-    ]))
-}
-
-fn apply_as(kubeconfig: &Path, manifest: &str) -> Outcome {
-    run_with_input(
-        as_token(kubeconfig).args([
-            "apply",
-            "--server-side",
-            "--field-manager=test-node-vmm",
-            "-f",
-            "-",
-        ]),
-        manifest,
-    )
-}
-
-/// Nodes `mine` and `other`, a Pod of node-vmm on `mine` (never run: no
-/// kubelet), and kubeconfigs with a token bound to that Pod and an unbound one.
-fn node_tokens(
-    cp: &ControlPlane,
-    release: &str,
-    ns: &str,
-    mine: &str,
-    other: &str,
-) -> (PathBuf, PathBuf) {
-    for n in [mine, other] {
-        // Labelled so an operator scoped by --node-selector sees only it.
-        let o = run_with_input(
-            cp.kubectl().args(["apply", "-f", "-"]),
-            &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n  labels: {{kubevmm.io/test-node: {n}}}\n"),
-        );
-        assert!(o.success, "create node {n}: {}", o.stderr);
-    }
-    let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent\n  namespace: {ns}\nspec:\n  nodeName: {mine}\n  \
-         serviceAccountName: {release}-node-vmm\n  containers:\n  - name: c\n    image: example.invalid/none\n"
-    );
-    let o = run_with_input(cp.kubectl().args(["apply", "-f", "-"]), &pod);
-    assert!(o.success, "create pod: {}", o.stderr);
-    let uid = ok(cp.kubectl().args([
-        "get",
-        "pod",
-        "agent",
-        "-n",
-        ns,
-        "-o",
-        "jsonpath={.metadata.uid}",
-    ]));
-    let bound = ok(cp.kubectl().args([
-        "create",
-        "token",
-        &format!("{release}-node-vmm"),
-        "-n",
-        ns,
-        "--bound-object-kind",
-        "Pod",
-        "--bound-object-name",
-        "agent",
-        "--bound-object-uid",
-        &uid,
-    ]));
-    let bound = token_kubeconfig(cp, &format!("{ns}-bound"), bound.trim());
-    let unbound =
-        ok(cp
-            .kubectl()
-            .args(["create", "token", &format!("{release}-node-vmm"), "-n", ns]));
-    let unbound = token_kubeconfig(cp, &format!("{ns}-unbound"), unbound.trim());
-
-    (bound, unbound)
 }
 
 #[test]
@@ -590,12 +381,15 @@ fn node_vmm_may_write_only_its_own_node_objects() {
         "the Pod-bound token carries no node name:\n{who}"
     );
 
+    // Only the operator binds (binding-restriction.yaml): bind as it does.
+    let op = sa_kubeconfig(cp, &ns, "nr-operator");
     for (vm, node) in [("vm-mine", &mine), ("vm-other", &other)] {
         let o = run_with_input(
             cp.kubectl().args(["apply", "-n", &ns, "-f", "-"]),
-            &vm_manifest(vm, node),
+            &vm_manifest(vm),
         );
         assert!(o.success, "create {vm}: {}", o.stderr);
+        bind_as_operator(&op, &ns, vm, node);
     }
 
     // Policies take effect once the API server has loaded them.
@@ -609,7 +403,7 @@ fn node_vmm_may_write_only_its_own_node_objects() {
         || "the write kept succeeding".into(),
     );
     assert!(
-        refused.contains("may only write VirtualMachines labelled"),
+        refused.contains("may only update VirtualMachines bound to"),
         "unexpected refusal: {refused}"
     );
     let own = status_patch(&bound, &ns, "vm-mine");
@@ -631,9 +425,10 @@ fn node_vmm_may_write_only_its_own_node_objects() {
     let hv = |n: &str| {
         format!("apiVersion: kubevmm.io/v1alpha1\nkind: HypervisorNode\nmetadata:\n  name: {n}\nspec: {{}}\n")
     };
-    let o = apply_as(&bound, &hv(&mine));
+    // Registration creates it (node-vmm may not patch the object itself).
+    let o = create_as(&bound, &hv(&mine));
     assert!(o.success, "own HypervisorNode refused: {}", o.stderr);
-    let o = apply_as(&bound, &hv(&other));
+    let o = create_as(&bound, &hv(&other));
     assert!(
         !o.success && o.stderr.contains("may only write HypervisorNode"),
         "{}",

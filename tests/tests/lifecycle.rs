@@ -365,7 +365,13 @@ fn a_node_that_stops_heartbeating_is_marked_lost() {
 #[test]
 fn node_paths_outside_the_allow_list_fail_with_a_reason() {
     let env = Env::new("allow");
-    env.apply_kernel("outside", std::path::Path::new("/etc/hostname"), "");
+    // Once: a failed VM under Always stays bound (node-vmm retries it) and
+    // keeps its vCPU, which this one-vCPU node needs for `inside` below.
+    env.apply_kernel(
+        "outside",
+        std::path::Path::new("/etc/hostname"),
+        "  runStrategy: Once\n",
+    );
     env.wait_phase("outside", "Failed", 60);
     let ready = env.condition("outside", "Ready").expect("Ready");
     assert_eq!(ready["reason"], "InvalidSpec", "{ready}");

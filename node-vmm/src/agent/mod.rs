@@ -8,6 +8,7 @@
 //! server-side apply as field manager `node-vmm`. VMMs outlive the agent; a
 //! restarted agent re-adopts them from its state directory.
 
+pub mod binding;
 pub mod cgroups;
 pub mod handoff;
 pub mod hostfs;

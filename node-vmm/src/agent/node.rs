@@ -14,7 +14,7 @@ use kube::Client;
 use kubevmm_crds::contract::{node_lease_name, LEASE_NAMESPACE, MANAGER_NODE};
 use kubevmm_crds::node::{KvmInfo, NodeResources};
 use kubevmm_crds::quantity::format_bytes;
-use kubevmm_crds::{HypervisorNode, HypervisorNodeStatus};
+use kubevmm_crds::{HypervisorNode, HypervisorNodeSpec, HypervisorNodeStatus};
 use kubevmm_vmm::host_check::{self, KvmReport};
 
 /// Default validity of the heartbeat Lease (as the kubelet's); renewed every third of it.
@@ -132,6 +132,12 @@ impl NodeReporter {
 
     /// Creates the `HypervisorNode` (with the Kubernetes Node's labels when
     /// that Node exists) and the Lease namespace if missing.
+    ///
+    /// An existing `HypervisorNode` is left as it is: after registration its
+    /// `spec.cordoned`, labels and annotations belong to the administrator,
+    /// and the chart's node-restriction policy refuses the agent any write
+    /// but its status (relabel it with `kubectl label hvnode`; delete it to
+    /// have the agent register it afresh from its Node's labels).
     pub async fn register(&self) -> Result<(), NodeError> {
         let ns_api: Api<Namespace> = Api::all(self.client.clone());
         let ns = Namespace {
@@ -148,6 +154,16 @@ impl NodeReporter {
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 403 => {}
             Err(e) => return Err(api(format!("create namespace {LEASE_NAMESPACE}"))(e)),
         }
+        let hv_api = Api::<HypervisorNode>::all(self.client.clone());
+        let what = || format!("register HypervisorNode {}", self.name);
+        if hv_api
+            .get_opt(&self.name)
+            .await
+            .map_err(api(what()))?
+            .is_some()
+        {
+            return Ok(());
+        }
         let labels: BTreeMap<String, String> = match Api::<Node>::all(self.client.clone())
             .get_opt(&self.name)
             .await
@@ -155,26 +171,46 @@ impl NodeReporter {
             Ok(Some(n)) => n.metadata.labels.unwrap_or_default(),
             _ => BTreeMap::new(),
         };
-        let hv = serde_json::json!({
-            "apiVersion": "kubevmm.io/v1alpha1",
-            "kind": "HypervisorNode",
-            "metadata": {"name": self.name, "labels": labels},
-            "spec": {},
-        });
-        Api::<HypervisorNode>::all(self.client.clone())
-            .patch(
-                &self.name,
-                &PatchParams::apply(MANAGER_NODE).force(),
-                &Patch::Apply(&hv),
-            )
-            .await
-            .map_err(api(format!("register HypervisorNode {}", self.name)))?;
-        Ok(())
+        let mut hv = HypervisorNode::new(&self.name, HypervisorNodeSpec::default());
+        hv.metadata.labels = Some(labels);
+        let pp = PostParams {
+            field_manager: Some(MANAGER_NODE.into()),
+            ..PostParams::default()
+        };
+        match hv_api.create(&pp, &hv).await {
+            Ok(_) => Ok(()),
+            // Registered concurrently (a previous agent process): fine.
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(api(what())(e)),
+        }
     }
 
-    /// Writes the status with `running_vms` and renews the Lease.
+    /// Renews the Lease and writes the status with `running_vms`
+    /// (registering again if the `HypervisorNode` was deleted).
     pub async fn heartbeat(&self, running_vms: i32) -> Result<(), NodeError> {
         let now = Timestamp::now();
+        // The Lease says this agent is alive: renewed whatever becomes of
+        // the status write (the operator must not take a node whose
+        // HypervisorNode was deleted for dead while its guests run).
+        let lease = self.renew_lease(now).await;
+        let status = match self.write_status(running_vms, now).await {
+            // Deleted under us: register again, as a kubelet re-creates its Node.
+            Err(NodeError::Api {
+                source: kube::Error::Api(s),
+                ..
+            }) if s.code == 404 => {
+                tracing::warn!(node = %self.name, "HypervisorNode was deleted; registering again");
+                match self.register().await {
+                    Ok(()) => self.write_status(running_vms, now).await,
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        lease.and(status)
+    }
+
+    async fn write_status(&self, running_vms: i32, now: Timestamp) -> Result<(), NodeError> {
         let status = build_status(
             &host_check::probe(),
             host_check::cpu_model(),
@@ -196,6 +232,10 @@ impl NodeReporter {
             )
             .await
             .map_err(api(format!("update HypervisorNode {} status", self.name)))?;
+        Ok(())
+    }
+
+    async fn renew_lease(&self, now: Timestamp) -> Result<(), NodeError> {
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(node_lease_name(&self.name)),

@@ -154,6 +154,12 @@ pub fn error_policy(vm: Arc<VirtualMachine>, err: &ReconcileError, _ctx: Arc<Ctx
 /// Reconciles one VM bound to this node.
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
     let uid = vm.uid().ok_or(ReconcileError::Incomplete)?;
+    if let super::binding::Binding::NotHere(why) =
+        super::binding::bound_here(&vm, &ctx.cfg.node_name)
+    {
+        tracing::info!(vm = %vm.name_any(), "not bound to this node by the operator, left alone: {why}");
+        return Ok(Action::await_change());
+    }
     let mut local = ctx.lock().remove(&uid).unwrap_or_default();
     if !local.loaded {
         adopt(&vm, &ctx, &uid, &mut local);
