@@ -11,6 +11,7 @@
 use std::fs;
 use std::io::Write as _;
 use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -166,7 +167,6 @@ impl VmDir {
 /// temp file is new (`O_EXCL`, mode 0600, never through a symlink) and named
 /// after the target and this process, so two writers never share it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SupervisorError> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -270,6 +270,31 @@ pub fn kill(id: ProcessId) {
     }
 }
 
+/// Largest `vmm.log` a new run starts with; older output is dropped.
+const VMM_LOG_LIMIT: u64 = 1 << 20;
+
+/// Keeps only the newest quarter of `path` once it has grown past `limit`.
+fn trim_log(path: &Path, limit: u64) {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let Ok(mut f) = fs::OpenOptions::new().read(true).write(true).open(path) else {
+        return;
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    if len <= limit {
+        return;
+    }
+    let keep = limit / 4;
+    let mut tail = Vec::new();
+    if f.seek(SeekFrom::Start(len - keep)).is_ok()
+        && (&mut f).take(keep).read_to_end(&mut tail).is_ok()
+    {
+        let _ = f.set_len(0);
+        let _ = f.seek(SeekFrom::Start(0));
+        let _ = f.write_all(b"[node-vmm: older VMM output dropped]\n");
+        let _ = f.write_all(&tail);
+    }
+}
+
 /// The last `n` non-empty lines of `path`, reading at most its last 8 KiB.
 fn last_lines(path: &Path, n: usize) -> String {
     use std::io::{Read as _, Seek as _, SeekFrom};
@@ -282,6 +307,24 @@ fn last_lines(path: &Path, n: usize) -> String {
     let text = String::from_utf8_lossy(&tail);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// Joins the VM's cgroups (outside the agent's: the limits were written by
+/// the agent, joining is what puts the shim and its VMM under them) and
+/// makes the next child PID 1 of a new PID namespace, where the VMM sees no
+/// other process. Returns a note for the log when there is no PID namespace.
+fn enter_cgroups_and_pid_ns(cgroups: &[PathBuf]) -> Result<Option<String>, String> {
+    for cg in cgroups {
+        fs::write(cg.join("cgroup.procs"), b"0")
+            .map_err(|e| format!("cannot join cgroup {}: {e}", cg.display()))?;
+    }
+    // SAFETY: unshare takes flags only; the shim is single-threaded.
+    Ok((unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0).then(|| {
+        format!(
+            "node-vmm shim: no PID namespace for the VMM: {}\n",
+            std::io::Error::last_os_error()
+        )
+    }))
 }
 
 /// `node-vmm shim --dir DIR --vmm BIN [--cgroup CG]... --fds N`: see the
@@ -311,24 +354,17 @@ pub fn shim_main(dir: &Path, vmm: &Path, cgroups: &[PathBuf], fds: usize) -> Exi
         );
         ExitCode::FAILURE
     };
-    // Own cgroups for the shim and its VMM, outside the agent's: the limits
-    // were written by the agent; joining is what puts us under them.
-    for cg in cgroups {
-        if let Err(e) = fs::write(cg.join("cgroup.procs"), b"0") {
-            return fail(format!("cannot join cgroup {}: {e}", cg.display()));
-        }
-    }
-    // The VMM becomes PID 1 of a new PID namespace: it sees no other process.
-    // SAFETY: unshare takes flags only; the shim is single-threaded.
-    let cgroup_note = (unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0).then(|| {
-        format!(
-            "node-vmm shim: no PID namespace for the VMM: {}\n",
-            std::io::Error::last_os_error()
-        )
-    });
+    let cgroup_note = match enter_cgroups_and_pid_ns(cgroups) {
+        Ok(note) => note,
+        Err(e) => return fail(e),
+    };
+    // Each run appends to vmm.log: keep it bounded across restarts.
+    trim_log(&dir.vmm_log(), VMM_LOG_LIMIT);
     let log = match fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
         .open(dir.vmm_log())
     {
         Ok(f) => f,
@@ -411,6 +447,28 @@ mod tests {
             start_time: me.start_time + 1,
         };
         assert!(!other.alive(), "a reused pid is not the same process");
+    }
+
+    #[test]
+    fn vmm_log_is_trimmed_to_its_newest_part() {
+        let p = std::env::temp_dir().join(format!("kubevmm-vmmlog-{}", std::process::id()));
+        let text = (0..2000).fold(String::new(), |mut t, i| {
+            let _ = std::fmt::Write::write_fmt(&mut t, format_args!("line {i:05}\n"));
+            t
+        });
+        fs::write(&p, &text).unwrap();
+        trim_log(&p, 4096);
+        let after = fs::read_to_string(&p).unwrap();
+        assert!(after.len() < 1100, "{} bytes left", after.len());
+        assert!(after.starts_with("[node-vmm: older VMM output dropped]"));
+        assert!(after.ends_with("line 01999\n"));
+        trim_log(&p, 4096);
+        assert_eq!(
+            fs::read_to_string(&p).unwrap(),
+            after,
+            "small logs are kept"
+        );
+        let _ = fs::remove_file(&p);
     }
 
     #[test]
