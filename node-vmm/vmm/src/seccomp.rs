@@ -176,9 +176,12 @@ mod tests {
         assert!(!Filters::build().unwrap().program.is_empty());
     }
 
-    /// Runs `f` in a forked child under the filter; returns the signal that
-    /// killed the child, or 0 when `f` returned.
-    fn under_filter(f: fn()) -> i32 {
+    /// A raw system call: number and six arguments.
+    type Call = (libc::c_long, [u64; 6]);
+
+    /// Makes `calls` in a forked child under the filter; returns the signal
+    /// that killed the child, or 0 when every call returned.
+    fn under_filter(calls: &[Call]) -> i32 {
         let filters = Filters::build().unwrap();
         // SAFETY: the child only installs the prebuilt filter, makes raw
         // syscalls and _exits; it allocates nothing.
@@ -189,7 +192,12 @@ mod tests {
                 // SAFETY: leaving the forked child at once.
                 unsafe { libc::_exit(3) };
             }
-            f();
+            for (nr, a) in calls {
+                // SAFETY: raw syscalls with valid or null pointer arguments in
+                // a forked child; the point is whether the filter lets them
+                // through (their own result does not matter).
+                unsafe { libc::syscall(*nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
+            }
             // SAFETY: as above.
             unsafe { libc::_exit(0) };
         }
@@ -210,82 +218,43 @@ mod tests {
 
     #[test]
     fn forbidden_calls_kill_and_allowed_ones_pass() {
-        assert_eq!(
-            under_filter(|| {
-                // SAFETY: raw syscalls with valid or null arguments in a forked
-                // child; the point is whether the filter lets them through.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_openat,
-                        libc::AT_FDCWD,
-                        c"/etc/hostname".as_ptr(),
-                        0,
-                    );
-                }
-            }),
-            libc::SIGSYS,
-            "openat"
-        );
-        assert_eq!(
-            under_filter(|| {
-                // SAFETY: raw syscalls with valid or null arguments in a forked
-                // child; the point is whether the filter lets them through.
-                unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        4096,
-                        libc::PROT_READ | libc::PROT_EXEC,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    );
-                }
-            }),
-            libc::SIGSYS,
-            "executable mmap"
-        );
-        assert_eq!(
-            under_filter(|| {
-                // SAFETY: raw syscalls with valid or null arguments in a forked
-                // child; the point is whether the filter lets them through.
-                unsafe {
-                    libc::syscall(libc::SYS_ioctl, 0, libc::TIOCSTI, 0);
-                }
-            }),
-            libc::SIGSYS,
-            "an ioctl outside the list"
-        );
-        assert_eq!(
-            under_filter(|| {
-                // SAFETY: raw syscalls with valid or null arguments in a forked
-                // child; the point is whether the filter lets them through.
-                unsafe {
-                    libc::syscall(libc::SYS_tgkill, 1, 1, 0);
-                }
-            }),
-            libc::SIGSYS,
-            "a signal to another process"
-        );
-        assert_eq!(
-            under_filter(|| {
-                // SAFETY: raw syscalls with valid or null arguments in a forked
-                // child; the point is whether the filter lets them through.
-                unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        4096,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    );
-                    libc::syscall(libc::SYS_ioctl, 0, libc::TCGETS, std::ptr::null_mut::<u8>());
-                    libc::syscall(libc::SYS_getpid);
-                }
-            }),
-            0,
-            "plain memory, an allowed ioctl, getpid"
-        );
+        let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let mmap = |prot: i32| (libc::SYS_mmap, [0, 4096, prot as u64, anon, u64::MAX, 0]);
+        let path = c"/etc/hostname".as_ptr() as u64;
+        let cases: &[(&str, &[Call], i32)] = &[
+            (
+                "openat",
+                &[(libc::SYS_openat, [libc::AT_FDCWD as u64, path, 0, 0, 0, 0])],
+                libc::SIGSYS,
+            ),
+            (
+                "executable mmap",
+                &[mmap(libc::PROT_READ | libc::PROT_EXEC)],
+                libc::SIGSYS,
+            ),
+            (
+                "an ioctl outside the list",
+                &[(libc::SYS_ioctl, [0, libc::TIOCSTI, 0, 0, 0, 0])],
+                libc::SIGSYS,
+            ),
+            (
+                "a signal to another process",
+                &[(libc::SYS_tgkill, [1, 1, 0, 0, 0, 0])],
+                libc::SIGSYS,
+            ),
+            (
+                "plain memory, an allowed ioctl, getpid",
+                &[
+                    mmap(libc::PROT_READ | libc::PROT_WRITE),
+                    (libc::SYS_ioctl, [0, libc::TCGETS, 0, 0, 0, 0]),
+                    (libc::SYS_getpid, [0; 6]),
+                ],
+                0,
+            ),
+        ];
+        for (what, calls, signal) in cases {
+            assert_eq!(under_filter(calls), *signal, "{what}");
+        }
     }
 
     #[test]
