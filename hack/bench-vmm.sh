@@ -28,4 +28,5 @@ cargo build --release -q -p kubevmm-vmm --bin kubevmm-vmm --example bench
 make -s -C tests/guests
 WORK="$(mktemp -d /tmp/kubevmm-bench.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
-target/release/examples/bench target/release/kubevmm-vmm tests/guests/build/bench.elf "$WORK" "$RUNS"
+T="${CARGO_TARGET_DIR:-target}/release"
+"$T/examples/bench" "$T/kubevmm-vmm" tests/guests/build/bench.elf "$WORK" "$RUNS"
