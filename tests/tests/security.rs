@@ -194,7 +194,10 @@ fn user_paths_are_opened_beneath_the_allow_list_and_disks_are_locked() {
     env.apply("second", "counter", &rw);
     refused(
         "second",
-        &["spec.disks[0].hostDisk.path", "in use by another VMM"],
+        &[
+            "spec.disks[0].hostDisk.path",
+            &format!("in use by VM {}/writer", env.ns),
+        ],
     );
     env.kubectl(&["delete", "vm", "writer", "--wait=true", "--timeout=60s"]);
     // SAFETY: as above.

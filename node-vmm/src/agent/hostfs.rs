@@ -58,12 +58,14 @@ pub enum HostFsError {
         why: String,
     },
     /// Another VM (or the VM's previous VMM) holds the file.
-    #[error("{field}: {path} is in use by another VMM ({how} lock held); a disk is used by one VM at a time unless every user has it read-only")]
+    #[error("{field}: {path} is in use by {holder} ({how} lock held); a disk is used by one VM at a time unless every user has it read-only")]
     Locked {
         /// The field.
         field: String,
         /// The path.
         path: String,
+        /// Who holds it: "VM NAMESPACE/NAME" when known, else "another VMM".
+        holder: String,
         /// "exclusive" or "shared".
         how: &'static str,
     },
@@ -245,6 +247,7 @@ pub fn lock(fd: &OwnedFd, access: Access, field: &str, path: &str) -> Result<(),
         Err(HostFsError::Locked {
             field: field.into(),
             path: path.into(),
+            holder: "another VMM".into(),
             how: if how == "exclusive" {
                 "a shared or exclusive"
             } else {

@@ -11,6 +11,7 @@
 pub mod binding;
 pub mod cgroups;
 pub mod handoff;
+pub mod holders;
 pub mod hostfs;
 pub mod jail_ids;
 pub mod lifecycle;

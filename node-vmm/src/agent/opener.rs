@@ -103,7 +103,13 @@ pub fn open_all(
         } else {
             Access::DiskReadWrite
         };
-        disk.fd = Some(h.add(&open_source(src, allowed, access)?)?);
+        let vms = dir.0.parent().unwrap_or(&dir.0);
+        let own = dir.0.file_name().unwrap_or_default().to_string_lossy();
+        let fd = open_source(src, allowed, access).map_err(|e| match e {
+            PrepareError::Path(e) => PrepareError::Path(super::holders::name_holder(e, vms, &own)),
+            other => other,
+        })?;
+        disk.fd = Some(h.add(&fd)?);
     }
     for net in &mut config.nets {
         let Some(tap) = net.tap.take() else { continue };
