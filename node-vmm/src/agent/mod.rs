@@ -12,6 +12,7 @@ pub mod binding;
 pub mod cgroups;
 pub mod handoff;
 pub mod holders;
+pub mod host;
 pub mod hostfs;
 pub mod jail_ids;
 pub mod lifecycle;

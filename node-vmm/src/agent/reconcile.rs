@@ -21,9 +21,10 @@ use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::{VirtualMachine, VmPhase};
 use serde_json::json;
 
+use super::host::prepare_host;
 use super::lifecycle::{self, AfterExit, Ended};
 use super::supervisor::{self, ProcessId, VmDir};
-use super::{cgroups, jail_ids, prepare, vmm_client, AgentConfig};
+use super::{cgroups, prepare, vmm_client, AgentConfig};
 
 /// Errors of one reconcile; the VM is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -79,33 +80,8 @@ impl Ctx {
         self.lock().values().filter(|v| v.proc.is_some()).count() as i32
     }
 
-    fn dir(&self, uid: &str) -> VmDir {
+    pub(super) fn dir(&self, uid: &str) -> VmDir {
         VmDir(self.cfg.state_dir.join("vms").join(uid))
-    }
-
-    /// The VM's cgroup directories, with limits when `vm` is given.
-    fn cgroups(&self, uid: &str, vm: Option<&VirtualMachine>) -> Vec<cgroups::Dir> {
-        let limits = vm.and_then(|vm| {
-            let memory = kubevmm_crds::quantity::parse_bytes(&vm.spec.memory.0).ok()?;
-            Some(cgroups::limits(
-                vm.spec.cpus,
-                memory,
-                self.cfg.vmm_memory_overhead,
-            ))
-        });
-        cgroups::plan(&self.cfg.cgroups, uid, limits)
-    }
-
-    /// Removes everything the VM has on this host: taps, cgroups (killing
-    /// what is left in them), the state directory. Written once, used by
-    /// release and by the orphan sweep.
-    fn remove_host_state(&self, uid: &str, taps: usize) {
-        prepare::release_taps(uid, taps);
-        let left = cgroups::remove(&self.cgroups(uid, None));
-        if !left.is_empty() {
-            tracing::warn!(uid, ?left, "cgroups still busy; the orphan sweep retries");
-        }
-        let _ = std::fs::remove_dir_all(self.dir(uid).0);
     }
 }
 
@@ -390,43 +366,6 @@ async fn handle_exit(
         }
     }
     let _ = std::fs::remove_file(dir.api_socket());
-}
-
-/// Plans the VM, readies its cgroups (empty: no stale VMM may run beside a
-/// new one; limits written), picks its VMM uid and opens what it uses.
-fn prepare_host(
-    ctx: &Ctx,
-    vm: &VirtualMachine,
-    uid: &str,
-    dir: &VmDir,
-    node: &prepare::NodeContext,
-    cg: &[cgroups::Dir],
-) -> Result<(prepare::Plan, super::handoff::Handoff), prepare::PrepareError> {
-    let plan = prepare::plan(&vm.spec, uid, dir, node)?;
-    let stale = cgroups::live_pids(cg);
-    if !stale.is_empty() {
-        tracing::warn!(
-            uid,
-            ?stale,
-            "stopping VMM processes left in the VM's cgroup before starting it"
-        );
-        cgroups::remove(cg);
-    }
-    cgroups::create(cg).map_err(|e| prepare::PrepareError::Host {
-        what: "VM cgroup".into(),
-        why: e.to_string(),
-    })?;
-    let jail = ctx
-        .cfg
-        .jail
-        .map(|r| jail_ids::assign(&ctx.cfg.state_dir.join("vms"), uid, r))
-        .transpose()
-        .map_err(|e| prepare::PrepareError::Host {
-            what: "VMM user id".into(),
-            why: e.to_string(),
-        })?;
-    let (_, fds) = prepare::realize(&plan, dir, node, jail)?;
-    Ok((plan, fds))
 }
 
 /// Prepares and starts the VMM; failures become status, not errors.
