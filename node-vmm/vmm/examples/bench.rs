@@ -348,6 +348,7 @@ fn blk_bench(s: &Setup, hz: f64) -> Result<(Stats, Stats), BenchError> {
             read_only: true,
             serial: None,
             fd: None,
+            backing_fds: Vec::new(),
         });
         let mut p = spawn(s.ours(&c, "blk.json")?)?;
         let out = read_until(&mut p, "bench: blkread")?;

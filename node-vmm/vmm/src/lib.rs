@@ -11,6 +11,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod host_check;
+pub mod image;
 pub mod jail;
 pub mod rss;
 pub mod seccomp;

@@ -259,7 +259,7 @@ fn create_virtio_devices(
 ) -> Result<(Vec<VirtioSlot>, Vec<acpi::MmioDeviceInfo>), VmError> {
     let mut devices: Vec<(String, DeviceKind, Box<dyn VirtioDevice>)> = Vec::new();
     for d in &config.disks {
-        let blk = Block::open(&d.id, &d.path, d.fd, d.read_only, d.serial.as_deref())?;
+        let blk = Block::open(d)?;
         devices.push((d.id.clone(), DeviceKind::Disk, Box::new(blk)));
     }
     for n in &config.nets {
