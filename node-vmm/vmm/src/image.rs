@@ -112,7 +112,8 @@ pub fn virtual_size(file: &File) -> Result<(ImageFormat, u64), ImageError> {
     }
 }
 
-/// Makes `overlay` (an open, writable file; its old contents are dropped) a
+/// Makes `overlay` (a file open for reading and writing; its old contents
+/// are dropped) a
 /// qcow2 v3 image of the base's virtual size whose backing file is
 /// `backing`, recorded as `backing_name` with the base's format (detected
 /// from its bytes). `backing_name` is what `qemu-img` follows (relative

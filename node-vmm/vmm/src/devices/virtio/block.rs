@@ -329,6 +329,15 @@ impl VirtioDevice for Block {
         self.active = None;
     }
 
+    fn shutdown(&mut self) {
+        if let Err(e) = self.backend.write_back() {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.log.warn(format_args!(
+                "virtio-blk: cannot write back cached metadata: {e}"
+            ));
+        }
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = &self.counters;
         vec![

@@ -174,6 +174,16 @@ impl Backend {
         }
     }
 
+    /// Writes what the VMM holds in memory (qcow2 tables) to the file, so
+    /// that a VMM that exits leaves an image with every completed write in
+    /// it (durable against a host crash only after a guest flush).
+    pub fn write_back(&self) -> std::io::Result<()> {
+        match self {
+            Backend::Raw(_) => Ok(()),
+            Backend::Qcow2(img) => img.flush(),
+        }
+    }
+
     /// Drops `len` bytes at `off`; they read back as zeroes (raw: a punched
     /// hole; qcow2: zero clusters, their host clusters freed).
     pub fn discard(&mut self, off: u64, len: u64) -> std::io::Result<()> {
