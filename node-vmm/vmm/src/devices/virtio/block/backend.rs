@@ -337,3 +337,117 @@ fn open_qcow2(
     q.set_backing(backing);
     Ok(FormatAccess::new(q))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::devices::virtio::test_util::{guest_memory, BUF};
+
+    const SIZE: u64 = 1 << 20;
+
+    fn file(dir: &std::path::Path, name: &str) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name))
+            .unwrap()
+    }
+
+    /// A raw base whose bytes are their offset's low byte, and a qcow2
+    /// overlay over it.
+    fn chain(tag: &str) -> (File, File) {
+        let dir =
+            std::env::temp_dir().join(format!("kubevmm-backend-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = file(&dir, "base.raw");
+        let bytes: Vec<u8> = (0..SIZE).map(|i| i as u8).collect();
+        base.write_all_at(&bytes, 0).unwrap();
+        let top = file(&dir, "top.qcow2");
+        image::create_overlay(&top, &base, "base.raw").unwrap();
+        (top, base)
+    }
+
+    fn read(b: &Backend, mem: &GuestMemoryMmap, off: u64, len: u32) -> Vec<u8> {
+        b.transfer(mem, GuestAddress(BUF), len, off, true).unwrap();
+        let mut v = vec![0u8; len as usize];
+        mem.read_slice(&mut v, GuestAddress(BUF)).unwrap();
+        v
+    }
+
+    #[test]
+    fn an_overlay_reads_its_base_and_keeps_its_writes() {
+        let mem = guest_memory();
+        let (top, base) = chain("rw");
+        let keep = top.try_clone().unwrap();
+        let mut b = Backend::open("d", top, vec![base.try_clone().unwrap()], false).unwrap();
+        assert_eq!(b.format(), ImageFormat::Qcow2);
+        assert_eq!(b.size().unwrap(), SIZE);
+        let want: Vec<u8> = (70_000..70_000 + 8192u64).map(|i| i as u8).collect();
+        assert_eq!(read(&b, &mem, 70_000, 8192), want);
+        mem.write_slice(&[0xab; 4096], GuestAddress(BUF)).unwrap();
+        b.transfer(&mem, GuestAddress(BUF), 4096, 65_536 + 512, false)
+            .unwrap();
+        b.discard(4096, 4096).unwrap();
+        b.flush().unwrap();
+        drop(b);
+        let b = Backend::open("d", keep, vec![base.try_clone().unwrap()], true).unwrap();
+        assert_eq!(read(&b, &mem, 65_536 + 512, 4096), [0xab; 4096]);
+        // The rest of the copied-up cluster still has the base's bytes.
+        let head: Vec<u8> = (65_536..66_048u64).map(|i| i as u8).collect();
+        assert_eq!(read(&b, &mem, 65_536, 512), head);
+        assert_eq!(read(&b, &mem, 4096, 4096), [0; 4096]);
+        let mut raw = vec![0u8; SIZE as usize];
+        base.read_exact_at(&mut raw, 0).unwrap();
+        assert!(
+            raw.iter().enumerate().all(|(i, &x)| x == i as u8),
+            "base written"
+        );
+    }
+
+    #[test]
+    fn a_chain_must_be_handed_over_exactly() {
+        let (top, base) = chain("exact");
+        let keep = top.try_clone().unwrap();
+        let err = Backend::open("d", top, Vec::new(), false).unwrap_err();
+        assert!(
+            matches!(&err, BackendError::BackingMissing { name, .. } if name == "base.raw"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("disk d: the image names backing file"),
+            "{err}"
+        );
+        let extra = base.try_clone().unwrap();
+        let err =
+            Backend::open("d", keep, vec![base.try_clone().unwrap(), extra], false).unwrap_err();
+        assert!(
+            matches!(err, BackendError::BackingUnused { extra: 1, .. }),
+            "{err}"
+        );
+        let err = Backend::open("d", base.try_clone().unwrap(), vec![base], true).unwrap_err();
+        assert!(
+            matches!(err, BackendError::BackingUnused { extra: 1, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_qcow2_is_refused_naming_the_disk() {
+        let (top, _) = chain("corrupt");
+        // Version 1 does not exist.
+        top.write_all_at(&[0, 0, 0, 1], 4).unwrap();
+        let err = Backend::open("root", top, Vec::new(), true).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("disk root: cannot open the image as qcow2"),
+            "{err}"
+        );
+    }
+}
