@@ -4,7 +4,10 @@
  *   - discards sectors 300..307 after writing them, reads back zeroes
  *   - prints the device serial (GET_ID)
  * Command line: "ro" expects the disk to be read-only (writes fail);
- * "hold" spins after the flush instead of powering off (kill -9 test).
+ * "hold" spins after the flush instead of powering off (kill -9 test);
+ * "regions" also prints the CRC32 of 64 KiB at 12 KiB past each of the
+ * first REGIONS MiB (straddling 64 KiB qcow2 clusters: compressed,
+ * allocated, unallocated ones, as the host laid them out).
  */
 #include "guest.h"
 
@@ -16,6 +19,7 @@
 #define F_RO (1u << 5)
 #define F_FLUSH (1u << 9)
 #define F_DISCARD (1u << 13)
+#define REGIONS 8
 
 struct blk_req { u32 type; u32 reserved; u64 sector; };
 
@@ -94,6 +98,18 @@ void guest_main(struct hvm_start_info *si)
 	puts("disk crc32 ");
 	put_hex(crc);
 	puts("\n");
+
+	if (cmdline_has(si, "regions")) {
+		for (i = 0; i < REGIONS; i++) {
+			if (blk_io(T_IN, ((u64)i << 11) + 24, data, sizeof(data), 1) != 0)
+				fail("region read failed");
+			puts("region ");
+			put_dec(i);
+			puts(" crc32 ");
+			put_hex(crc32(data, sizeof(data), 0));
+			puts("\n");
+		}
+	}
 
 	memset(data, 0, 32);
 	if (blk_io(T_GET_ID, 0, data, 20, 1) != 0)

@@ -242,6 +242,7 @@ fn disks(spec: &VirtualMachineSpec, dir: &VmDir, ctx: &NodeContext) -> Result<Di
             read_only: d.read_only,
             serial: Some(d.name.clone()),
             fd: None,
+            backing_fds: Vec::new(),
         });
     }
     Ok((disks, opens, sparse_files))

@@ -124,7 +124,7 @@ impl Default for SerialConfig {
 pub struct DiskConfig {
     /// Name of the disk; also the default serial.
     pub id: String,
-    /// Raw image file (or block device).
+    /// Image file (or block device): raw or qcow2, told apart by its bytes.
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
@@ -134,6 +134,12 @@ pub struct DiskConfig {
     /// An already-open file descriptor for `path` (inherited from the parent).
     #[serde(default)]
     pub fd: Option<i32>,
+    /// The backing chain of a qcow2 image as inherited descriptors, in chain
+    /// order: the image's backing file first, the base last. The VMM never
+    /// opens the names recorded in qcow2 headers; a qcow2 naming a backing
+    /// file with no fd here for it is refused, and so are fds left over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing_fds: Vec<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,6 +343,12 @@ impl VmConfig {
         .into_iter()
         .map(|(w, fd)| (w.to_string(), fd))
         .chain(self.disks.iter().map(|d| (format!("disk {}", d.id), d.fd)))
+        .chain(self.disks.iter().flat_map(|d| {
+            d.backing_fds
+                .iter()
+                .enumerate()
+                .map(|(i, &fd)| (format!("disk {} backing file {}", d.id, i + 1), Some(fd)))
+        }))
         .chain(
             self.nets
                 .iter()
@@ -446,6 +458,20 @@ mod tests {
     }
 
     #[test]
+    fn disk_json_without_backing_fds_still_parses() {
+        let d: DiskConfig = serde_json::from_str(
+            r#"{"id":"root","path":"/d","read_only":false,"serial":null,"fd":3}"#,
+        )
+        .unwrap();
+        assert!(d.backing_fds.is_empty());
+        assert!(!serde_json::to_string(&d).unwrap().contains("backing_fds"));
+        let d: DiskConfig =
+            serde_json::from_str(r#"{"id":"root","path":"/d","fd":3,"backing_fds":[4,5]}"#)
+                .unwrap();
+        assert_eq!(d.backing_fds, [4, 5]);
+    }
+
+    #[test]
     fn validation_names_the_bad_item() {
         let mut c = VmConfig::new(kernel(), 64 << 20);
         c.validate().unwrap();
@@ -461,6 +487,7 @@ mod tests {
             read_only: false,
             serial: None,
             fd: None,
+            backing_fds: Vec::new(),
         });
         let err = c.validate().unwrap_err().to_string();
         assert!(
@@ -503,6 +530,7 @@ mod tests {
             read_only: false,
             serial: None,
             fd: None,
+            backing_fds: Vec::new(),
         });
         assert!(
             err(&c).contains("disk root must be handed over"),
@@ -516,6 +544,14 @@ mod tests {
             err(&c)
         );
         c.disks[0].fd = Some(5);
+        c.validate().unwrap();
+        c.disks[0].backing_fds = vec![6, 1];
+        assert!(
+            err(&c).contains("fd 1 for disk root backing file 2 is not an inherited descriptor"),
+            "{}",
+            err(&c)
+        );
+        c.disks[0].backing_fds = vec![6, 7];
         c.validate().unwrap();
         c.jail.as_mut().unwrap().uid = 0;
         assert!(err(&c).contains("uid and gid must not be 0"), "{}", err(&c));

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod host_check;
+pub mod image;
 pub mod jail;
 pub mod rss;
 pub mod seccomp;
@@ -79,7 +80,9 @@ pub fn run(config: VmConfig) -> Result<ExitReason, RunError> {
     }
     // Sockets bound by path stay behind (the filter allows no unlink): the
     // next bind, or whoever started the VMM, removes them.
-    Ok(event_loop::run(&machine, &endpoints, started)?)
+    let reason = event_loop::run(&machine, &endpoints, started);
+    machine.shutdown_devices();
+    Ok(reason?)
 }
 
 /// A handed-over listening unix socket, non-blocking.

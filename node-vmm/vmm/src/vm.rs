@@ -259,7 +259,7 @@ fn create_virtio_devices(
 ) -> Result<(Vec<VirtioSlot>, Vec<acpi::MmioDeviceInfo>), VmError> {
     let mut devices: Vec<(String, DeviceKind, Box<dyn VirtioDevice>)> = Vec::new();
     for d in &config.disks {
-        let blk = Block::open(&d.id, &d.path, d.fd, d.read_only, d.serial.as_deref())?;
+        let blk = Block::open(d)?;
         devices.push((d.id.clone(), DeviceKind::Disk, Box::new(blk)));
     }
     for n in &config.nets {
@@ -341,6 +341,18 @@ fn create_vcpus(
 }
 
 impl Vm {
+    /// Lets every virtio device write back what it caches before the
+    /// process exits (a vCPU still running only waits on the lock).
+    pub fn shutdown_devices(&self) {
+        for slot in &self.virtio {
+            slot.transport
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .device_mut()
+                .shutdown();
+        }
+    }
+
     /// Sets up the whole machine. Nothing runs until `run`.
     pub fn build(config: VmConfig) -> Result<Self, VmError> {
         config.validate()?;

@@ -87,6 +87,7 @@ fn bad_input_is_named_in_the_error() {
         read_only: false,
         serial: None,
         fd: None,
+        backing_fds: Vec::new(),
     });
     expect_error(&c, &dir, "no-such-disk.img");
 }

@@ -144,6 +144,7 @@ fn linux_full_boot_to_initramfs_with_disk_and_nic() {
         read_only: false,
         serial: None,
         fd: None,
+        backing_fds: Vec::new(),
     });
     c.nets.push(NetConfig {
         id: "lan".into(),

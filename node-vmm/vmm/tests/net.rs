@@ -139,6 +139,7 @@ fn demo_guest_reads_its_disk_and_answers_arp() {
         read_only: true,
         serial: None,
         fd: None,
+        backing_fds: Vec::new(),
     });
     c.nets.push(nic("tap0"));
     let vmm = spawn_with(ns.vmm_command(), &c, &dir, "vm.json");

@@ -43,6 +43,7 @@ fn disk(path: &std::path::Path, read_only: bool) -> DiskConfig {
         read_only,
         serial: Some("KVMM-SERIAL-0001".into()),
         fd: None,
+        backing_fds: Vec::new(),
     }
 }
 

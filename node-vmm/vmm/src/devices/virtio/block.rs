@@ -1,25 +1,28 @@
-//! virtio-blk on a raw file: read, write, flush (fdatasync before the request
-//! completes), discard, get-id, read-only.
+//! virtio-blk on a raw or qcow2 image (`backend`): read, write, flush (data
+//! and metadata durable before the request completes), discard, get-id,
+//! read-only.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::log_limit::LogLimiter;
 use super::{Interrupt, VirtioDevice, VirtioError, TYPE_BLOCK};
+use crate::config::{take_handed, DiskConfig};
+use backend::{Backend, BackendError};
 
+pub mod backend;
 pub mod request;
 #[cfg(test)]
 pub(super) mod tests;
 
 use request::{
-    DiscardRange, Disk, Kind, Request, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
-    SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, S_IOERR, S_OK,
+    Disk, Kind, Request, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SHIFT, SECTOR_SIZE,
+    SEG_MAX, S_IOERR, S_OK,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -44,6 +47,8 @@ pub enum BlockError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 /// Byte and operation counters of one disk.
@@ -68,7 +73,7 @@ struct Active {
 }
 
 pub struct Block {
-    file: File,
+    backend: Backend,
     sectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
@@ -80,6 +85,7 @@ pub struct Block {
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
+            .field("format", &self.backend)
             .field("sectors", &self.sectors)
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
@@ -87,41 +93,50 @@ impl std::fmt::Debug for Block {
 }
 
 impl Block {
-    /// Opens `path` (or takes the inherited `fd`) as the backing file.
-    pub fn open(
-        id: &str,
-        path: &Path,
-        fd: Option<i32>,
-        read_only: bool,
-        serial: Option<&str>,
-    ) -> Result<Self, BlockError> {
-        let file = match fd {
+    /// Opens the disk's image: its `fd` (taken over) or else its `path`,
+    /// read-only when the disk is, plus its handed-over backing chain.
+    ///
+    /// # Safety contract
+    /// `VmConfig::validate` checked that `disk.fd` and `disk.backing_fds` are
+    /// descriptors above stderr; each is taken over exactly once, here.
+    pub fn open(disk: &DiskConfig) -> Result<Self, BlockError> {
+        let id = disk.id.as_str();
+        let path = &disk.path;
+        let file = match disk.fd {
             // SAFETY: the parent passed this descriptor to us for this disk;
             // we become its only owner.
-            Some(fd) => unsafe { File::from_raw_fd(fd) },
+            Some(fd) => unsafe { take_handed(fd) },
             None => OpenOptions::new()
                 .read(true)
-                .write(!read_only)
+                .write(!disk.read_only)
                 .open(path)
                 .map_err(|source| BlockError::Open {
                     id: id.into(),
-                    path: path.to_owned(),
+                    path: path.clone(),
                     source,
                 })?,
         };
-        let size = file_size(&file).map_err(|source| BlockError::Size {
+        let backing: Vec<File> = disk
+            .backing_fds
+            .iter()
+            // SAFETY: as above, one backing file each, handed over for this disk.
+            .map(|&fd| unsafe { take_handed(fd) })
+            .collect();
+        let backend = Backend::open(id, file, backing, disk.read_only)?;
+        let size = backend.size().map_err(|source| BlockError::Size {
             id: id.into(),
-            path: path.to_owned(),
+            path: path.clone(),
             source,
         })?;
+        let serial = disk.serial.as_deref();
         let mut idb = [0u8; ID_BYTES];
         let serial = serial.unwrap_or(id).as_bytes();
         let n = serial.len().min(ID_BYTES);
         idb[..n].copy_from_slice(&serial[..n]);
         Ok(Self {
-            file,
+            backend,
             sectors: size >> SECTOR_SHIFT,
-            read_only,
+            read_only: disk.read_only,
             id: idb,
             active: None,
             counters: Arc::new(BlockCounters::default()),
@@ -150,7 +165,7 @@ impl Block {
 
     /// Executes one checked request; returns (status, bytes written into
     /// guest buffers).
-    fn execute(&self, mem: &GuestMemoryMmap, req: &Request) -> (u8, u32) {
+    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Request) -> (u8, u32) {
         let c = &self.counters;
         match &req.kind {
             &Kind::In { offset, len } | &Kind::Out { offset, len } => {
@@ -158,6 +173,7 @@ impl Block {
                 let mut off = offset;
                 for seg in &req.data {
                     if self
+                        .backend
                         .transfer(mem, seg.addr, seg.len, off, to_guest)
                         .is_err()
                     {
@@ -181,7 +197,7 @@ impl Block {
                 c.flush_ops.fetch_add(1, Ordering::Relaxed);
                 // The flushed data must be on stable storage before the guest
                 // sees the request complete.
-                if let Ok(()) = self.file.sync_data() {
+                if let Ok(()) = self.backend.flush() {
                     (S_OK, 0)
                 } else {
                     c.errors.fetch_add(1, Ordering::Relaxed);
@@ -198,86 +214,17 @@ impl Block {
             Kind::Discard(ranges) => {
                 c.discard_ops.fetch_add(1, Ordering::Relaxed);
                 for r in ranges {
-                    if self.discard(*r).is_err() {
+                    let (off, len) = (
+                        r.sector << SECTOR_SHIFT,
+                        u64::from(r.sectors) << SECTOR_SHIFT,
+                    );
+                    if self.backend.discard(off, len).is_err() {
                         c.errors.fetch_add(1, Ordering::Relaxed);
                         return (S_IOERR, 0);
                     }
                 }
                 (S_OK, 0)
             }
-        }
-    }
-
-    /// Moves `len` bytes between guest memory at `addr` and the file at `off`.
-    fn transfer(
-        &self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        len: u32,
-        off: u64,
-        to_guest: bool,
-    ) -> std::io::Result<()> {
-        let slice = mem
-            .get_slice(addr, len as usize)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let guard = slice.ptr_guard_mut();
-        let ptr = guard.as_ptr();
-        let mut done = 0usize;
-        while done < len as usize {
-            let remaining = len as usize - done;
-            let at = (off + done as u64) as libc::off_t;
-            // SAFETY: `ptr..ptr+len` is a valid mapping of guest memory
-            // returned by get_slice, and the guard keeps it alive; the guest
-            // may race on the bytes, which is harmless for plain data copies.
-            let n = unsafe {
-                if to_guest {
-                    libc::pread(self.file.as_raw_fd(), ptr.add(done).cast(), remaining, at)
-                } else {
-                    libc::pwrite(self.file.as_raw_fd(), ptr.add(done).cast(), remaining, at)
-                }
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 if to_guest => {
-                    // The file ends early (it shrank under us): zeroes, a
-                    // page at a time rather than a guest-sized allocation.
-                    const ZEROES: [u8; 4096] = [0; 4096];
-                    while done < len as usize {
-                        let n = (len as usize - done).min(ZEROES.len());
-                        slice
-                            .subslice(done, n)
-                            .and_then(|s| s.write_slice(&ZEROES[..n], 0))
-                            .map_err(|e| std::io::Error::other(e.to_string()))?;
-                        done += n;
-                    }
-                }
-                0 => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
-                _ => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Punches a hole over a range `request::parse` checked against the disk.
-    fn discard(&self, r: DiscardRange) -> std::io::Result<()> {
-        // SAFETY: fallocate on our own open file descriptor; no memory involved.
-        let ret = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (r.sector << SECTOR_SHIFT) as libc::off_t,
-                (u64::from(r.sectors) << SECTOR_SHIFT) as libc::off_t,
-            )
-        };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
         }
     }
 }
@@ -315,16 +262,6 @@ impl Block {
             Err(_) => len,
         }
     }
-}
-
-fn file_size(file: &File) -> std::io::Result<u64> {
-    let meta = file.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // Block devices report 0 in metadata; seek to the end instead.
-    let mut f = file;
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
 }
 
 impl VirtioDevice for Block {
@@ -390,6 +327,15 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn shutdown(&mut self) {
+        if let Err(e) = self.backend.write_back() {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.log.warn(format_args!(
+                "virtio-blk: cannot write back cached metadata: {e}"
+            ));
+        }
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -101,6 +101,10 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self, _fd_index: usize) {}
     /// Device reset by the driver: drop queues and stop processing.
     fn reset(&mut self);
+    /// The VMM is stopping (any reason but being killed): write back what
+    /// the device still holds in memory, such as a qcow2 disk's cached
+    /// tables.
+    fn shutdown(&mut self) {}
     /// Counters for the stats API, as (name, value).
     fn counters(&self) -> Vec<(&'static str, u64)>;
 }

@@ -31,13 +31,14 @@ pub fn memfd_disk(read_only: bool) -> (Block, File) {
     let bytes: Vec<u8> = (0..SECTORS * 512).map(|i| i as u8).collect();
     file.write_all_at(&bytes, 0).unwrap();
     let check = file.try_clone().unwrap();
-    let blk = Block::open(
-        "t",
-        std::path::Path::new("/memfd"),
-        Some(file.as_raw_fd()),
+    let blk = Block::open(&crate::config::DiskConfig {
+        id: "t".into(),
+        path: "/memfd".into(),
         read_only,
-        Some("SERIAL-1"),
-    )
+        serial: Some("SERIAL-1".into()),
+        fd: Some(file.as_raw_fd()),
+        backing_fds: Vec::new(),
+    })
     .unwrap();
     // The device owns `fd` now.
     std::mem::forget(file);
