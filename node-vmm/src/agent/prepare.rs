@@ -243,6 +243,11 @@ fn disks(spec: &VirtualMachineSpec, dir: &VmDir, ctx: &NodeContext) -> Result<Di
             serial: Some(d.name.clone()),
             fd: None,
             backing_fds: Vec::new(),
+            // Disks the agent made have a known format: never probed.
+            format: d
+                .empty_disk
+                .is_some()
+                .then_some(kubevmm_vmm::image::ImageFormat::Raw),
         });
     }
     Ok((disks, opens, sparse_files))
@@ -475,6 +480,12 @@ mod tests {
         assert_eq!(p.config.memory, 128 << 20);
         assert_eq!(p.config.disks.len(), 2);
         assert!(p.config.disks[0].read_only);
+        assert_eq!(p.config.disks[0].format, None, "a user's file is probed");
+        assert_eq!(
+            p.config.disks[1].format,
+            Some(kubevmm_vmm::image::ImageFormat::Raw),
+            "an empty disk is raw whatever the guest writes into it"
+        );
         assert_eq!(
             p.sparse_files,
             vec![SparseFile {

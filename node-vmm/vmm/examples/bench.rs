@@ -404,6 +404,7 @@ fn blk_bench(s: &Setup, hz: f64) -> Result<BlkFigures, BenchError> {
             serial: None,
             fd: None,
             backing_fds: Vec::new(),
+            format: None,
         });
         raw.push(guest_blkread(s.ours(&c, "blk.json")?, hz)?);
 

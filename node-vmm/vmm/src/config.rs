@@ -140,6 +140,11 @@ pub struct DiskConfig {
     /// file with no fd here for it is refused, and so are fds left over.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backing_fds: Vec<i32>,
+    /// The format, when the caller knows it (a disk it created): then the
+    /// bytes are not probed. A guest that writes a qcow2 header into a raw
+    /// disk must not turn it into a qcow2 at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<crate::image::ImageFormat>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -488,6 +493,7 @@ mod tests {
             serial: None,
             fd: None,
             backing_fds: Vec::new(),
+            format: None,
         });
         let err = c.validate().unwrap_err().to_string();
         assert!(
@@ -531,6 +537,7 @@ mod tests {
             serial: None,
             fd: None,
             backing_fds: Vec::new(),
+            format: None,
         });
         assert!(
             err(&c).contains("disk root must be handed over"),

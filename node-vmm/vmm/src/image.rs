@@ -36,7 +36,8 @@ pub enum ImageError {
 }
 
 /// A disk image format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Raw,
     Qcow2,

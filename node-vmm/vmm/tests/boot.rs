@@ -88,6 +88,7 @@ fn bad_input_is_named_in_the_error() {
         serial: None,
         fd: None,
         backing_fds: Vec::new(),
+        format: None,
     });
     expect_error(&c, &dir, "no-such-disk.img");
 }

@@ -145,6 +145,7 @@ fn linux_full_boot_to_initramfs_with_disk_and_nic() {
         serial: None,
         fd: None,
         backing_fds: Vec::new(),
+        format: None,
     });
     c.nets.push(NetConfig {
         id: "lan".into(),

@@ -140,6 +140,7 @@ fn demo_guest_reads_its_disk_and_answers_arp() {
         serial: None,
         fd: None,
         backing_fds: Vec::new(),
+        format: None,
     });
     c.nets.push(nic("tap0"));
     let vmm = spawn_with(ns.vmm_command(), &c, &dir, "vm.json");

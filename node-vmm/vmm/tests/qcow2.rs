@@ -211,6 +211,7 @@ fn disk(path: &Path, read_only: bool) -> DiskConfig {
         serial: Some("KVMM-QCOW2".into()),
         fd: None,
         backing_fds: Vec::new(),
+        format: None,
     }
 }
 

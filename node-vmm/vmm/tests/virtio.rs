@@ -44,6 +44,7 @@ fn disk(path: &std::path::Path, read_only: bool) -> DiskConfig {
         serial: Some("KVMM-SERIAL-0001".into()),
         fd: None,
         backing_fds: Vec::new(),
+        format: None,
     }
 }
 

@@ -122,7 +122,7 @@ impl Block {
             // SAFETY: as above, one backing file each, handed over for this disk.
             .map(|&fd| unsafe { take_handed(fd) })
             .collect();
-        let backend = Backend::open(id, file, backing, disk.read_only)?;
+        let backend = Backend::open(id, file, backing, disk.read_only, disk.format)?;
         let size = backend.size().map_err(|source| BlockError::Size {
             id: id.into(),
             path: path.clone(),

@@ -82,20 +82,25 @@ fn layer_name(depth: usize) -> String {
 }
 
 impl Backend {
-    /// Opens disk `id` from `file` (format from its bytes) and, for a qcow2
-    /// with a backing file, `backing` in chain order. Read-only disks and
-    /// every backing file are opened for reading only.
+    /// Opens disk `id` from `file` (format `pinned`, else from its bytes)
+    /// and, for a qcow2 with a backing file, `backing` in chain order.
+    /// Read-only disks and every backing file are opened for reading only.
     pub fn open(
         id: &str,
         file: File,
         backing: Vec<File>,
         read_only: bool,
+        pinned: Option<ImageFormat>,
     ) -> Result<Self, BackendError> {
         let probe = |source| BackendError::Probe {
             id: id.into(),
             source,
         };
-        match image::detect(&file).map_err(probe)? {
+        let format = match pinned {
+            Some(f) => f,
+            None => image::detect(&file).map_err(probe)?,
+        };
+        match format {
             ImageFormat::Raw => {
                 if !backing.is_empty() {
                     return Err(BackendError::BackingUnused {
@@ -385,7 +390,7 @@ mod tests {
         let mem = guest_memory();
         let (top, base) = chain("rw");
         let keep = top.try_clone().unwrap();
-        let mut b = Backend::open("d", top, vec![base.try_clone().unwrap()], false).unwrap();
+        let mut b = Backend::open("d", top, vec![base.try_clone().unwrap()], false, None).unwrap();
         assert_eq!(b.format(), ImageFormat::Qcow2);
         assert_eq!(b.size().unwrap(), SIZE);
         let want: Vec<u8> = (70_000..70_000 + 8192u64).map(|i| i as u8).collect();
@@ -396,7 +401,7 @@ mod tests {
         b.discard(4096, 4096).unwrap();
         b.flush().unwrap();
         drop(b);
-        let b = Backend::open("d", keep, vec![base.try_clone().unwrap()], true).unwrap();
+        let b = Backend::open("d", keep, vec![base.try_clone().unwrap()], true, None).unwrap();
         assert_eq!(read(&b, &mem, 65_536 + 512, 4096), [0xab; 4096]);
         // The rest of the copied-up cluster still has the base's bytes.
         let head: Vec<u8> = (65_536..66_048u64).map(|i| i as u8).collect();
@@ -414,7 +419,7 @@ mod tests {
     fn a_chain_must_be_handed_over_exactly() {
         let (top, base) = chain("exact");
         let keep = top.try_clone().unwrap();
-        let err = Backend::open("d", top, Vec::new(), false).unwrap_err();
+        let err = Backend::open("d", top, Vec::new(), false, None).unwrap_err();
         assert!(
             matches!(&err, BackendError::BackingMissing { name, .. } if name == "base.raw"),
             "{err}"
@@ -425,13 +430,20 @@ mod tests {
             "{err}"
         );
         let extra = base.try_clone().unwrap();
-        let err =
-            Backend::open("d", keep, vec![base.try_clone().unwrap(), extra], false).unwrap_err();
+        let err = Backend::open(
+            "d",
+            keep,
+            vec![base.try_clone().unwrap(), extra],
+            false,
+            None,
+        )
+        .unwrap_err();
         assert!(
             matches!(err, BackendError::BackingUnused { extra: 1, .. }),
             "{err}"
         );
-        let err = Backend::open("d", base.try_clone().unwrap(), vec![base], true).unwrap_err();
+        let err =
+            Backend::open("d", base.try_clone().unwrap(), vec![base], true, None).unwrap_err();
         assert!(
             matches!(err, BackendError::BackingUnused { extra: 1, .. }),
             "{err}"
@@ -443,11 +455,22 @@ mod tests {
         let (top, _) = chain("corrupt");
         // Version 1 does not exist.
         top.write_all_at(&[0, 0, 0, 1], 4).unwrap();
-        let err = Backend::open("root", top, Vec::new(), true).unwrap_err();
+        let err = Backend::open("root", top, Vec::new(), true, None).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("disk root: cannot open the image as qcow2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_pinned_raw_disk_is_raw_whatever_its_bytes() {
+        // A guest wrote a qcow2 header into its raw disk: with the format
+        // pinned, it stays the raw bytes the guest wrote.
+        let (top, _) = chain("pinned");
+        let len = top.metadata().unwrap().len();
+        let b = Backend::open("d", top, Vec::new(), true, Some(ImageFormat::Raw)).unwrap();
+        assert_eq!(b.format(), ImageFormat::Raw);
+        assert_eq!(b.size().unwrap(), len);
     }
 }

@@ -38,6 +38,7 @@ pub fn memfd_disk(read_only: bool) -> (Block, File) {
         serial: Some("SERIAL-1".into()),
         fd: Some(file.as_raw_fd()),
         backing_fds: Vec::new(),
+        format: None,
     })
     .unwrap();
     // The device owns `fd` now.
