@@ -75,6 +75,57 @@ fn ifname(n: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
 }
 
+/// What cloud-init makes of a user-data string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserDataKind {
+    /// First line `#cloud-config`.
+    CloudConfig,
+    /// A `#!` script.
+    Script,
+    /// MIME multipart: `Content-Type: multipart/...` among the leading
+    /// header lines.
+    Multipart,
+}
+
+/// A MIME header line `Name: value` (name of letters, digits and '-').
+fn header_line(line: &str) -> Option<(&str, &str)> {
+    let (name, value) = line.split_once(':')?;
+    (!name.is_empty()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-'))
+    .then_some((name, value))
+}
+
+/// The kind of `user_data`, or `None` when cloud-init would not run it;
+/// exactly the CEL rule on `cloudInit.userData`.
+pub fn user_data_kind(user_data: &str) -> Option<UserDataKind> {
+    if user_data.starts_with("#!") {
+        return Some(UserDataKind::Script);
+    }
+    if user_data
+        .split('\n')
+        .next()
+        .is_some_and(|l| l.trim_end_matches([' ', '\t', '\r']) == "#cloud-config")
+    {
+        return Some(UserDataKind::CloudConfig);
+    }
+    // Header lines up to the Content-Type one; an empty or other line ends
+    // the search, as in the regex.
+    for line in user_data.split('\n') {
+        let (name, value) = header_line(line)?;
+        if name.eq_ignore_ascii_case("content-type")
+            && value
+                .trim_start_matches([' ', '\t'])
+                .get(..10)
+                .is_some_and(|v| v.eq_ignore_ascii_case("multipart/"))
+        {
+            return Some(UserDataKind::Multipart);
+        }
+    }
+    None
+}
+
 struct Collector(Vec<FieldError>);
 
 impl Collector {
@@ -153,6 +204,13 @@ impl Collector {
                     format!("{f}.cloudInit"),
                     "cloudInit needs at least one of userData, metaData or networkData",
                 );
+                if let Some(user_data) = &ci.user_data {
+                    self.check(
+                        user_data_kind(user_data).is_some(),
+                        format!("{f}.cloudInit.userData"),
+                        crate::vm::USER_DATA_MESSAGE,
+                    );
+                }
             }
             if let Some(h) = &d.host_disk {
                 self.check(
@@ -270,5 +328,30 @@ mod tests {
         assert!(!unicast_mac("52:54:00:12:34"));
         assert!(ifname("br0"));
         assert!(!ifname("a-very-long-bridge-name"));
+    }
+
+    #[test]
+    fn user_data_kinds() {
+        use UserDataKind::{CloudConfig, Multipart, Script};
+        let cases: &[(&str, Option<UserDataKind>)] = &[
+            ("#cloud-config\npackages: [nginx]\n", Some(CloudConfig)),
+            ("#cloud-config", Some(CloudConfig)),
+            ("#cloud-config \r\nusers: []\n", Some(CloudConfig)),
+            ("#cloud-config-archive\n- type: text/x-shellscript\n", None),
+            ("#!/bin/sh\necho hi\n", Some(Script)),
+            ("#!", Some(Script)),
+            ("Content-Type: multipart/mixed; boundary=\"xx\"\nMIME-Version: 1.0\n\n--xx\n", Some(Multipart)),
+            ("MIME-Version: 1.0\ncontent-type:multipart/mixed; boundary=x\n", Some(Multipart)),
+            ("MIME-Version: 1.0\nContent-Type: text/plain\n\nhello\n", None),
+            ("MIME-Version: 1.0\n\nContent-Type: multipart/mixed\n", None),
+            ("Content-Type: multipart", None),
+            ("packages: [nginx]\n", None),
+            (" #cloud-config\n", None),
+            ("", None),
+            ("hello world", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(user_data_kind(text), *want, "{text:?}");
+        }
     }
 }
