@@ -90,11 +90,8 @@ pub enum UserDataKind {
 /// A MIME header line `Name: value` (name of letters, digits and '-').
 fn header_line(line: &str) -> Option<(&str, &str)> {
     let (name, value) = line.split_once(':')?;
-    (!name.is_empty()
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-'))
-    .then_some((name, value))
+    (!name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'))
+        .then_some((name, value))
 }
 
 /// The kind of `user_data`, or `None` when cloud-init would not run it;
@@ -340,9 +337,18 @@ mod tests {
             ("#cloud-config-archive\n- type: text/x-shellscript\n", None),
             ("#!/bin/sh\necho hi\n", Some(Script)),
             ("#!", Some(Script)),
-            ("Content-Type: multipart/mixed; boundary=\"xx\"\nMIME-Version: 1.0\n\n--xx\n", Some(Multipart)),
-            ("MIME-Version: 1.0\ncontent-type:multipart/mixed; boundary=x\n", Some(Multipart)),
-            ("MIME-Version: 1.0\nContent-Type: text/plain\n\nhello\n", None),
+            (
+                "Content-Type: multipart/mixed; boundary=\"xx\"\nMIME-Version: 1.0\n\n--xx\n",
+                Some(Multipart),
+            ),
+            (
+                "MIME-Version: 1.0\ncontent-type:multipart/mixed; boundary=x\n",
+                Some(Multipart),
+            ),
+            (
+                "MIME-Version: 1.0\nContent-Type: text/plain\n\nhello\n",
+                None,
+            ),
             ("MIME-Version: 1.0\n\nContent-Type: multipart/mixed\n", None),
             ("Content-Type: multipart", None),
             ("packages: [nginx]\n", None),

@@ -216,7 +216,10 @@ use serde::Deserialize as _;
 fn cloud_init_user_data_kinds_are_accepted() {
     let cp = ControlPlane::shared();
     let ns = cp.namespace("userdata");
-    let big = format!("#cloud-config\nwrite_files: [{{path: /x, content: {}}}]\n", "a".repeat(60_000));
+    let big = format!(
+        "#cloud-config\nwrite_files: [{{path: /x, content: {}}}]\n",
+        "a".repeat(60_000)
+    );
     let multipart = "Content-Type: multipart/mixed; boundary=\"==b==\"\nMIME-Version: 1.0\n\n--==b==\nContent-Type: text/cloud-config\n\n#cloud-config\n--==b==--\n";
     let mime_first = "MIME-Version: 1.0\ncontent-type:multipart/mixed; boundary=b\n\n--b--\n";
     for (name, user_data) in [
@@ -236,7 +239,11 @@ fn cloud_init_user_data_kinds_are_accepted() {
             cp.kubectl().args(["apply", "-n", &ns, "-f", "-"]),
             &manifest,
         );
-        assert!(out.success, "{name} refused by the API server: {}", out.stderr);
+        assert!(
+            out.success,
+            "{name} refused by the API server: {}",
+            out.stderr
+        );
         assert_eq!(client_side_error(&manifest), None, "{name}");
     }
 }
