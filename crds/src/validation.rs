@@ -82,45 +82,27 @@ pub enum UserDataKind {
     CloudConfig,
     /// A `#!` script.
     Script,
-    /// MIME multipart: `Content-Type: multipart/...` among the leading
-    /// header lines.
+    /// MIME multipart.
     Multipart,
 }
 
-/// A MIME header line `Name: value` (name of letters, digits and '-').
-fn header_line(line: &str) -> Option<(&str, &str)> {
-    let (name, value) = line.split_once(':')?;
-    (!name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'))
-        .then_some((name, value))
-}
-
-/// The kind of `user_data`, or `None` when cloud-init would not run it;
-/// exactly the CEL rule on `cloudInit.userData`.
+/// The kind of `user_data`, or `None` when the API server refuses it;
+/// exactly the CEL rule on `cloudInit.userData` (prefix tests).
 pub fn user_data_kind(user_data: &str) -> Option<UserDataKind> {
-    if user_data.starts_with("#!") {
-        return Some(UserDataKind::Script);
+    let starts = |prefixes: &[&str]| prefixes.iter().any(|p| user_data.starts_with(p));
+    if starts(&["#!"]) {
+        Some(UserDataKind::Script)
+    } else if user_data == "#cloud-config" || starts(&["#cloud-config\n", "#cloud-config\r\n"]) {
+        Some(UserDataKind::CloudConfig)
+    } else if starts(&[
+        "Content-Type: multipart/",
+        "MIME-Version: 1.0\nContent-Type: multipart/",
+        "MIME-Version: 1.0\r\nContent-Type: multipart/",
+    ]) {
+        Some(UserDataKind::Multipart)
+    } else {
+        None
     }
-    if user_data
-        .split('\n')
-        .next()
-        .is_some_and(|l| l.trim_end_matches([' ', '\t', '\r']) == "#cloud-config")
-    {
-        return Some(UserDataKind::CloudConfig);
-    }
-    // Header lines up to the Content-Type one; an empty or other line ends
-    // the search, as in the regex.
-    for line in user_data.split('\n') {
-        let (name, value) = header_line(line)?;
-        if name.eq_ignore_ascii_case("content-type")
-            && value
-                .trim_start_matches([' ', '\t'])
-                .get(..10)
-                .is_some_and(|v| v.eq_ignore_ascii_case("multipart/"))
-        {
-            return Some(UserDataKind::Multipart);
-        }
-    }
-    None
 }
 
 struct Collector(Vec<FieldError>);
@@ -333,7 +315,8 @@ mod tests {
         let cases: &[(&str, Option<UserDataKind>)] = &[
             ("#cloud-config\npackages: [nginx]\n", Some(CloudConfig)),
             ("#cloud-config", Some(CloudConfig)),
-            ("#cloud-config \r\nusers: []\n", Some(CloudConfig)),
+            ("#cloud-config\r\nusers: []\r\n", Some(CloudConfig)),
+            ("#cloud-config \nusers: []\n", None),
             ("#cloud-config-archive\n- type: text/x-shellscript\n", None),
             ("#!/bin/sh\necho hi\n", Some(Script)),
             ("#!", Some(Script)),
@@ -342,9 +325,15 @@ mod tests {
                 Some(Multipart),
             ),
             (
-                "MIME-Version: 1.0\ncontent-type:multipart/mixed; boundary=x\n",
+                "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=x\n",
                 Some(Multipart),
             ),
+            (
+                "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=x\r\n",
+                Some(Multipart),
+            ),
+            ("content-type: multipart/mixed\n", None),
+            ("#cloud-config \nusers: []\n", None),
             (
                 "MIME-Version: 1.0\nContent-Type: text/plain\n\nhello\n",
                 None,

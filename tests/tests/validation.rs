@@ -221,7 +221,7 @@ fn cloud_init_user_data_kinds_are_accepted() {
         "a".repeat(60_000)
     );
     let multipart = "Content-Type: multipart/mixed; boundary=\"==b==\"\nMIME-Version: 1.0\n\n--==b==\nContent-Type: text/cloud-config\n\n#cloud-config\n--==b==--\n";
-    let mime_first = "MIME-Version: 1.0\ncontent-type:multipart/mixed; boundary=b\n\n--b--\n";
+    let mime_first = "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b--\n";
     for (name, user_data) in [
         ("cloud-config", "#cloud-config\npackages: [nginx]\n"),
         ("cloud-config-crlf", "#cloud-config\r\nusers: []\r\n"),
