@@ -333,7 +333,6 @@ mod tests {
                 Some(Multipart),
             ),
             ("content-type: multipart/mixed\n", None),
-            ("#cloud-config \nusers: []\n", None),
             (
                 "MIME-Version: 1.0\nContent-Type: text/plain\n\nhello\n",
                 None,
