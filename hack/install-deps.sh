@@ -51,7 +51,8 @@ PACKAGES=(
 	gzip
 	xz-utils
 	zstd
-	util-linux      # flock, setsid
+	util-linux      # flock, setsid, blkid (cloud-init seed label)
+	mtools          # mcopy: reads cloud-init seed images in tests
 	strace          # the blk flush test orders fdatasync before the guest sees completion
 	shellcheck      # make lint: hack/*.sh, .ci/run
 )

@@ -75,6 +75,36 @@ fn ifname(n: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
 }
 
+/// What cloud-init makes of a user-data string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserDataKind {
+    /// First line `#cloud-config`.
+    CloudConfig,
+    /// A `#!` script.
+    Script,
+    /// MIME multipart.
+    Multipart,
+}
+
+/// The kind of `user_data`, or `None` when the API server refuses it;
+/// exactly the CEL rule on `cloudInit.userData` (prefix tests).
+pub fn user_data_kind(user_data: &str) -> Option<UserDataKind> {
+    let starts = |prefixes: &[&str]| prefixes.iter().any(|p| user_data.starts_with(p));
+    if starts(&["#!"]) {
+        Some(UserDataKind::Script)
+    } else if user_data == "#cloud-config" || starts(&["#cloud-config\n", "#cloud-config\r\n"]) {
+        Some(UserDataKind::CloudConfig)
+    } else if starts(&[
+        "Content-Type: multipart/",
+        "MIME-Version: 1.0\nContent-Type: multipart/",
+        "MIME-Version: 1.0\r\nContent-Type: multipart/",
+    ]) {
+        Some(UserDataKind::Multipart)
+    } else {
+        None
+    }
+}
+
 struct Collector(Vec<FieldError>);
 
 impl Collector {
@@ -153,6 +183,13 @@ impl Collector {
                     format!("{f}.cloudInit"),
                     "cloudInit needs at least one of userData, metaData or networkData",
                 );
+                if let Some(user_data) = &ci.user_data {
+                    self.check(
+                        user_data_kind(user_data).is_some(),
+                        format!("{f}.cloudInit.userData"),
+                        crate::vm::USER_DATA_MESSAGE,
+                    );
+                }
             }
             if let Some(h) = &d.host_disk {
                 self.check(
@@ -270,5 +307,45 @@ mod tests {
         assert!(!unicast_mac("52:54:00:12:34"));
         assert!(ifname("br0"));
         assert!(!ifname("a-very-long-bridge-name"));
+    }
+
+    #[test]
+    fn user_data_kinds() {
+        use UserDataKind::{CloudConfig, Multipart, Script};
+        let cases: &[(&str, Option<UserDataKind>)] = &[
+            ("#cloud-config\npackages: [nginx]\n", Some(CloudConfig)),
+            ("#cloud-config", Some(CloudConfig)),
+            ("#cloud-config\r\nusers: []\r\n", Some(CloudConfig)),
+            ("#cloud-config \nusers: []\n", None),
+            ("#cloud-config-archive\n- type: text/x-shellscript\n", None),
+            ("#!/bin/sh\necho hi\n", Some(Script)),
+            ("#!", Some(Script)),
+            (
+                "Content-Type: multipart/mixed; boundary=\"xx\"\nMIME-Version: 1.0\n\n--xx\n",
+                Some(Multipart),
+            ),
+            (
+                "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=x\n",
+                Some(Multipart),
+            ),
+            (
+                "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=x\r\n",
+                Some(Multipart),
+            ),
+            ("content-type: multipart/mixed\n", None),
+            (
+                "MIME-Version: 1.0\nContent-Type: text/plain\n\nhello\n",
+                None,
+            ),
+            ("MIME-Version: 1.0\n\nContent-Type: multipart/mixed\n", None),
+            ("Content-Type: multipart", None),
+            ("packages: [nginx]\n", None),
+            (" #cloud-config\n", None),
+            ("", None),
+            ("hello world", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(user_data_kind(text), *want, "{text:?}");
+        }
     }
 }

@@ -26,6 +26,14 @@ pub(crate) const DNS_LABEL_RULE: &str = "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0
 /// CEL: an RFC 1123 DNS subdomain (object names).
 pub(crate) const DNS_SUBDOMAIN_RULE: &str =
     "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+/// CEL: cloud-init user-data of a kind cloud-init runs: first line
+/// `#cloud-config`, a `#!` script, or MIME multipart starting with
+/// `Content-Type: multipart/` (after `MIME-Version: 1.0` at most). Prefix
+/// tests only: a regex over 64 KiB in each of 32 disks is beyond the CEL
+/// cost budget. Mirrored by [`crate::validation::user_data_kind`].
+pub(crate) const USER_DATA_RULE: &str = "self.startsWith('#!') || self == '#cloud-config' || self.startsWith('#cloud-config\\n') || self.startsWith('#cloud-config\\r\\n') || self.startsWith('Content-Type: multipart/') || self.startsWith('MIME-Version: 1.0\\nContent-Type: multipart/') || self.startsWith('MIME-Version: 1.0\\r\\nContent-Type: multipart/')";
+/// The message of [`USER_DATA_RULE`].
+pub(crate) const USER_DATA_MESSAGE: &str = "cloudInit.userData must be a #cloud-config document (first line #cloud-config), a #! script or MIME multipart (starting with Content-Type: multipart/..., after MIME-Version: 1.0 at most)";
 
 /// What the VM should do when it is not running, as in `KubeVirt`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -203,9 +211,11 @@ pub struct EmptyDisk {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("has(self.userData) || has(self.networkData) || has(self.metaData)").message("cloudInit needs at least one of userData, metaData or networkData"))]
 pub struct CloudInit {
-    /// user-data (e.g. a `#cloud-config` document), at most 64 KiB.
+    /// user-data, at most 64 KiB: a `#cloud-config` document, a `#!` script
+    /// or MIME multipart (`Content-Type: multipart/...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
+    #[x_kube(validation = Rule::new(USER_DATA_RULE).message(USER_DATA_MESSAGE))]
     pub user_data: Option<String>,
     /// Extra meta-data merged over the generated instance-id and hostname.
     #[serde(default, skip_serializing_if = "Option::is_none")]

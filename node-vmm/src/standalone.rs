@@ -132,7 +132,15 @@ pub fn prepare(
             .collect(),
         max_empty_disk: u64::MAX,
     };
-    let plan = prepare::plan(&vm.spec, &uid, &dir, &ctx)?;
+    let plan = prepare::plan(
+        &vm.spec,
+        prepare::VmId {
+            uid: &uid,
+            name: &name,
+        },
+        &dir,
+        &ctx,
+    )?;
     let (mut config, mut fds) = prepare::realize(&plan, &dir, &ctx, jail_id)?;
     if vm.spec.boot.cmdline.is_none() {
         config.cmdline = "console=ttyS0".into();

@@ -97,6 +97,14 @@ refused! {
         => ["spec.disks[0].hostDisk.path", "hostDisk.path must be absolute"];
     cloud_init_empty: format!("  memory: 128Mi\n{BOOT}  disks:\n  - {{name: seed, cloudInit: {{}}}}\n")
         => ["spec.disks[0].cloudInit", "cloudInit needs at least one of userData"];
+    cloud_init_user_data_plain_yaml: format!("  memory: 128Mi\n{BOOT}  disks:\n  - name: seed\n    cloudInit:\n      userData: |\n        packages: [nginx]\n")
+        => ["spec.disks[0].cloudInit.userData", "cloudInit.userData must be a #cloud-config document"];
+    cloud_init_user_data_indented_header: format!("  memory: 128Mi\n{BOOT}  disks:\n  - name: seed\n    cloudInit: {{userData: \" #cloud-config\\nusers: []\\n\"}}\n")
+        => ["spec.disks[0].cloudInit.userData", "#! script or MIME multipart"];
+    cloud_init_user_data_cloud_config_archive: format!("  memory: 128Mi\n{BOOT}  disks:\n  - {{name: root, emptyDisk: {{size: 1Gi}}}}\n  - name: seed\n    cloudInit: {{userData: \"#cloud-config-archive\\n- type: text/x-shellscript\\n\"}}\n")
+        => ["spec.disks[1].cloudInit.userData", "cloudInit.userData must be"];
+    cloud_init_user_data_mime_not_multipart: format!("  memory: 128Mi\n{BOOT}  disks:\n  - name: seed\n    cloudInit: {{userData: \"MIME-Version: 1.0\\nContent-Type: text/plain\\n\\nhello\\n\"}}\n")
+        => ["spec.disks[0].cloudInit.userData", "Content-Type: multipart/"];
     network_two_bindings: format!("  memory: 128Mi\n{BOOT}  networks:\n  - {{name: lan, masquerade: {{}}, bridge: {{name: br0}}}}\n")
         => ["spec.networks[0]", "each network needs exactly one binding: masquerade or bridge"];
     network_no_binding: format!("  memory: 128Mi\n{BOOT}  networks:\n  - {{name: lan}}\n")
@@ -200,6 +208,45 @@ fn examples_are_accepted_and_listed_with_printer_columns() {
 }
 
 use serde::Deserialize as _;
+
+/// Every kind of user-data cloud-init runs is accepted, by the API server and
+/// by the client-side validator, and a full-size one stays within the CEL
+/// cost budget.
+#[test]
+fn cloud_init_user_data_kinds_are_accepted() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("userdata");
+    let big = format!(
+        "#cloud-config\nwrite_files: [{{path: /x, content: {}}}]\n",
+        "a".repeat(60_000)
+    );
+    let multipart = "Content-Type: multipart/mixed; boundary=\"==b==\"\nMIME-Version: 1.0\n\n--==b==\nContent-Type: text/cloud-config\n\n#cloud-config\n--==b==--\n";
+    let mime_first = "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b--\n";
+    for (name, user_data) in [
+        ("cloud-config", "#cloud-config\npackages: [nginx]\n"),
+        ("cloud-config-crlf", "#cloud-config\r\nusers: []\r\n"),
+        ("script", "#!/bin/sh\necho hello\n"),
+        ("multipart", multipart),
+        ("mime-version-first", mime_first),
+        ("big", big.as_str()),
+    ] {
+        let spec = format!(
+            "  memory: 128Mi\n{BOOT}  disks:\n  - name: seed\n    cloudInit:\n      userData: {}\n",
+            serde_json::to_string(user_data).expect("json string")
+        );
+        let manifest = vm(&format!("ud-{name}"), &spec);
+        let out = run_with_input(
+            cp.kubectl().args(["apply", "-n", &ns, "-f", "-"]),
+            &manifest,
+        );
+        assert!(
+            out.success,
+            "{name} refused by the API server: {}",
+            out.stderr
+        );
+        assert_eq!(client_side_error(&manifest), None, "{name}");
+    }
+}
 
 /// `VirtualMachineImage` sources are checked by the API server too.
 #[test]

@@ -47,7 +47,8 @@ pub(super) fn prepare_host(
     node: &NodeContext,
     cg: &[cgroups::Dir],
 ) -> Result<(Plan, Handoff), PrepareError> {
-    let plan = prepare::plan(&vm.spec, uid, dir, node)?;
+    let name = vm.metadata.name.as_deref().unwrap_or_default();
+    let plan = prepare::plan(&vm.spec, prepare::VmId { uid, name }, dir, node)?;
     let stale = cgroups::live_pids(cg);
     if !stale.is_empty() {
         tracing::warn!(

@@ -21,6 +21,7 @@ pub mod node;
 pub mod opener;
 pub mod prepare;
 pub mod reconcile;
+pub mod seed;
 pub mod server;
 pub mod supervisor;
 pub mod vmm_client;

@@ -46,6 +46,14 @@ pub fn sparse_file(path: &Path, size: u64) -> std::io::Result<()> {
     }
 }
 
+/// Writes a seed image at `path`, replacing what was there: written to a
+/// new temporary file (0600, never following a symlink), synced, then
+/// renamed over `path`, so a VMM never sees half an image and a symlink
+/// planted at `path` is replaced, not followed.
+pub fn seed_file(path: &Path, image: &[u8]) -> Result<(), super::supervisor::SupervisorError> {
+    super::supervisor::write_atomic(path, image)
+}
+
 fn host(what: String) -> impl FnOnce(std::io::Error) -> PrepareError {
     move |e| PrepareError::Host {
         what,
@@ -138,4 +146,34 @@ pub fn open_all(
         .map_err(host(format!("API socket {}", sock.display())))?;
     config.fds.api = Some(h.add(&OwnedFd::from(listener))?);
     Ok((config, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_files_replace_symlinks_and_are_private() {
+        let dir = std::env::temp_dir().join(format!("kubevmm-seedfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let seed = dir.join("seed-s.img");
+        std::os::unix::fs::symlink(&victim, &seed).unwrap();
+        seed_file(&seed, b"image one").unwrap();
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            b"precious",
+            "symlink followed"
+        );
+        let meta = std::fs::symlink_metadata(&seed).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        seed_file(&seed, b"image two").unwrap();
+        assert_eq!(std::fs::read(&seed).unwrap(), b"image two");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 2, "no temporary file left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
