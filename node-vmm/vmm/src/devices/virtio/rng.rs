@@ -20,6 +20,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub struct Rng {
     active: Option<(GuestMemoryMmap, Queue, Interrupt)>,
     bytes: AtomicU64,
+    /// Requests (chains) answered.
+    requests: AtomicU64,
     /// One request's bytes, `MAX_REQUEST` long.
     buf: Vec<u8>,
 }
@@ -29,6 +31,7 @@ impl Default for Rng {
         Self {
             active: None,
             bytes: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             buf: vec![0; MAX_REQUEST],
         }
     }
@@ -125,6 +128,7 @@ impl VirtioDevice for Rng {
             let head = chain.head_index();
             let written = fill_chain(&*mem, chain, &mut self.buf);
             self.bytes.fetch_add(u64::from(written), Ordering::Relaxed);
+            self.requests.fetch_add(1, Ordering::Relaxed);
             if queue.add_used(&*mem, head, written).is_err() {
                 break;
             }
@@ -140,6 +144,9 @@ impl VirtioDevice for Rng {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![("bytes", self.bytes.load(Ordering::Relaxed))]
+        vec![
+            ("bytes", self.bytes.load(Ordering::Relaxed)),
+            ("requests", self.requests.load(Ordering::Relaxed)),
+        ]
     }
 }
