@@ -99,6 +99,10 @@ struct AgentArgs {
     /// Validity of the heartbeat Lease in seconds (renewed every third of it).
     #[arg(long, default_value_t = agent::node::DEFAULT_LEASE_SECONDS)]
     lease_seconds: i32,
+    /// Seconds a cached `VirtualMachineImage` that no VM on this node uses is
+    /// kept before it is deleted (never while a VMM holds it).
+    #[arg(long, default_value_t = 24 * 3600)]
+    image_cache_grace_seconds: u64,
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
@@ -170,6 +174,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         metrics_addr: args.metrics_addr,
         cgroups,
         lease_seconds: args.lease_seconds.max(3),
+        image_grace: std::time::Duration::from_secs(args.image_cache_grace_seconds),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
