@@ -71,6 +71,12 @@ pub fn start_agent_with(
 
 impl Env {
     pub fn new(test: &str) -> Self {
+        Self::with_operator_args(test, &[])
+    }
+
+    /// Like [`Env::new`], with extra operator flags (e.g. an overcommit so
+    /// many VMs that never run a guest fit on the node).
+    pub fn with_operator_args(test: &str, extra: &[&str]) -> Self {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -110,6 +116,7 @@ impl Env {
                 "--node-selector",
                 &format!("kubevmm.io/test-node={node}"),
             ])
+            .args(extra)
             .args(["--leader-lease", &format!("op-{node}"), "--metrics-addr"])
             .arg(format!("127.0.0.1:{}", free_port().expect("port")));
         let operator = Daemon::start(op, state.join("operator.log"));
