@@ -12,7 +12,7 @@ mod agent_env;
 
 use std::path::{Path, PathBuf};
 
-use agent_env::Env;
+use agent_env::{start_agent_args, Env};
 use kubevmm_e2e::http_server::{Fault, FileServer, Served};
 use kubevmm_e2e::{free_port, run_with_input, wait_for};
 use serde_json::Value;
@@ -76,8 +76,12 @@ struct World {
 
 impl World {
     fn new(test: &str) -> Self {
+        Self::with_agent_args(test, &[])
+    }
+
+    fn with_agent_args(test: &str, agent: &[&str]) -> Self {
         // Most VMs here wait for an image and never run a guest: let many fit.
-        let env = Env::with_operator_args(test, &["--cpu-overcommit", "16"]);
+        let env = Env::with_args(test, agent, &["--cpu-overcommit", "16"]);
         let dir = env.state.join("served");
         std::fs::create_dir_all(&dir).expect("served dir");
         Self {
@@ -510,4 +514,69 @@ fn each_bad_input_has_its_reason_and_leaves_nothing_behind() {
         || format!("{:?}", w.cache()),
     );
     let _ = std::fs::remove_file(&link);
+}
+
+#[test]
+fn the_cache_survives_agent_restarts_and_unused_images_are_collected() {
+    let mut w = World::with_agent_args("img-cache", &["--image-cache-grace-seconds", "3"]);
+    let kernel = w.env.guests.join("counter.elf");
+    let sha = sha256(&kernel);
+    w.srv.serve(
+        "k.elf",
+        Served {
+            file: kernel,
+            ..Served::default()
+        },
+    );
+    w.http_image("k", &w.srv.url("k.elf"), Some(&sha));
+    w.vm("a", "k");
+    w.env.wait_phase("a", "Running", 90);
+    let cached = w.env.state.join("images").join(format!("sha256-{sha}"));
+    assert!(cached.is_file());
+
+    // A restarted agent finds the image in its cache: no second download.
+    w.env.agent.kill();
+    w.env.agent = start_agent_args(
+        w.env.cp,
+        &w.env.node,
+        &w.env.state,
+        &w.env.guests,
+        "agent2.log",
+        "1",
+        &["--image-cache-grace-seconds", "3"],
+    );
+    w.vm("b", "k");
+    w.env.wait_phase("b", "Running", 90);
+    assert_eq!(
+        w.srv.seen("k.elf").len(),
+        1,
+        "the cache survived the restart"
+    );
+
+    // Past the grace period, but VMMs hold it: kept.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert!(cached.is_file(), "an image in use is never collected");
+
+    // No VM left: collected after the grace period, index and all.
+    w.env
+        .kubectl(&["delete", "vm", "a", "b", "--wait=true", "--timeout=90s"]);
+    wait_for(
+        30,
+        "the unused image to be collected",
+        || (!cached.exists() && w.cache().is_empty()).then_some(()),
+        || {
+            format!(
+                "{:?}\n{}",
+                w.cache(),
+                agent_env::tail(&w.env.agent.output())
+            )
+        },
+    );
+    assert!(
+        std::fs::read_dir(w.env.state.join("images/index"))
+            .expect("index")
+            .next()
+            .is_none(),
+        "the index entry went with the file"
+    );
 }

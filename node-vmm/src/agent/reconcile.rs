@@ -408,6 +408,7 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
     let Some(images) = boot_images(ctx, vm, local).await else {
         return;
     };
+    let used = images.clone();
     let ctx_node = prepare::NodeContext {
         allowed_dirs: ctx.cfg.allowed_dirs.clone(),
         allowed_bridges: ctx.cfg.allowed_bridges.clone(),
@@ -434,6 +435,9 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
             return;
         }
     };
+    if let Err(e) = super::images::record_use(&dir.0, &used) {
+        tracing::warn!(vm = %vm.name_any(), "cannot record the images it uses: {e}");
+    }
     local.prepare_failures = 0;
     let owner = json!({"namespace": vm.namespace(), "name": vm.name_any(), "uid": uid});
     let _ = supervisor::write_atomic(&dir.owner_file(), owner.to_string().as_bytes());

@@ -84,6 +84,7 @@ struct Job {
 /// The node's importer.
 pub struct Importer {
     store: Store,
+    vms_dir: PathBuf,
     client: Result<fetch::HttpClient, String>,
     allowed_dirs: Vec<PathBuf>,
     node: String,
@@ -141,6 +142,7 @@ impl Importer {
         metrics.image_cache(store.size());
         Ok(Self {
             store,
+            vms_dir: cfg.state_dir.join("vms"),
             client: fetch::client(),
             allowed_dirs: cfg.allowed_dirs.clone(),
             node: cfg.node.clone(),
@@ -380,72 +382,15 @@ impl Importer {
         source: &kubevmm_crds::image::ImageSource,
         progress: &Progress,
     ) -> Result<Entry, Failure> {
-        let partial = self.store.partial(key);
-        let fail = |e: &FetchError| Failure {
-            reason: e.reason().into(),
-            message: e.to_string(),
-        };
-        let (fetched, what, expected) = if let Some(h) = &source.http {
-            let client = self.client.as_ref().map_err(|e| Failure {
-                reason: "HostUnreachable".into(),
-                message: e.clone(),
-            })?;
-            let f = fetch::http(client, &h.url, &partial, progress)
-                .await
-                .map_err(|e| fail(&e))?;
-            (
-                f,
-                h.url.clone(),
-                h.sha256.as_ref().map(|s| s.to_ascii_lowercase()),
-            )
-        } else {
-            let p = source.path.clone().unwrap_or_default();
-            let f =
-                fetch::path(&self.allowed_dirs, &p, &partial, progress).map_err(|e| fail(&e))?;
-            (f, p, None)
-        };
-        if let Some(want) = expected {
-            if want != fetched.sha256 {
-                return Err(Failure {
-                    reason: "ChecksumMismatch".into(),
-                    message: format!(
-                        "{what}: sha256 is {} but spec.source.http.sha256 is {want}; the download was discarded",
-                        fetched.sha256
-                    ),
-                });
-            }
-        }
-        let mut head = Vec::with_capacity(format::PROBE_LEN);
-        std::fs::File::open(&partial)
-            .and_then(|f| f.take(format::PROBE_LEN as u64).read_to_end(&mut head))
-            .map_err(|e| Failure {
-                reason: "ImportFailed".into(),
-                message: format!("read {}: {e}", partial.display()),
-            })?;
-        let bad = |e: FormatError| Failure {
-            reason: e.reason().into(),
-            message: format!("{what}: {e}"),
-        };
-        let info = format::detect(&head, fetched.size).map_err(bad)?;
-        if let Some(b) = &info.backing_file {
-            return Err(bad(FormatError::Unsupported(format!(
-                "the qcow2 has a backing file ({b}) that is not part of the import; flatten it first (qemu-img convert -O qcow2)"
-            ))));
-        }
-        let entry = Entry {
-            sha256: fetched.sha256,
-            format: info.format,
-            virtual_size: info.virtual_size,
-            size: fetched.size,
-            source: what,
-        };
-        self.store
-            .commit(key, &partial, &entry)
-            .map_err(|e| Failure {
-                reason: "ImportFailed".into(),
-                message: format!("move into the image cache: {e}"),
-            })?;
-        Ok(entry)
+        import_into(
+            &self.store,
+            &self.client,
+            &self.allowed_dirs,
+            key,
+            source,
+            progress,
+        )
+        .await
     }
 
     async fn write_ready(&self, ns: &str, name: &str, e: &Entry) {
@@ -625,7 +570,10 @@ impl Importer {
                 .filter(|(_, j)| matches!(j.state, JobState::Running))
                 .map(|(k, _)| k.clone())
                 .collect();
-            let removed = self.store.collect(self.grace, &|k| busy.contains(k));
+            let in_use = images_in_use(&self.vms_dir);
+            let removed = self
+                .store
+                .collect(self.grace, &|k| busy.contains(k), &in_use);
             if !removed.is_empty() {
                 tracing::info!(
                     ?removed,
@@ -636,6 +584,112 @@ impl Importer {
             }
         }
     }
+}
+
+/// Imports `source` into `store` under `key`: fetch (resuming a partial
+/// file), verify the digest, detect and check the format, commit. Run it on
+/// a blocking thread (the file writes and hashing are synchronous).
+pub async fn import_into(
+    store: &Store,
+    client: &Result<fetch::HttpClient, String>,
+    allowed_dirs: &[PathBuf],
+    key: &str,
+    source: &kubevmm_crds::image::ImageSource,
+    progress: &Progress,
+) -> Result<Entry, Failure> {
+    let partial = store.partial(key);
+    let fail = |e: &FetchError| Failure {
+        reason: e.reason().into(),
+        message: e.to_string(),
+    };
+    let (fetched, what, expected) = if let Some(h) = &source.http {
+        let client = client.as_ref().map_err(|e| Failure {
+            reason: "HostUnreachable".into(),
+            message: e.clone(),
+        })?;
+        let f = fetch::http(client, &h.url, &partial, progress)
+            .await
+            .map_err(|e| fail(&e))?;
+        (
+            f,
+            h.url.clone(),
+            h.sha256.as_ref().map(|s| s.to_ascii_lowercase()),
+        )
+    } else {
+        let p = source.path.clone().unwrap_or_default();
+        let f = fetch::path(allowed_dirs, &p, &partial, progress).map_err(|e| fail(&e))?;
+        (f, p, None)
+    };
+    if let Some(want) = expected {
+        if want != fetched.sha256 {
+            return Err(Failure {
+                reason: "ChecksumMismatch".into(),
+                message: format!(
+                    "{what}: sha256 is {} but spec.source.http.sha256 is {want}; the download was discarded",
+                    fetched.sha256
+                ),
+            });
+        }
+    }
+    let mut head = Vec::with_capacity(format::PROBE_LEN);
+    std::fs::File::open(&partial)
+        .and_then(|f| f.take(format::PROBE_LEN as u64).read_to_end(&mut head))
+        .map_err(|e| Failure {
+            reason: "ImportFailed".into(),
+            message: format!("read {}: {e}", partial.display()),
+        })?;
+    let bad = |e: FormatError| Failure {
+        reason: e.reason().into(),
+        message: format!("{what}: {e}"),
+    };
+    let info = format::detect(&head, fetched.size).map_err(bad)?;
+    if let Some(b) = &info.backing_file {
+        return Err(bad(FormatError::Unsupported(format!(
+            "the qcow2 has a backing file ({b}) that is not part of the import; flatten it first (qemu-img convert -O qcow2)"
+        ))));
+    }
+    let entry = Entry {
+        sha256: fetched.sha256,
+        format: info.format,
+        virtual_size: info.virtual_size,
+        size: fetched.size,
+        source: what,
+    };
+    store.commit(key, &partial, &entry).map_err(|e| Failure {
+        reason: "ImportFailed".into(),
+        message: format!("move into the image cache: {e}"),
+    })?;
+    Ok(entry)
+}
+
+/// The file a VM's directory lists the cached images it uses in.
+pub const IMAGES_FILE: &str = "images";
+
+/// Records in a VM's directory the cached images it uses (one file name a
+/// line): they stay in the cache as long as the VM is on the node, whether
+/// its VMM runs or not (a kernel is read at start, not held).
+pub fn record_use(
+    vm_dir: &std::path::Path,
+    images: &BTreeMap<String, CachedImage>,
+) -> std::io::Result<()> {
+    let names: Vec<String> = images
+        .values()
+        .filter_map(|c| c.path.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    super::supervisor::write_atomic(&vm_dir.join(IMAGES_FILE), names.join("\n").as_bytes())
+        .map_err(std::io::Error::other)
+}
+
+/// Every cached file a VM on this node records (`<vms>/<uid>/images`).
+fn images_in_use(vms: &std::path::Path) -> std::collections::HashSet<String> {
+    std::fs::read_dir(vms)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join(IMAGES_FILE)).ok())
+        .flat_map(|s| s.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| !l.is_empty())
+        .collect()
 }
 
 /// `raw` or `qcow2`.

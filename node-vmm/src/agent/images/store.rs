@@ -152,12 +152,23 @@ impl Store {
             .sum()
     }
 
-    /// Removes entries unused for `grace` (index mtime), whose file no VMM
-    /// holds (a VMM keeps a shared lock on every image it was handed), and
-    /// whose key is not `busy` (being imported or resolved right now).
+    /// Removes entries unused for `grace` (index mtime), whose file no VM
+    /// on the node uses (`in_use`: file names `sha256-<hex>` recorded by VMs
+    /// on this node) and no VMM holds (a VMM keeps a shared lock on the
+    /// disks it was handed), and whose key is not `busy` (being imported).
     /// Also drops partial files of keys not `busy` older than `grace`, and
     /// files no index names. Returns the removed digests.
-    pub fn collect(&self, grace: Duration, busy: &dyn Fn(&str) -> bool) -> Vec<String> {
+    pub fn collect(
+        &self,
+        grace: Duration,
+        busy: &dyn Fn(&str) -> bool,
+        in_use: &std::collections::HashSet<String>,
+    ) -> Vec<String> {
+        let locked = |p: &Path| {
+            locked(p)
+                || p.file_name()
+                    .is_some_and(|n| in_use.contains(&*n.to_string_lossy()))
+        };
         let now = SystemTime::now();
         let old = |m: &fs::Metadata| {
             m.modified()
@@ -306,24 +317,31 @@ mod tests {
         s.commit("k2", &s.partial("k2"), &entry).unwrap();
         assert_eq!(s.size(), 5);
 
+        let none = std::collections::HashSet::new();
+        // A file a VM on the node records as used stays.
+        let used = std::collections::HashSet::from([format!("sha256-{sha}")]);
+        assert!(s.collect(Duration::ZERO, &|_| false, &used).is_empty());
+        assert!(path.exists());
         // Fresh entries stay; busy keys stay; a held file stays.
-        assert!(s.collect(Duration::from_secs(3600), &|_| false).is_empty());
-        assert!(s.collect(Duration::ZERO, &|_| true).is_empty());
+        assert!(s
+            .collect(Duration::from_secs(3600), &|_| false, &none)
+            .is_empty());
+        assert!(s.collect(Duration::ZERO, &|_| true, &none).is_empty());
         let held = fs::File::open(&path).unwrap();
         // SAFETY: flock on an fd we own.
         assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_SH) }, 0);
-        assert!(s.collect(Duration::ZERO, &|_| false).is_empty());
+        assert!(s.collect(Duration::ZERO, &|_| false, &none).is_empty());
         assert!(path.exists());
         drop(held);
         // k1 busy: k2's index goes, the shared file stays for k1.
-        assert!(s.collect(Duration::ZERO, &|k| k == "k1").is_empty());
+        assert!(s.collect(Duration::ZERO, &|k| k == "k1", &none).is_empty());
         assert!(s.lookup("k2").is_none() && s.lookup("k1").is_some());
-        assert_eq!(s.collect(Duration::ZERO, &|_| false), vec![sha]);
+        assert_eq!(s.collect(Duration::ZERO, &|_| false, &none), vec![sha]);
         assert!(!path.exists() && s.lookup("k1").is_none());
         fs::write(s.partial("k3"), b"x").unwrap();
-        s.collect(Duration::ZERO, &|k| k == "k3");
+        s.collect(Duration::ZERO, &|k| k == "k3", &none);
         assert!(s.partial("k3").exists(), "a busy partial stays");
-        s.collect(Duration::ZERO, &|_| false);
+        s.collect(Duration::ZERO, &|_| false, &none);
         assert!(!s.partial("k3").exists());
         assert!(free_space(&state).unwrap() > 0);
         let _ = fs::remove_dir_all(&state);
