@@ -477,6 +477,91 @@ pub fn path(
 mod tests {
     use super::*;
 
+    /// A one-file HTTP server honouring `Range` (unless `ranges` is off);
+    /// returns its URL and the `Range` headers it saw.
+    fn serve(
+        body: Vec<u8>,
+        ranges: bool,
+    ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/f", l.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+                let mut start = 0;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h
+                        .strip_prefix("range: bytes=")
+                        .or_else(|| h.strip_prefix("Range: bytes="))
+                    {
+                        s2.lock().unwrap().push(v.trim().to_string());
+                        if ranges {
+                            start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+                        }
+                    }
+                }
+                let mut c = c;
+                let head = if start > 0 {
+                    format!(
+                        "HTTP/1.1 206 Partial\r\nContent-Range: bytes {start}-{}/{}\r\n",
+                        body.len() - 1,
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 200 OK\r\n".to_string()
+                };
+                let _ = write!(
+                    c,
+                    "{head}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len() - start
+                );
+                let _ = c.write_all(&body[start..]);
+            }
+        });
+        (url, seen)
+    }
+
+    /// An agent restart leaves a partial file: the next import hashes it,
+    /// asks for the rest, and gets the digest of the whole; a server that
+    /// ignores `Range` makes it start over, with the same result.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resumes_a_partial_file_left_by_a_restart() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let want = hex(&Sha256::digest(&body));
+        let dir = std::env::temp_dir().join(format!("kubevmm-fetch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let client = client().unwrap();
+        for ranges in [true, false] {
+            let partial = dir.join(format!("p-{ranges}"));
+            std::fs::write(&partial, &body[..100_000]).unwrap();
+            let (url, seen) = serve(body.clone(), ranges);
+            let progress = Progress::default();
+            let got = http(&client, &url, &partial, &progress).await.unwrap();
+            assert_eq!(
+                (got.sha256.as_str(), got.size),
+                (want.as_str(), 300_000),
+                "ranges {ranges}"
+            );
+            assert_eq!(std::fs::read(&partial).unwrap(), body);
+            assert_eq!(
+                seen.lock().unwrap().as_slice(),
+                ["100000-"],
+                "ranges {ranges}"
+            );
+            let fetched = progress.fetched.load(Ordering::Relaxed);
+            assert_eq!(fetched, if ranges { 200_000 } else { 300_000 });
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn parses_content_range() {
         assert_eq!(
