@@ -412,6 +412,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn image_import_metrics_are_exported() {
+        let m = Metrics::new().unwrap();
+        m.image_bytes("http", 4096);
+        m.image_imported("http", 0.2);
+        m.image_failed("ChecksumMismatch");
+        m.image_cache(8192);
+        let text = m.render();
+        for line in [
+            "kubevmm_image_import_bytes_total{source=\"http\"} 4096",
+            "kubevmm_image_import_duration_seconds_count{source=\"http\"} 1",
+            "kubevmm_image_import_failures_total{reason=\"ChecksumMismatch\"} 1",
+            "kubevmm_image_cache_bytes 8192",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn folds_stats_into_counters_across_vmm_restarts() {
         let m = Metrics::new().expect("registry");
         let stats = |run_ns: u64, rd: u64| {
