@@ -86,8 +86,9 @@ cluster-down:
 
 bench: build guests
 	hack/bench-vmm.sh
-	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster -p node-vmm -p kubevmm-operator -p kubevmm-vmm
+	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster --bin bench-import -p node-vmm -p kubevmm-operator -p kubevmm-vmm
 	$(RELEASE_BIN)/bench-cluster
+	$(RELEASE_BIN)/bench-import
 
 clean:
 	$(CARGO) clean

@@ -97,8 +97,61 @@ pub struct VirtualMachineImageStatus {
     /// Size the guest sees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_size: Option<Quantity>,
-    /// Per-node readiness and errors.
+    /// Per-node readiness and errors: one condition `<node>/Ready` per node
+    /// that imported (or tried to import) the image, with a reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Per-node import state, one entry per node, each written only by that
+    /// node's agent (server-side apply field manager `node-vmm-<node>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub nodes: Vec<NodeImageStatus>,
+}
+
+/// The import of an image on one node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeImageStatus {
+    /// The node.
+    pub node: String,
+    /// Import phase on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ImagePhase>,
+    /// Bytes downloaded or copied so far.
+    #[serde(default)]
+    pub bytes_done: i64,
+    /// Bytes expected (0 while unknown).
+    #[serde(default)]
+    pub bytes_total: i64,
+    /// Why the phase is what it is (`Imported`, `Importing`, or the failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable progress or error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// SHA-256 of the cached bytes once Ready (`sha256:<hex>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// The condition type of `node`'s import in `status.conditions`.
+pub fn node_condition(node: &str) -> String {
+    format!("{node}/Ready")
+}
+
+/// The image-wide phase from the per-node entries: Failed if any node
+/// failed, Importing while any node is not done, Ready when every node
+/// that imports it has it, Pending when no node has tried.
+pub fn aggregate_phase(nodes: &[NodeImageStatus]) -> ImagePhase {
+    let any = |p: ImagePhase| nodes.iter().any(|n| n.phase == Some(p));
+    if nodes.is_empty() {
+        ImagePhase::Pending
+    } else if any(ImagePhase::Failed) {
+        ImagePhase::Failed
+    } else if nodes.iter().all(|n| n.phase == Some(ImagePhase::Ready)) {
+        ImagePhase::Ready
+    } else {
+        ImagePhase::Importing
+    }
 }

@@ -27,6 +27,10 @@ enum Command {
     /// Run the node agent (what the `DaemonSet` runs): keep this node's
     /// `HypervisorNode` and Lease current and converge the VMs bound to it.
     Agent(AgentArgs),
+    /// Import an image into this node's cache ahead of time (what the agent
+    /// does when a VM needs it): fetch, verify, detect the format, commit.
+    /// Prints the cache entry as JSON.
+    ImageImport(ImportArgs),
     /// Internal: supervise one VMM process (started by the agent).
     #[command(hide = true)]
     Shim {
@@ -52,6 +56,86 @@ enum Command {
         #[arg(long)]
         console_log: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// An http(s) URL, or an absolute path beneath an --allowed-dir.
+    source: String,
+    /// Expected SHA-256 of the bytes (http sources).
+    #[arg(long)]
+    sha256: Option<String>,
+    /// The agent's state directory (the cache is `<dir>/images`).
+    #[arg(long, default_value = "/var/lib/kubevmm-node")]
+    state_dir: std::path::PathBuf,
+    /// Directory path sources may use (repeatable).
+    #[arg(long = "allowed-dir", default_values = ["/var/lib/kubevmm"])]
+    allowed_dirs: Vec<std::path::PathBuf>,
+}
+
+fn run_import(args: ImportArgs) -> ExitCode {
+    use kubevmm_crds::image::{HttpSource, ImageSource};
+    let http = args.source.starts_with("http://") || args.source.starts_with("https://");
+    let source = ImageSource {
+        http: http.then(|| HttpSource {
+            url: args.source.clone(),
+            sha256: args.sha256.clone(),
+        }),
+        path: (!http).then(|| args.source.clone()),
+    };
+    let store = match agent::images::store::Store::open(&args.state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "node-vmm image-import: image cache in {}: {e}",
+                args.state_dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    else {
+        eprintln!("node-vmm image-import: cannot start the async runtime");
+        return ExitCode::FAILURE;
+    };
+    let started = std::time::Instant::now();
+    let key = agent::images::store::key(&source);
+    // As in the agent: the import runs on a blocking thread.
+    let result = rt.block_on(async move {
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let client = agent::images::fetch::client();
+            let progress = agent::images::fetch::Progress::default();
+            handle.block_on(agent::images::import_into(
+                &store,
+                &client,
+                &args.allowed_dirs,
+                &key,
+                &source,
+                &progress,
+            ))
+        })
+        .await
+    });
+    match result {
+        Ok(Ok(entry)) => {
+            let mut v = serde_json::to_value(&entry).unwrap_or_default();
+            v["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(f)) => {
+            eprintln!("node-vmm image-import: {}: {}", f.reason, f.message);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("node-vmm image-import: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,6 +183,10 @@ struct AgentArgs {
     /// Validity of the heartbeat Lease in seconds (renewed every third of it).
     #[arg(long, default_value_t = agent::node::DEFAULT_LEASE_SECONDS)]
     lease_seconds: i32,
+    /// Seconds a cached `VirtualMachineImage` that no VM on this node uses is
+    /// kept before it is deleted (never while a VMM holds it).
+    #[arg(long, default_value_t = 24 * 3600)]
+    image_cache_grace_seconds: u64,
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
@@ -170,6 +258,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         metrics_addr: args.metrics_addr,
         cgroups,
         lease_seconds: args.lease_seconds.max(3),
+        image_grace: std::time::Duration::from_secs(args.image_cache_grace_seconds),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -199,6 +288,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Agent(args) => run_agent(args),
+        Command::ImageImport(args) => run_import(args),
         Command::Shim {
             dir,
             vmm,

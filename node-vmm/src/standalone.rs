@@ -131,6 +131,8 @@ pub fn prepare(
             .filter_map(|n| n.bridge.as_ref().map(|b| b.name.clone()))
             .collect(),
         max_empty_disk: u64::MAX,
+        // No cluster, no VirtualMachineImages: boot images are refused by name.
+        images: std::collections::BTreeMap::new(),
     };
     let plan = prepare::plan(
         &vm.spec,

@@ -6,6 +6,8 @@
 //! and stops it when the binary exits. Tests never talk to a cluster they
 //! did not start. Every test gets its own namespace.
 
+pub mod http_server;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

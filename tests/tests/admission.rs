@@ -527,3 +527,114 @@ fn node_vmm_writes_only_status_its_finalizer_and_restart_handled() {
         let _ = outcome(cp.kubectl().args(["delete", "node", n, "--wait=false"]));
     }
 }
+
+#[test]
+fn node_vmm_writes_only_its_own_entry_of_an_image_status() {
+    let cp = ControlPlane::shared();
+    let rel = release();
+    let ns = cp.namespace("img");
+    let (mine, other) = (format!("{ns}-mine"), format!("{ns}-other"));
+    let (agent, _) = node_tokens(cp, RELEASE, rel, &mine, &other);
+    let o = run_with_input(
+        cp.kubectl().args(["create", "-f", "-"]),
+        &format!(
+            "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachineImage\nmetadata: {{name: img, namespace: {ns}}}\n\
+             spec: {{source: {{http: {{url: \"http://example.invalid/a.img\"}}}}}}\n"
+        ),
+    );
+    assert!(o.success, "create image: {}", o.stderr);
+    // The other node already reported.
+    let theirs = format!(
+        r#"{{"status":{{"phase":"Ready","nodes":[{{"node":"{other}","phase":"Ready","bytesDone":5,"bytesTotal":5}}],
+        "conditions":[{{"type":"{other}/Ready","status":"True","reason":"Imported","message":"m","lastTransitionTime":"2025-01-01T00:00:00Z"}}]}}}}"#
+    );
+    ok(cp.kubectl().args([
+        "patch",
+        "vmimage",
+        "img",
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &theirs,
+    ]));
+    let json_patch = |patch: String| {
+        kubectl_as(
+            &agent,
+            &[
+                "patch",
+                "vmimage",
+                "img",
+                "-n",
+                &ns,
+                "--subresource=status",
+                "--type=json",
+                "-p",
+                &patch,
+            ],
+        )
+    };
+    let mine_entry = format!(
+        r#"[{{"op":"add","path":"/status/nodes/-","value":{{"node":"{mine}","phase":"Importing","bytesDone":1,"bytesTotal":5}}}},
+        {{"op":"add","path":"/status/conditions/-","value":{{"type":"{mine}/Ready","status":"False","reason":"Importing","message":"m","lastTransitionTime":"2025-01-01T00:00:00Z"}}}}]"#
+    );
+    let o = wait_for(
+        60,
+        "the node policy to refuse writing another node's image entry",
+        || {
+            let o = json_patch(
+                r#"[{"op":"replace","path":"/status/nodes/0/phase","value":"Failed"}]"#.into(),
+            );
+            (!o.success).then_some(o)
+        },
+        || "the write kept succeeding".into(),
+    );
+    refused(
+        "another node's image entry",
+        &o,
+        &format!(
+            "node-vmm on {mine} may only write its own entry of a VirtualMachineImage's status"
+        ),
+    );
+    allowed("its own image entry and condition", &json_patch(mine_entry));
+    allowed(
+        "the image-wide phase",
+        &json_patch(r#"[{"op":"replace","path":"/status/phase","value":"Importing"}]"#.into()),
+    );
+    for (what, patch) in [
+        (
+            "another node's condition",
+            r#"[{"op":"replace","path":"/status/conditions/0/reason","value":"Forged"}]"#,
+        ),
+        (
+            "remove another node's entry",
+            r#"[{"op":"remove","path":"/status/nodes/0"}]"#,
+        ),
+    ] {
+        refused(
+            what,
+            &json_patch(patch.into()),
+            "may only write its own entry",
+        );
+    }
+    // The source is the user's: RBAC grants no write on the object.
+    refused(
+        "change the image source",
+        &merge_patch(
+            &agent,
+            &ns,
+            "vmimage",
+            "img",
+            r#"{"spec":{"source":{"http":{"url":"http://evil.invalid/x"}}}}"#,
+            false,
+        ),
+        "orbidden",
+    );
+    let img = get_json(cp, &["get", "vmimage", "img", "-n", &ns]).expect("image");
+    assert_eq!(img["status"]["nodes"][0]["phase"], "Ready", "{img}");
+    assert_eq!(img["status"]["nodes"][1]["node"], mine.as_str(), "{img}");
+    for n in [&mine, &other] {
+        let _ = outcome(cp.kubectl().args(["delete", "node", n, "--wait=false"]));
+    }
+}

@@ -319,6 +319,12 @@ const RBAC_CASES: &str = "
     agent | patch hypervisornodes.kubevmm.io --subresource=status      | yes
     agent | delete hypervisornodes.kubevmm.io                          | no
     agent | list hypervisornodes.kubevmm.io                            | no
+    agent | get virtualmachineimages.kubevmm.io -n default             | yes
+    agent | list virtualmachineimages.kubevmm.io -A                    | no
+    agent | patch virtualmachineimages.kubevmm.io -n default           | no
+    agent | patch virtualmachineimages.kubevmm.io --subresource=status -n x | yes
+    agent | delete virtualmachineimages.kubevmm.io -n default          | no
+    op    | get virtualmachineimages.kubevmm.io -n default             | no
     agent | get nodes                                                  | yes
     agent | list nodes                                                 | no
     agent | patch nodes                                                | no

@@ -43,6 +43,10 @@ pub struct Metrics {
     net_frames: IntCounterVec,
     net_dropped: IntCounterVec,
     restarts: IntCounterVec,
+    image_bytes: IntCounterVec,
+    image_duration: HistogramVec,
+    image_failures: IntCounterVec,
+    image_cache: prometheus::IntGauge,
     last: Mutex<HashMap<String, f64>>,
     /// Label values used per VM (`ns/name`), per family, so they can be removed.
     series: Mutex<HashMap<String, Vec<Series>>>,
@@ -173,6 +177,34 @@ impl Metrics {
                 Opts::new("kubevmm_vm_restarts_total", "Guest restarts by node-vmm"),
                 &lbl(&[])
             )?),
+            image_bytes: reg!(IntCounterVec::new(
+                Opts::new(
+                    "kubevmm_image_import_bytes_total",
+                    "Image bytes downloaded or copied into the node's cache"
+                ),
+                &["source"]
+            )?),
+            image_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "kubevmm_image_import_duration_seconds",
+                    "Time to import an image (fetch, verify, detect, commit)"
+                )
+                .buckets(vec![
+                    0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0
+                ]),
+                &["source"]
+            )?),
+            image_failures: reg!(IntCounterVec::new(
+                Opts::new(
+                    "kubevmm_image_import_failures_total",
+                    "Image imports that failed, by condition reason"
+                ),
+                &["reason"]
+            )?),
+            image_cache: reg!(prometheus::IntGauge::with_opts(Opts::new(
+                "kubevmm_image_cache_bytes",
+                "Bytes of verified images in the node's image cache"
+            ))?),
             last: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             registry,
@@ -193,6 +225,29 @@ impl Metrics {
                 .with_label_values(&[phase])
                 .set(counts.get(phase).copied().unwrap_or(0));
         }
+    }
+
+    /// Image bytes fetched (`source`: `http` or `path`).
+    pub fn image_bytes(&self, source: &str, bytes: u64) {
+        self.image_bytes.with_label_values(&[source]).inc_by(bytes);
+    }
+
+    /// A finished import and how long it took.
+    pub fn image_imported(&self, source: &str, seconds: f64) {
+        self.image_duration
+            .with_label_values(&[source])
+            .observe(seconds);
+    }
+
+    /// A failed import.
+    pub fn image_failed(&self, reason: &str) {
+        self.image_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// The cache's size now.
+    pub fn image_cache(&self, bytes: u64) {
+        self.image_cache
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Records that a VM reached `phase` `seconds` after its creation.
@@ -355,6 +410,24 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_import_metrics_are_exported() {
+        let m = Metrics::new().unwrap();
+        m.image_bytes("http", 4096);
+        m.image_imported("http", 0.2);
+        m.image_failed("ChecksumMismatch");
+        m.image_cache(8192);
+        let text = m.render();
+        for line in [
+            "kubevmm_image_import_bytes_total{source=\"http\"} 4096",
+            "kubevmm_image_import_duration_seconds_count{source=\"http\"} 1",
+            "kubevmm_image_import_failures_total{reason=\"ChecksumMismatch\"} 1",
+            "kubevmm_image_cache_bytes 8192",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
 
     #[test]
     fn folds_stats_into_counters_across_vmm_restarts() {

@@ -14,6 +14,7 @@ pub mod handoff;
 pub mod holders;
 pub mod host;
 pub mod hostfs;
+pub mod images;
 pub mod jail_ids;
 pub mod lifecycle;
 pub mod metrics;
@@ -70,6 +71,8 @@ pub struct AgentConfig {
     pub cgroups: cgroups::Layout,
     /// Validity of the heartbeat Lease, in seconds.
     pub lease_seconds: i32,
+    /// How long a cached image no VM uses is kept.
+    pub image_grace: std::time::Duration,
 }
 
 /// Errors that stop the agent (anything per VM is a status condition instead).
@@ -95,6 +98,14 @@ pub enum AgentError {
     /// The state directory overlaps an allowed directory.
     #[error(transparent)]
     Layout(#[from] hostfs::HostFsError),
+    /// The image cache.
+    #[error("image cache in {path}: {source}")]
+    Images {
+        /// The state directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The state directory.
     #[error("state directory {path}: {source}")]
     State {
@@ -103,6 +114,36 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// The image importer of this node (its cache in the state directory).
+fn importer(
+    cfg: &AgentConfig,
+    client: &Client,
+    recorder: &Recorder,
+    metrics: &Arc<metrics::Metrics>,
+    trigger: futures::channel::mpsc::UnboundedSender<
+        kube::runtime::reflector::ObjectRef<VirtualMachine>,
+    >,
+) -> Result<Arc<images::Importer>, AgentError> {
+    Ok(Arc::new(
+        images::Importer::new(
+            &images::ImporterConfig {
+                state_dir: cfg.state_dir.clone(),
+                allowed_dirs: cfg.allowed_dirs.clone(),
+                node: cfg.node_name.clone(),
+                grace: cfg.image_grace,
+            },
+            client.clone(),
+            recorder.clone(),
+            metrics.clone(),
+            trigger,
+        )
+        .map_err(|source| AgentError::Images {
+            path: cfg.state_dir.clone(),
+            source,
+        })?,
+    ))
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -155,15 +196,19 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     tokio::spawn(server::serve(listener, metrics.clone()));
 
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "node-vmm".into(),
+            instance: Some(cfg.node_name.clone()),
+        },
+    );
+    let importer = importer(&cfg, &client, &recorder, &metrics, trigger_tx.clone())?;
+    tokio::spawn(importer.clone().collect_garbage());
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "node-vmm".into(),
-                instance: Some(cfg.node_name.clone()),
-            },
-        ),
+        recorder,
+        importer,
         node_vmm: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("node-vmm")),
         cfg: cfg.clone(),
         metrics: metrics.clone(),

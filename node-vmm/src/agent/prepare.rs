@@ -10,8 +10,11 @@ use std::process::Command;
 
 use super::handoff::{Handoff, HandoffError};
 use super::hostfs::{self, HostFsError};
+use super::images::CachedImage;
 use super::seed::{self, SeedFile};
+use std::collections::BTreeMap;
 
+use kubevmm_crds::image::ImageFormat;
 use kubevmm_crds::vm::BootSource;
 use kubevmm_crds::VirtualMachineSpec;
 use kubevmm_vmm::config::{DiskConfig, JailConfig, NetConfig, SerialConfig, SerialMode};
@@ -142,6 +145,8 @@ pub struct NodeContext {
     pub allowed_bridges: Vec<String>,
     /// Largest `emptyDisk` this node creates, in bytes.
     pub max_empty_disk: u64,
+    /// The `VirtualMachineImage`s the spec names, resolved to cached files.
+    pub images: BTreeMap<String, CachedImage>,
 }
 
 /// A user path, checked against the allow-list by text (a fast, clear
@@ -169,9 +174,25 @@ fn boot(
 ) -> Result<(PathBuf, FileSource), PrepareError> {
     match (&src.path, &src.image) {
         (Some(p), _) => user_file(ctx, &format!("{field}.path"), p),
-        (None, _) => Err(PrepareError::Unsupported {
-            field: format!("{field}.image"),
-            what: "VirtualMachineImage boot sources are not imported by node-vmm yet; use {path: FILE} in an allowed directory".into(),
+        (None, Some(name)) => match ctx.images.get(name) {
+            Some(img) if img.format == ImageFormat::Raw => {
+                Ok((img.path.clone(), FileSource::State(img.path.clone())))
+            }
+            Some(img) => Err(PrepareError::Invalid {
+                field: format!("{field}.image"),
+                what: format!(
+                    "VirtualMachineImage {name} is a {} disk image; a kernel or initrd must be a raw file",
+                    super::images::format_name(img.format)
+                ),
+            }),
+            None => Err(PrepareError::Unsupported {
+                field: format!("{field}.image"),
+                what: format!("VirtualMachineImage {name} is not in this node's image cache yet"),
+            }),
+        },
+        (None, None) => Err(PrepareError::Invalid {
+            field: field.into(),
+            what: "needs image or path".into(),
         }),
     }
 }
@@ -537,6 +558,22 @@ mod tests {
             allowed_dirs: vec![PathBuf::from("/var/lib/kubevmm")],
             allowed_bridges: vec!["br0".into()],
             max_empty_disk: 1 << 40,
+            images: BTreeMap::from([
+                (
+                    "k".to_string(),
+                    CachedImage {
+                        path: PathBuf::from("/state/images/sha256-aa"),
+                        format: ImageFormat::Raw,
+                    },
+                ),
+                (
+                    "disk".to_string(),
+                    CachedImage {
+                        path: PathBuf::from("/state/images/sha256-bb"),
+                        format: ImageFormat::Qcow2,
+                    },
+                ),
+            ]),
         }
     }
 
@@ -649,6 +686,35 @@ mod tests {
                 p.seeds[0].files[1].contents,
                 "instance-id: 0a1b2c3d\nlocal-hostname: vm-1\n"
             );
+        }
+    }
+
+    #[test]
+    fn boot_images_resolve_to_raw_cached_files() {
+        let s = spec("memory: 128Mi\nboot: {kernel: {image: k}, initrd: {image: k}}\n");
+        let p = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).expect("plan");
+        let cached = PathBuf::from("/state/images/sha256-aa");
+        assert_eq!(p.config.kernel, cached);
+        assert_eq!(p.opens.kernel, FileSource::State(cached.clone()));
+        assert_eq!(p.opens.initrd, Some(FileSource::State(cached)));
+        let cases = [
+            (
+                "boot: {kernel: {image: disk}}",
+                "spec.boot.kernel.image: VirtualMachineImage disk is a qcow2 disk image; a kernel or initrd must be a raw file",
+            ),
+            (
+                "boot: {kernel: {image: k}, initrd: {image: disk}}",
+                "spec.boot.initrd.image: VirtualMachineImage disk is a qcow2",
+            ),
+            (
+                "boot: {kernel: {image: other}}",
+                "spec.boot.kernel.image: VirtualMachineImage other is not in this node's image cache",
+            ),
+        ];
+        for (boot, want) in cases {
+            let s = spec(&format!("memory: 128Mi\n{boot}\n"));
+            let e = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
+            assert!(e.to_string().starts_with(want), "{e}");
         }
     }
 

@@ -48,6 +48,8 @@ pub struct Ctx {
     pub client: Client,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Imports the images VMs boot from.
+    pub importer: Arc<super::images::Importer>,
     /// This binary (runs the shim).
     pub node_vmm: PathBuf,
     /// Settings.
@@ -279,7 +281,10 @@ async fn step(
             requeue = observe_running(ctx, vm, &dir, local).await;
         }
     } else {
-        // 4. No VMM: start one?
+        // 4. No VMM: start one? (At once when an image it waited for is done.)
+        if ctx.importer.take_woken(uid) {
+            local.next_start = None;
+        }
         let due = local.next_start.is_none_or(|t| Instant::now() >= t);
         let want = lifecycle::should_start(
             spec.run_strategy,
@@ -368,13 +373,47 @@ async fn handle_exit(
     let _ = std::fs::remove_file(dir.api_socket());
 }
 
+/// The cached files of the VM's boot images; `None` while one imports
+/// (status says so, the import wakes the VM) or when one failed.
+async fn boot_images(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    local: &mut LocalVm,
+) -> Option<std::collections::BTreeMap<String, super::images::CachedImage>> {
+    match super::images::boot_images(&ctx.importer, vm).await {
+        super::images::BootImages::Ready(images) => Some(images),
+        super::images::BootImages::Waiting(msg) => {
+            // The import wakes this VM when it ends; the poll is a fallback.
+            local.next_start = Some(Instant::now() + Duration::from_secs(5));
+            local.phase = Some(VmPhase::Scheduled);
+            set_ready(local, "False", "ImageImporting", msg);
+            None
+        }
+        super::images::BootImages::Failed(field, f) => {
+            let msg = format!("{field}: {}: {}", f.reason, f.message);
+            local.next_start = Some(Instant::now() + lifecycle::backoff(local.prepare_failures));
+            local.prepare_failures = local.prepare_failures.saturating_add(1);
+            local.phase = Some(VmPhase::Failed);
+            // Not held: a server error or a full disk may pass; retried with backoff.
+            set_ready(local, "False", "ImageFailed", msg.clone());
+            event(ctx, vm, true, "ImageFailed", msg).await;
+            None
+        }
+    }
+}
+
 /// Prepares and starts the VMM; failures become status, not errors.
 async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &mut LocalVm) {
     local.next_start = None;
+    let Some(images) = boot_images(ctx, vm, local).await else {
+        return;
+    };
+    let used = images.clone();
     let ctx_node = prepare::NodeContext {
         allowed_dirs: ctx.cfg.allowed_dirs.clone(),
         allowed_bridges: ctx.cfg.allowed_bridges.clone(),
         max_empty_disk: ctx.cfg.max_empty_disk,
+        images,
     };
     let cg = ctx.cgroups(uid, Some(vm));
     let prepared = prepare_host(ctx, vm, uid, dir, &ctx_node, &cg);
@@ -396,6 +435,9 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
             return;
         }
     };
+    if let Err(e) = super::images::record_use(&dir.0, &used) {
+        tracing::warn!(vm = %vm.name_any(), "cannot record the images it uses: {e}");
+    }
     local.prepare_failures = 0;
     let owner = json!({"namespace": vm.namespace(), "name": vm.name_any(), "uid": uid});
     let _ = supervisor::write_atomic(&dir.owner_file(), owner.to_string().as_bytes());

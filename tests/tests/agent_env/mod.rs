@@ -52,6 +52,19 @@ pub fn start_agent_with(
     log: &str,
     reserved_cpus: &str,
 ) -> Daemon {
+    start_agent_args(cp, node, state, guests, log, reserved_cpus, &[])
+}
+
+/// An agent with extra flags.
+pub fn start_agent_args(
+    cp: &ControlPlane,
+    node: &str,
+    state: &std::path::Path,
+    guests: &std::path::Path,
+    log: &str,
+    reserved_cpus: &str,
+    extra: &[&str],
+) -> Daemon {
     let mut cmd = std::process::Command::new(bin_path("node-vmm"));
     cmd.env("KUBECONFIG", cp.kubeconfig())
         .args(["agent", "--node-name", node, "--state-dir"])
@@ -65,12 +78,19 @@ pub fn start_agent_with(
             "6",
             "--metrics-addr",
         ])
-        .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+        .arg(format!("127.0.0.1:{}", free_port().expect("port")))
+        .args(extra);
     Daemon::start(cmd, state.join(log))
 }
 
 impl Env {
     pub fn new(test: &str) -> Self {
+        Self::with_args(test, &[], &[])
+    }
+
+    /// Like [`Env::new`], with extra agent and operator flags (e.g. an
+    /// overcommit so many VMs that never run a guest fit on the node).
+    pub fn with_args(test: &str, agent_extra: &[&str], extra: &[&str]) -> Self {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -82,7 +102,7 @@ impl Env {
         let state = std::env::temp_dir().join(format!("kubevmm-e2e-{node}"));
         let _ = std::fs::remove_dir_all(&state);
         std::fs::create_dir_all(&state).expect("state dir");
-        let agent = start_agent(cp, &node, &state, &guests, "agent.log");
+        let agent = start_agent_args(cp, &node, &state, &guests, "agent.log", "1", agent_extra);
         let kubectl_ok = |args: &[&str]| {
             cp.kubectl()
                 .args(args)
@@ -110,6 +130,7 @@ impl Env {
                 "--node-selector",
                 &format!("kubevmm.io/test-node={node}"),
             ])
+            .args(extra)
             .args(["--leader-lease", &format!("op-{node}"), "--metrics-addr"])
             .arg(format!("127.0.0.1:{}", free_port().expect("port")));
         let operator = Daemon::start(op, state.join("operator.log"));

@@ -146,8 +146,10 @@ pub fn node_tokens(
         );
         assert!(o.success, "create node {n}: {}", o.stderr);
     }
+    // One Pod per node: tests sharing a release namespace run in parallel.
+    let pod_name = format!("agent-{mine}");
     let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent\n  namespace: {ns}\nspec:\n  nodeName: {mine}\n  \
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod_name}\n  namespace: {ns}\nspec:\n  nodeName: {mine}\n  \
          serviceAccountName: {release}-node-vmm\n  containers:\n  - name: c\n    image: example.invalid/none\n"
     );
     let o = run_with_input(cp.kubectl().args(["apply", "-f", "-"]), &pod);
@@ -155,7 +157,7 @@ pub fn node_tokens(
     let uid = ok(cp.kubectl().args([
         "get",
         "pod",
-        "agent",
+        &pod_name,
         "-n",
         ns,
         "-o",
@@ -170,16 +172,16 @@ pub fn node_tokens(
         "--bound-object-kind",
         "Pod",
         "--bound-object-name",
-        "agent",
+        &pod_name,
         "--bound-object-uid",
         &uid,
     ]));
-    let bound = token_kubeconfig(cp, &format!("{ns}-bound"), bound.trim());
+    let bound = token_kubeconfig(cp, &format!("{ns}-{mine}-bound"), bound.trim());
     let unbound =
         ok(cp
             .kubectl()
             .args(["create", "token", &format!("{release}-node-vmm"), "-n", ns]));
-    let unbound = token_kubeconfig(cp, &format!("{ns}-unbound"), unbound.trim());
+    let unbound = token_kubeconfig(cp, &format!("{ns}-{mine}-unbound"), unbound.trim());
 
     (bound, unbound)
 }

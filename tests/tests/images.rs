@@ -1,0 +1,582 @@
+//! `VirtualMachineImage` import on a real node agent, from a loopback HTTP
+//! server the test starts (Range, throttling and failure injection), with
+//! images the test builds: checksum, format and size in status, progress of
+//! a throttled download, resume after the server closes mid-transfer, one
+//! download however many VMs wait, a VM booting its kernel from an image,
+//! and every bad input with its reason and nothing half-made left behind.
+
+// Each test is one story told in order, over one agent.
+#![allow(clippy::too_many_lines, clippy::many_single_char_names)]
+
+mod agent_env;
+
+use std::path::{Path, PathBuf};
+
+use agent_env::{start_agent_args, Env};
+use kubevmm_e2e::http_server::{Fault, FileServer, Served};
+use kubevmm_e2e::{free_port, run_with_input, wait_for};
+use serde_json::Value;
+
+fn sha256(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_string()
+}
+
+/// A file of `len` pseudo-random bytes (no format magic).
+fn random_file(dir: &Path, name: &str, len: usize) -> PathBuf {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).expect("write");
+    p
+}
+
+fn qemu_img(args: &[&str]) {
+    let st = std::process::Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img (apt-get install qemu-utils)");
+    assert!(st.success(), "qemu-img {args:?}");
+}
+
+/// A qcow2 with compressed clusters and holes, of a 4 MiB raw disk whose
+/// first MiB holds a pattern.
+fn qcow2(dir: &Path, name: &str) -> PathBuf {
+    let raw = dir.join(format!("{name}.raw"));
+    let mut data = vec![0u8; 4 << 20];
+    for (i, b) in data.iter_mut().take(1 << 20).enumerate() {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(&raw, data).expect("raw");
+    let out = dir.join(name);
+    let (r, o) = (raw.display().to_string(), out.display().to_string());
+    qemu_img(&["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", &r, &o]);
+    out
+}
+
+struct World {
+    env: Env,
+    srv: FileServer,
+    dir: PathBuf,
+}
+
+impl World {
+    fn new(test: &str) -> Self {
+        Self::with_agent_args(test, &[])
+    }
+
+    fn with_agent_args(test: &str, agent: &[&str]) -> Self {
+        // Most VMs here wait for an image and never run a guest: let many fit.
+        let env = Env::with_args(test, agent, &["--cpu-overcommit", "16"]);
+        let dir = env.state.join("served");
+        std::fs::create_dir_all(&dir).expect("served dir");
+        Self {
+            env,
+            srv: FileServer::start().expect("http server"),
+            dir,
+        }
+    }
+
+    fn image(&self, name: &str, source: &str) {
+        let m = format!(
+            "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachineImage\nmetadata: {{name: {name}}}\nspec:\n  source: {source}\n"
+        );
+        let o = run_with_input(
+            self.env
+                .cp
+                .kubectl()
+                .args(["apply", "-n", &self.env.ns, "-f", "-"]),
+            &m,
+        );
+        assert!(o.success, "image {name}: {}", o.stderr);
+    }
+
+    fn http_image(&self, name: &str, url: &str, sha: Option<&str>) {
+        let sha = sha
+            .map(|s| format!(", sha256: \"{s}\""))
+            .unwrap_or_default();
+        self.image(name, &format!("{{http: {{url: \"{url}\"{sha}}}}}"));
+    }
+
+    fn vm(&self, name: &str, kernel_image: &str) {
+        let m = format!(
+            "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: 1\n  memory: 64Mi\n  \
+             terminationGracePeriodSeconds: 5\n  nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{image: {kernel_image}}}\n",
+            node = self.env.node
+        );
+        let o = run_with_input(
+            self.env
+                .cp
+                .kubectl()
+                .args(["apply", "-n", &self.env.ns, "-f", "-"]),
+            &m,
+        );
+        assert!(o.success, "vm {name}: {}", o.stderr);
+    }
+
+    fn image_json(&self, name: &str) -> Value {
+        serde_json::from_str(&self.env.kubectl(&["get", "vmimage", name, "-o", "json"]))
+            .expect("json")
+    }
+
+    /// This node's entry of the image's status.
+    fn entry(&self, name: &str) -> Value {
+        let img = self.image_json(name);
+        img.pointer("/status/nodes")
+            .and_then(Value::as_array)
+            .and_then(|n| {
+                n.iter()
+                    .find(|e| e["node"] == self.env.node.as_str())
+                    .cloned()
+            })
+            .unwrap_or(Value::Null)
+    }
+
+    fn wait_entry(&self, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        wait_for(
+            90,
+            &format!("image {name}: {what}"),
+            || Some(self.entry(name)).filter(|e| f(e)),
+            || {
+                format!(
+                    "{}\n{}",
+                    self.image_json(name)["status"],
+                    agent_env::tail(&self.env.agent.output())
+                )
+            },
+        )
+    }
+
+    fn cache(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.env.state.join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "index")
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[test]
+fn a_vm_boots_its_kernel_from_an_imported_image_and_qcow2_kernels_are_refused() {
+    let w = World::new("img-boot");
+    let kernel = w.env.guests.join("counter.elf");
+    let len = std::fs::metadata(&kernel).expect("guest").len();
+    let sha = sha256(&kernel);
+    w.srv.serve(
+        "counter.elf",
+        Served {
+            file: kernel,
+            ..Served::default()
+        },
+    );
+    w.http_image(
+        "counter",
+        &w.srv.url("counter.elf"),
+        Some(&sha.to_uppercase()),
+    );
+    // Two VMs wait for the same image: one download.
+    w.vm("web", "counter");
+    w.vm("web2", "counter");
+    w.env.wait_phase("web", "Running", 90);
+    w.env.wait_phase("web2", "Running", 90);
+    let uid = w.env.uid("web");
+    wait_for(
+        30,
+        "the guest's marker on its console",
+        || {
+            w.env
+                .console(&uid)
+                .contains("counter running")
+                .then_some(())
+        },
+        || w.env.console(&uid),
+    );
+    assert_eq!(w.srv.seen("counter.elf").len(), 1, "one download per node");
+
+    let img = w.image_json("counter");
+    let st = &img["status"];
+    assert_eq!(st["phase"], "Ready", "{st}");
+    assert_eq!(st["format"], "raw", "{st}");
+    assert_eq!(st["virtualSize"], len.to_string(), "{st}");
+    let e = w.entry("counter");
+    assert_eq!(e["phase"], "Ready", "{e}");
+    assert_eq!(e["reason"], "Imported", "{e}");
+    assert_eq!(e["bytesDone"], len, "{e}");
+    assert_eq!(e["bytesTotal"], len, "{e}");
+    assert_eq!(e["digest"], format!("sha256:{sha}"), "{e}");
+    let cond = st["conditions"]
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c["type"] == format!("{}/Ready", w.env.node))
+                .cloned()
+        })
+        .expect("node condition");
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("True"), Some("Imported"))
+    );
+    let cached = w.env.state.join("images").join(format!("sha256-{sha}"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&cached).expect("cached").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o444, "cached images are read-only");
+    assert!(
+        w.env.events("counter").contains("Imported"),
+        "{}",
+        w.env.events("counter")
+    );
+
+    // A qcow2 named as a kernel: imported (format and size in status), refused naming the field.
+    let q = qcow2(&w.dir, "disk.qcow2");
+    w.srv.serve(
+        "disk.qcow2",
+        Served {
+            file: q,
+            ..Served::default()
+        },
+    );
+    w.http_image("disk", &w.srv.url("disk.qcow2"), None);
+    w.vm("qk", "disk");
+    w.wait_entry("disk", "Ready", |e| e["phase"] == "Ready");
+    let st = w.image_json("disk")["status"].clone();
+    assert_eq!(
+        (st["format"].as_str(), st["virtualSize"].as_str()),
+        (Some("qcow2"), Some("4194304")),
+        "{st}"
+    );
+    let ready = wait_for(
+        60,
+        "the qcow2 kernel to be refused",
+        || {
+            w.env
+                .condition("qk", "Ready")
+                .filter(|c| c["reason"] == "InvalidSpec")
+        },
+        || w.env.describe("qk"),
+    );
+    let msg = ready["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with("spec.boot.kernel.image: VirtualMachineImage disk is a qcow2"),
+        "{msg}"
+    );
+    assert_eq!(
+        w.env.phase("web").as_deref(),
+        Some("Running"),
+        "other VMs are unaffected"
+    );
+}
+
+#[test]
+fn progress_is_reported_and_a_broken_transfer_resumes() {
+    let w = World::new("img-progress");
+    // 6 MiB at 1.5 MiB/s: several progress updates.
+    let slow = random_file(&w.dir, "slow.img", 6 << 20);
+    w.srv.serve(
+        "slow.img",
+        Served {
+            file: slow,
+            rate: Some(3 << 19),
+            ..Served::default()
+        },
+    );
+    w.http_image("slow", &w.srv.url("slow.img"), None);
+    w.vm("slow", "slow");
+    let e = w.wait_entry("slow", "progress between 0 and the total", |e| {
+        e["phase"] == "Importing"
+            && e["bytesDone"]
+                .as_i64()
+                .is_some_and(|d| d > 0 && d < 6 << 20)
+            && e["bytesTotal"] == 6 << 20
+    });
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MiB of 6.0 MiB"),
+        "{e}"
+    );
+    let c = w.env.condition("slow", "Ready").expect("Ready");
+    assert_eq!(c["reason"], "ImageImporting", "{c}");
+    assert_eq!(w.image_json("slow")["status"]["phase"], "Importing");
+    w.wait_entry("slow", "Ready", |e| {
+        e["phase"] == "Ready" && e["bytesDone"] == 6 << 20
+    });
+
+    // The server closes the connection after 1.5 MiB of 4 MiB, twice.
+    let cut = random_file(&w.dir, "cut.img", 4 << 20);
+    let sha = sha256(&cut);
+    w.srv.serve(
+        "cut.img",
+        Served {
+            file: cut,
+            fault: Fault::CloseAfter {
+                bytes: 3 << 19,
+                times: 2,
+            },
+            ..Served::default()
+        },
+    );
+    w.http_image("cut", &w.srv.url("cut.img"), Some(&sha));
+    w.vm("cut", "cut");
+    let e = w.wait_entry("cut", "Ready", |e| e["phase"] == "Ready");
+    assert_eq!(e["digest"], format!("sha256:{sha}"), "{e}");
+    let seen = w.srv.seen("cut.img");
+    assert!(
+        seen.iter()
+            .any(|s| s.range.as_deref() == Some(&format!("bytes={}-", 3 << 19))),
+        "a request resumed at the cut: {seen:?}"
+    );
+    assert!(
+        seen.len() <= 4,
+        "resumed, not restarted in a loop: {seen:?}"
+    );
+    assert!(
+        !w.cache().iter().any(|n| n.starts_with(".partial-")),
+        "{:?}",
+        w.cache()
+    );
+}
+
+#[test]
+fn each_bad_input_has_its_reason_and_leaves_nothing_behind() {
+    let w = World::new("img-bad");
+    let ok_len = 1 << 20;
+    let plain = random_file(&w.dir, "plain.img", ok_len);
+    w.srv.serve(
+        "plain.img",
+        Served {
+            file: plain.clone(),
+            ..Served::default()
+        },
+    );
+    w.srv.serve(
+        "fails.img",
+        Served {
+            file: plain.clone(),
+            fault: Fault::Status(500),
+            ..Served::default()
+        },
+    );
+    w.srv.serve(
+        "huge.img",
+        Served {
+            file: plain,
+            fault: Fault::ClaimLength(1 << 52),
+            ..Served::default()
+        },
+    );
+    // A qcow2 header with 1 GiB clusters, and a real qcow2 with incompatible feature bit 5.
+    let mut corrupt = vec![0u8; 4096];
+    corrupt[..4].copy_from_slice(b"QFI\xfb");
+    corrupt[7] = 3;
+    corrupt[23] = 30;
+    std::fs::write(w.dir.join("corrupt.qcow2"), corrupt).expect("write");
+    w.srv.serve(
+        "corrupt.qcow2",
+        Served {
+            file: w.dir.join("corrupt.qcow2"),
+            ..Served::default()
+        },
+    );
+    let feat = qcow2(&w.dir, "feature.qcow2");
+    let mut b = std::fs::read(&feat).expect("read");
+    b[79] |= 1 << 5;
+    std::fs::write(&feat, b).expect("write");
+    w.srv.serve(
+        "feature.qcow2",
+        Served {
+            file: feat,
+            ..Served::default()
+        },
+    );
+    // A symlink in the allowed directory that leads out of it.
+    let link = w.env.guests.join(format!("escape-{}", w.env.ns));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/passwd", &link).expect("symlink");
+
+    let dead = format!("http://127.0.0.1:{}/x.img", free_port().expect("port"));
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "unreachable",
+            format!("{{http: {{url: \"{dead}\"}}}}"),
+            "HostUnreachable",
+            "cannot reach",
+        ),
+        (
+            "notfound",
+            format!("{{http: {{url: \"{}\"}}}}", w.srv.url("missing.img")),
+            "HttpNotFound",
+            "HTTP 404",
+        ),
+        (
+            "servererror",
+            format!("{{http: {{url: \"{}\"}}}}", w.srv.url("fails.img")),
+            "HttpServerError",
+            "HTTP 500",
+        ),
+        (
+            "checksum",
+            format!(
+                "{{http: {{url: \"{}\", sha256: \"{}\"}}}}",
+                w.srv.url("plain.img"),
+                "0".repeat(64)
+            ),
+            "ChecksumMismatch",
+            "the download was discarded",
+        ),
+        (
+            "corrupt",
+            format!("{{http: {{url: \"{}\"}}}}", w.srv.url("corrupt.qcow2")),
+            "CorruptImage",
+            "cluster_bits 30",
+        ),
+        (
+            "feature",
+            format!("{{http: {{url: \"{}\"}}}}", w.srv.url("feature.qcow2")),
+            "UnsupportedImage",
+            "incompatible feature bit 5",
+        ),
+        (
+            "huge",
+            format!("{{http: {{url: \"{}\"}}}}", w.srv.url("huge.img")),
+            "InsufficientSpace",
+            "needs 4503599627370496 bytes",
+        ),
+        (
+            "outside",
+            "{path: /etc/hostname}".into(),
+            "PathNotAllowed",
+            "outside the allowed directories",
+        ),
+        (
+            "escape",
+            format!("{{path: {}}}", link.display()),
+            "PathEscapesAllowedDir",
+            "resolves outside the allowed directory",
+        ),
+    ];
+    for (name, source, _, _) in &cases {
+        w.image(name, source);
+        w.vm(name, name);
+    }
+    for (name, _, reason, words) in &cases {
+        let e = w.wait_entry(name, reason, |e| {
+            e["phase"] == "Failed" && e["reason"] == *reason
+        });
+        let msg = e["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(words), "{name}: {msg}");
+        let c = wait_for(
+            60,
+            &format!("VM {name} to show the failure"),
+            || {
+                w.env
+                    .condition(name, "Ready")
+                    .filter(|c| c["reason"] == "ImageFailed")
+            },
+            || w.env.describe(name),
+        );
+        let m = c["message"].as_str().unwrap_or_default();
+        assert!(
+            m.starts_with(&format!("spec.boot.kernel.image: {reason}: ")),
+            "{name}: {m}"
+        );
+        assert_eq!(w.image_json(name)["status"]["phase"], "Failed");
+        let ev = w.env.events(name);
+        assert!(ev.contains(reason), "{name}: no {reason} event:\n{ev}");
+    }
+    // Nothing half-made: once no VM asks any more, no partial file is left
+    // and nothing entered the cache.
+    w.env
+        .kubectl(&["delete", "vm", "--all", "--wait=true", "--timeout=60s"]);
+    wait_for(
+        40,
+        "no partial download left",
+        || w.cache().is_empty().then_some(()),
+        || format!("{:?}", w.cache()),
+    );
+    let _ = std::fs::remove_file(&link);
+}
+
+#[test]
+fn the_cache_survives_agent_restarts_and_unused_images_are_collected() {
+    let mut w = World::with_agent_args("img-cache", &["--image-cache-grace-seconds", "3"]);
+    let kernel = w.env.guests.join("counter.elf");
+    let sha = sha256(&kernel);
+    w.srv.serve(
+        "k.elf",
+        Served {
+            file: kernel,
+            ..Served::default()
+        },
+    );
+    w.http_image("k", &w.srv.url("k.elf"), Some(&sha));
+    w.vm("a", "k");
+    w.env.wait_phase("a", "Running", 90);
+    let cached = w.env.state.join("images").join(format!("sha256-{sha}"));
+    assert!(cached.is_file());
+
+    // A restarted agent finds the image in its cache: no second download.
+    w.env.agent.kill();
+    w.env.agent = start_agent_args(
+        w.env.cp,
+        &w.env.node,
+        &w.env.state,
+        &w.env.guests,
+        "agent2.log",
+        "1",
+        &["--image-cache-grace-seconds", "3"],
+    );
+    w.vm("b", "k");
+    w.env.wait_phase("b", "Running", 90);
+    assert_eq!(
+        w.srv.seen("k.elf").len(),
+        1,
+        "the cache survived the restart"
+    );
+
+    // Past the grace period, but VMMs hold it: kept.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert!(cached.is_file(), "an image in use is never collected");
+
+    // No VM left: collected after the grace period, index and all.
+    w.env
+        .kubectl(&["delete", "vm", "a", "b", "--wait=true", "--timeout=90s"]);
+    wait_for(
+        30,
+        "the unused image to be collected",
+        || (!cached.exists() && w.cache().is_empty()).then_some(()),
+        || {
+            format!(
+                "{:?}\n{}",
+                w.cache(),
+                agent_env::tail(&w.env.agent.output())
+            )
+        },
+    );
+    assert!(
+        std::fs::read_dir(w.env.state.join("images/index"))
+            .expect("index")
+            .next()
+            .is_none(),
+        "the index entry went with the file"
+    );
+}
