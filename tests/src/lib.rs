@@ -402,3 +402,15 @@ pub fn cgroup_roots() -> Vec<PathBuf> {
         })
         .collect()
 }
+
+/// CRC-32 (IEEE), as our `blk` test guest prints it for what it read.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}

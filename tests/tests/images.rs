@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use agent_env::{start_agent_args, Env};
 use kubevmm_e2e::http_server::{Fault, FileServer, Served};
-use kubevmm_e2e::{free_port, run_with_input, wait_for};
+use kubevmm_e2e::{crc32, free_port, run_with_input, wait_for};
 use serde_json::Value;
 
 fn sha256(path: &Path) -> String {
@@ -578,5 +578,106 @@ fn the_cache_survives_agent_restarts_and_unused_images_are_collected() {
             .next()
             .is_none(),
         "the index entry went with the file"
+    );
+}
+
+#[test]
+fn an_image_disk_is_a_qcow2_overlay_over_the_untouched_cached_base() {
+    let w = World::new("img-disk");
+    let base = qcow2(&w.dir, "root.qcow2");
+    let sha = sha256(&base);
+    w.srv.serve(
+        "root.qcow2",
+        Served {
+            file: base.clone(),
+            ..Served::default()
+        },
+    );
+    w.http_image("root", &w.srv.url("root.qcow2"), Some(&sha));
+    // The blk guest reads its disk (CRC of the first 64 KiB), writes and
+    // flushes sector 200, discards 300..307, and powers off.
+    let m = format!(
+        "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: d\nspec:\n  cpus: 1\n  memory: 64Mi\n  \
+         runStrategy: Once\n  nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{path: {kernel}}}\n  \
+         disks:\n  - name: root\n    image: {{name: root}}\n",
+        node = w.env.node,
+        kernel = w.env.guests.join("blk.elf").display(),
+    );
+    let o = run_with_input(
+        w.env
+            .cp
+            .kubectl()
+            .args(["apply", "-n", &w.env.ns, "-f", "-"]),
+        &m,
+    );
+    assert!(o.success, "{}", o.stderr);
+    w.env.wait_phase("d", "Succeeded", 120);
+    let uid = w.env.uid("d");
+    let console = w.env.console(&uid);
+    let raw =
+        std::fs::read(w.dir.join("root.qcow2.raw")).expect("the raw disk the qcow2 was made of");
+    let want = format!("disk crc32 {:#018x}", crc32(&raw[..64 * 1024]));
+    assert!(console.contains(&want), "{want} not in:\n{console}");
+    assert!(
+        console.contains("blk test passed"),
+        "write, flush, read-back and discard on the overlay:\n{console}"
+    );
+
+    // The overlay lives with the VM; its backing file is the cached base.
+    let overlay = w.env.vm_dir(&uid).join("disk-root.qcow2");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .expect("qemu-img info");
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let chain: Value = serde_json::from_slice(&info.stdout).expect("json");
+    let chain = chain.as_array().expect("chain");
+    assert_eq!(chain.len(), 2, "overlay and base: {chain:?}");
+    assert_eq!(chain[0]["format"], "qcow2");
+    let backing = chain[0]["full-backing-filename"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        backing.contains("/images/sha256-"),
+        "backed by the cache: {backing}"
+    );
+    assert_eq!(
+        sha256(Path::new(&backing)),
+        sha,
+        "the cached base is never written"
+    );
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(&overlay)
+        .output()
+        .expect("qemu-img check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    // The guest's write went to the overlay (sector 200 holds its pattern).
+    let out = w.dir.join("overlay.raw");
+    let (o_in, o_out) = (overlay.display().to_string(), out.display().to_string());
+    qemu_img(&["convert", "-U", "-O", "raw", &o_in, &o_out]);
+    let flat = std::fs::read(&out).expect("flattened overlay");
+    let pattern: Vec<u8> = (0..4096u32)
+        .map(|i| 0x5au8.wrapping_add((i * 7) as u8))
+        .collect();
+    assert_eq!(
+        flat[200 * 512..200 * 512 + 4096],
+        pattern[..],
+        "the guest's write is in the overlay"
+    );
+    assert_eq!(
+        flat[..100 * 512],
+        raw[..100 * 512],
+        "unwritten data comes from the base"
     );
 }

@@ -9,19 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use agent_env::Env;
-use kubevmm_e2e::wait_for;
+use kubevmm_e2e::{crc32, wait_for};
 use serde_json::Value;
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
-}
 
 /// The line our `blk` guest prints for a disk whose first 64 KiB are those of `img`.
 fn crc_line(img: &[u8]) -> String {

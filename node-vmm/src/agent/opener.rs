@@ -61,6 +61,49 @@ fn host(what: String) -> impl FnOnce(std::io::Error) -> PrepareError {
     }
 }
 
+/// The overlay of an `image` disk, created over `base` on first use (new
+/// file, 0600, never through a symlink), opened read-write and locked; and
+/// the base, opened read-only with a shared lock (never written).
+fn open_overlay(
+    overlay: &Path,
+    base: &Path,
+    access: Access,
+) -> Result<(OwnedFd, OwnedFd), PrepareError> {
+    let base_fd: OwnedFd = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(base)
+        .map_err(host(format!("cached image {}", base.display())))?
+        .into();
+    let b = base.display().to_string();
+    hostfs::lock(&base_fd, Access::DiskReadOnly, &b, &b)?;
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(overlay)
+    {
+        Ok(f) => {
+            let base_file = File::from(base_fd.try_clone().map_err(host(b.clone()))?);
+            // The absolute path, so `qemu-img info --backing-chain` on the
+            // node finds the base; the VMM itself uses only the fd.
+            if let Err(e) = kubevmm_vmm::image::create_overlay(&f, &base_file, &b) {
+                let _ = std::fs::remove_file(overlay);
+                return Err(PrepareError::Host {
+                    what: format!("overlay {}", overlay.display()),
+                    why: e.to_string(),
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(host(format!("overlay {}", overlay.display()))(e)),
+    }
+    let fd = open_source(&FileSource::State(overlay.to_path_buf()), &[], access)?;
+    Ok((fd, base_fd))
+}
+
 /// Opens one planned file.
 fn open_source(
     src: &FileSource,
@@ -68,6 +111,9 @@ fn open_source(
     access: Access,
 ) -> Result<OwnedFd, PrepareError> {
     match src {
+        FileSource::Overlay { overlay, .. } => {
+            open_source(&FileSource::State(overlay.clone()), allowed, access)
+        }
         FileSource::User { field, path } => {
             Ok(hostfs::open_user_path(allowed, field, path, access)?)
         }
@@ -113,10 +159,17 @@ pub fn open_all(
         };
         let vms = dir.0.parent().unwrap_or(&dir.0);
         let own = dir.0.file_name().unwrap_or_default().to_string_lossy();
-        let fd = open_source(src, allowed, access).map_err(|e| match e {
+        let named = |e| match e {
             PrepareError::Path(e) => PrepareError::Path(super::holders::name_holder(e, vms, &own)),
             other => other,
-        })?;
+        };
+        if let FileSource::Overlay { overlay, base } = src {
+            let (fd, base_fd) = open_overlay(overlay, base, access).map_err(named)?;
+            disk.fd = Some(h.add(&fd)?);
+            disk.backing_fds = vec![h.add(&base_fd)?];
+            continue;
+        }
+        let fd = open_source(src, allowed, access).map_err(named)?;
         disk.fd = Some(h.add(&fd)?);
     }
     for net in &mut config.nets {

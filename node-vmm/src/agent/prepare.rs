@@ -106,6 +106,15 @@ pub enum FileSource {
     },
     /// The agent's own file in the VM's state directory.
     State(PathBuf),
+    /// A VM's copy-on-write disk: a qcow2 overlay in the VM's state
+    /// directory (created at the first start) over a cached image, which is
+    /// only ever read.
+    Overlay {
+        /// The overlay file.
+        overlay: PathBuf,
+        /// The cached image it is backed by.
+        base: PathBuf,
+    },
 }
 
 /// What `realize` opens, in the order of the config's items.
@@ -282,11 +291,22 @@ fn disks(
             });
             opens.push(FileSource::State(path.clone()));
             path
-        } else if d.image.is_some() {
-            return Err(PrepareError::Unsupported {
-                field: format!("{field}.image"),
-                what: "VirtualMachineImage disks are not imported by node-vmm yet; use hostDisk or emptyDisk".into(),
+        } else if let Some(image) = &d.image {
+            let Some(cached) = ctx.images.get(&image.name) else {
+                return Err(PrepareError::Unsupported {
+                    field: format!("{field}.image.name"),
+                    what: format!(
+                        "VirtualMachineImage {} is not in this node's image cache yet",
+                        image.name
+                    ),
+                });
+            };
+            let path = dir.0.join(format!("disk-{}.qcow2", d.name));
+            opens.push(FileSource::Overlay {
+                overlay: path.clone(),
+                base: cached.path.clone(),
             });
+            path
         } else if let Some(ci) = &d.cloud_init {
             let field = format!("{field}.cloudInit");
             let files = seed::files(vm.uid, vm.name, ci, &field).map_err(|e| match e {
@@ -324,8 +344,12 @@ fn disks(
             fd: None,
             backing_fds: Vec::new(),
             // Disks the agent made have a known format: never probed.
-            format: (d.empty_disk.is_some() || d.cloud_init.is_some())
-                .then_some(kubevmm_vmm::image::ImageFormat::Raw),
+            format: if d.image.is_some() {
+                Some(kubevmm_vmm::image::ImageFormat::Qcow2)
+            } else {
+                (d.empty_disk.is_some() || d.cloud_init.is_some())
+                    .then_some(kubevmm_vmm::image::ImageFormat::Raw)
+            },
         });
     }
     Ok(Disks {
@@ -687,6 +711,39 @@ mod tests {
                 "instance-id: 0a1b2c3d\nlocal-hostname: vm-1\n"
             );
         }
+    }
+
+    #[test]
+    fn image_disks_are_qcow2_overlays_of_the_cached_image() {
+        let s = spec(
+            "memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\n\
+             disks: [{name: root, image: {name: disk}}, {name: other, image: {name: missing}}]\n",
+        );
+        let e = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "spec.disks[1].image.name: VirtualMachineImage missing is not in this node's image cache yet"
+            ),
+            "{e}"
+        );
+        let s = spec(
+            "memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\ndisks: [{name: root, image: {name: disk}}]\n",
+        );
+        let p = plan(&s, id("u"), &VmDir(PathBuf::from("/run/vm1")), &ctx()).expect("plan");
+        let overlay = PathBuf::from("/run/vm1/disk-root.qcow2");
+        assert_eq!(p.config.disks[0].path, overlay);
+        assert_eq!(
+            p.config.disks[0].format,
+            Some(kubevmm_vmm::image::ImageFormat::Qcow2),
+            "the overlay the agent made is never probed"
+        );
+        assert_eq!(
+            p.opens.disks[0],
+            FileSource::Overlay {
+                overlay,
+                base: PathBuf::from("/state/images/sha256-bb"),
+            }
+        );
     }
 
     #[test]

@@ -711,25 +711,32 @@ pub enum BootImages {
     Failed(String, Failure),
 }
 
-/// Resolves the `{image: NAME}` kernel and initrd of `vm`.
+/// Resolves the `{image: NAME}` kernel and initrd of `vm`, and its `image`
+/// disks' bases.
 pub async fn boot_images(importer: &Arc<Importer>, vm: &VirtualMachine) -> BootImages {
     let boot = &vm.spec.boot;
-    let wanted = [
+    let mut wanted: Vec<(String, &str)> = [
         ("spec.boot.kernel.image", Some(&boot.kernel)),
         ("spec.boot.initrd.image", boot.initrd.as_ref()),
-    ];
+    ]
+    .into_iter()
+    .filter_map(|(field, src)| Some((field.to_string(), src?.image.as_deref()?)))
+    .collect();
+    // `image` disks: their overlays are backed by the cached image.
+    for (i, d) in vm.spec.disks.iter().enumerate() {
+        if let Some(img) = &d.image {
+            wanted.push((format!("spec.disks[{i}].image.name"), img.name.as_str()));
+        }
+    }
     let mut out = BTreeMap::new();
     let mut waiting = Vec::new();
-    for (field, src) in wanted {
-        let Some(name) = src.and_then(|s| s.image.as_deref()) else {
-            continue;
-        };
+    for (field, name) in wanted {
         match importer.resolve(vm, name).await {
             Resolved::Ready(c) => {
                 out.insert(name.to_string(), c);
             }
             Resolved::Importing(m) => waiting.push(m),
-            Resolved::Failed(f) => return BootImages::Failed(field.into(), f),
+            Resolved::Failed(f) => return BootImages::Failed(field, f),
         }
     }
     if waiting.is_empty() {
