@@ -159,13 +159,16 @@ mod tests {
             std::thread::current().id()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(dir.join(tag))
-            .unwrap()
+            .unwrap();
+        // The open file is all the tests use.
+        let _ = std::fs::remove_dir_all(&dir);
+        f
     }
 
     #[test]

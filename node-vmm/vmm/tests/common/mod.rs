@@ -62,9 +62,32 @@ pub fn guest(name: &str) -> PathBuf {
     p
 }
 
+/// Removes scratch directories of test processes that are gone (kept
+/// until the next run, for a look after a failure).
+fn sweep_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("kubevmm-vmm-test-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A private scratch directory for one test.
 pub fn scratch(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_stale_scratch);
     let dir = std::env::temp_dir().join(format!(
         "kubevmm-vmm-test-{}-{tag}-{}",
         std::process::id(),

@@ -375,6 +375,8 @@ mod tests {
         base.write_all_at(&bytes, 0).unwrap();
         let top = file(&dir, "top.qcow2");
         image::create_overlay(&top, &base, "base.raw").unwrap();
+        // The open files are all the tests use.
+        let _ = std::fs::remove_dir_all(&dir);
         (top, base)
     }
 
