@@ -268,7 +268,7 @@ pub fn run(manifest: &Path, console_log: Option<&Path>) -> Result<i32, Standalon
             kubevmm_vmm::exit::code::VMM_ERROR
         }
     };
-    prepare::release_taps(&uid, prepared.plan.taps.len());
+    crate::agent::taps::release_taps(&uid, prepared.plan.taps.len());
     let _ = std::fs::remove_dir_all(&prepared.dir.0);
     Ok(code)
 }

@@ -28,7 +28,7 @@ impl Ctx {
     /// what is left in them), the state directory. Written once, used by
     /// release and by the orphan sweep.
     pub(super) fn remove_host_state(&self, uid: &str, taps: usize) {
-        prepare::release_taps(uid, taps);
+        super::taps::release_taps(uid, taps);
         let left = cgroups::remove(&self.cgroups(uid, None));
         if !left.is_empty() {
             tracing::warn!(uid, ?left, "cgroups still busy; the orphan sweep retries");

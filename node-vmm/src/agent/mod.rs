@@ -20,11 +20,13 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod node;
 pub mod opener;
+pub mod orphans;
 pub mod prepare;
 pub mod reconcile;
 pub mod seed;
 pub mod server;
 pub mod supervisor;
+pub mod taps;
 pub mod vmm_client;
 
 use std::collections::HashMap;
@@ -233,7 +235,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
     });
     // Garbage collection of VMMs whose VM is no longer bound here.
-    tokio::spawn(reconcile::collect_orphans(ctx.clone(), store));
+    tokio::spawn(orphans::collect_orphans(ctx.clone(), store));
 
     tracing::info!(node = %cfg.node_name, "node-vmm agent watching VirtualMachines with {selector}");
     controller

@@ -5,13 +5,13 @@
 //! uses (user-named paths beneath the allow-list, see [`hostfs`]) and
 //! returns them as a [`Handoff`] for the jailed VMM.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use super::handoff::{Handoff, HandoffError};
 use super::hostfs::{self, HostFsError};
 use super::images::CachedImage;
 use super::seed::{self, SeedFile};
+use super::taps::{stable_mac, tap_name};
 use std::collections::BTreeMap;
 
 use kubevmm_crds::image::ImageFormat;
@@ -204,33 +204,6 @@ fn boot(
             what: "needs image or path".into(),
         }),
     }
-}
-
-/// A stable locally administered MAC for a VM's interface (52:54:00 prefix).
-pub fn stable_mac(uid: &str, network: &str) -> String {
-    let h = uid
-        .bytes()
-        .chain([0])
-        .chain(network.bytes())
-        .fold(0x811c_9dc5u32, |h, b| {
-            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-        });
-    format!(
-        "52:54:00:{:02x}:{:02x}:{:02x}",
-        (h >> 16) as u8,
-        (h >> 8) as u8,
-        h as u8
-    )
-}
-
-/// Tap name for interface `index` of the VM with `uid` (unique per node, ≤ 15 bytes).
-pub fn tap_name(uid: &str, index: usize) -> String {
-    let short: String = uid
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(8)
-        .collect();
-    format!("kvt{short}n{index}")
 }
 
 /// The VM a plan is for.
@@ -473,22 +446,6 @@ pub fn plan(
     })
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}`: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Creates what the plan needs on the host (empty disks, taps), opens every
 /// file and device the guest uses, and writes the VMM config that names
 /// them by fd. With `jail_id`, the VMM confines itself as that uid/gid in
@@ -512,23 +469,7 @@ pub fn realize(
         super::opener::seed_file(&s.path, &image)
             .map_err(|e| host(format!("seed disk {}", s.path.display()))(e.to_string()))?;
     }
-    for t in &plan.taps {
-        if !Path::new("/sys/class/net")
-            .join(&t.bridge)
-            .join("bridge")
-            .exists()
-        {
-            return Err(PrepareError::Host {
-                what: format!("tap {} on bridge {}", t.name, t.bridge),
-                why: format!("bridge {} does not exist on this node", t.bridge),
-            });
-        }
-        let _ = ip(&["link", "del", &t.name]);
-        ip(&["tuntap", "add", "dev", &t.name, "mode", "tap", "vnet_hdr"])
-            .and_then(|()| ip(&["link", "set", &t.name, "master", &t.bridge]))
-            .and_then(|()| ip(&["link", "set", &t.name, "up"]))
-            .map_err(host(format!("tap {}", t.name)))?;
-    }
+    super::taps::create(&plan.taps)?;
     let (mut config, handoff) = super::opener::open_all(plan, dir, &ctx.allowed_dirs)?;
     config.jail = jail_id.map(|id| JailConfig {
         uid: id,
@@ -551,23 +492,10 @@ impl From<HandoffError> for PrepareError {
     }
 }
 
-/// Most NICs a VM may have (the VMM's virtio device limit): the orphan
-/// sweep, which no longer knows the spec, releases this many tap names.
-pub const MAX_TAPS: usize = kubevmm_vmm::arch::layout::VIRTIO_MAX_DEVICES;
-
-/// Removes the taps of a plan (best effort; used when the VM goes away).
-pub fn release_taps(uid: &str, count: usize) {
-    for i in 0..count.min(MAX_TAPS) {
-        let name = tap_name(uid, i);
-        if Path::new("/sys/class/net").join(&name).exists() {
-            let _ = ip(&["link", "del", &name]);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn spec(yaml: &str) -> VirtualMachineSpec {
         serde_yaml::from_str(yaml).expect("spec")

@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource as _, ResourceExt as _};
 use kubevmm_crds::contract::{
     condition, ANNOTATION_RESTART, ANNOTATION_RESTART_DONE, FINALIZER, MANAGER_NODE,
@@ -24,7 +24,7 @@ use serde_json::json;
 use super::host::prepare_host;
 use super::lifecycle::{self, AfterExit, Ended};
 use super::supervisor::{self, ProcessId, VmDir};
-use super::{cgroups, prepare, vmm_client, AgentConfig};
+use super::{prepare, vmm_client, AgentConfig};
 
 /// Errors of one reconcile; the VM is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,7 @@ impl std::fmt::Debug for Ctx {
 }
 
 impl Ctx {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, LocalVm>> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, LocalVm>> {
         self.vms
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -799,51 +799,4 @@ async fn write_status(
         .await;
     }
     Ok(())
-}
-
-/// Stops and removes VMMs whose VM is no longer bound to this node (deleted
-/// without us, unbound by the operator after the node was fenced, ...).
-pub async fn collect_orphans(ctx: Arc<Ctx>, store: Store<VirtualMachine>) {
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
-    loop {
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let bound: std::collections::HashSet<String> =
-            store.state().iter().filter_map(|vm| vm.uid()).collect();
-        let Ok(entries) = std::fs::read_dir(ctx.cfg.state_dir.join("vms")) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let uid = entry.file_name().to_string_lossy().into_owned();
-            if bound.contains(&uid) {
-                continue;
-            }
-            let dir = ctx.dir(&uid);
-            if let Some(pid) = dir.vmm_pid().filter(ProcessId::alive) {
-                tracing::warn!(
-                    uid,
-                    "stopping a VMM whose VirtualMachine is no longer bound to this node"
-                );
-                let _ = vmm_client::request(&dir.api_socket(), "PUT", "/vm/stop").await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                supervisor::kill(pid);
-            }
-            ctx.remove_host_state(&uid, prepare::MAX_TAPS);
-            ctx.lock().remove(&uid);
-        }
-        // cgroups that outlived their state directory (busy at release).
-        for uid in cgroups::vm_uids(&ctx.cfg.cgroups) {
-            if !bound.contains(&uid) && !ctx.dir(&uid).0.exists() {
-                cgroups::remove(&ctx.cgroups(&uid, None));
-            }
-        }
-        let mut counts: HashMap<&'static str, i64> = HashMap::new();
-        for vm in store.state() {
-            if let Some(p) = vm.status.as_ref().and_then(|s| s.phase) {
-                *counts.entry(p.as_str()).or_default() += 1;
-            }
-        }
-        ctx.metrics.set_phases(&counts);
-    }
 }
