@@ -1,0 +1,585 @@
+//! The pure half of a pass for one VM: from the object and the nodes'
+//! states to the work to do ([`decide`], node health, the status to apply,
+//! the Event reference). No I/O; table-tested below.
+
+#[allow(clippy::wildcard_imports)] // the parent's types and helpers
+use super::*;
+
+/// Decides everything but placement for one VM.
+#[allow(clippy::too_many_lines)]
+pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -> Work {
+    let name = obj.name_any();
+    let namespace = obj.namespace().unwrap_or_default();
+    let owned = owned_by_operator(&obj);
+    let parsed = serde_json::to_value(&obj)
+        .and_then(serde_json::from_value::<VirtualMachine>)
+        .map_err(|e| e.to_string());
+    let mut w = Work {
+        vm: parsed.as_ref().ok().cloned(),
+        obj,
+        name,
+        namespace,
+        owned,
+        bind: None,
+        add_finalizer: false,
+        remove_finalizer: false,
+        phase: None,
+        restart_count: None,
+        conditions: BTreeMap::new(),
+        drop_conditions: BTreeSet::new(),
+        candidate: false,
+        request: None,
+        first_binding: false,
+        failure_reason: None,
+        events: Vec::new(),
+    };
+    // The binding is what the operator wrote, never the label alone.
+    let bound = w.binding();
+    w.bind.clone_from(&bound);
+    if let Some(l) = w.label().filter(|l| Some(l) != bound.as_ref()) {
+        if !w.owned.label {
+            w.events.push(Ev {
+                warning: true,
+                reason: "NodeLabelIgnored",
+                note: format!(
+                    "label {}={l} was not set by the operator and binds nothing; it is corrected",
+                    contract::LABEL_NODE
+                ),
+            });
+        }
+    }
+    let deleting = w.obj.metadata.deletion_timestamp.is_some();
+    let has_finalizer = w.obj.finalizers().iter().any(|f| f == contract::FINALIZER);
+
+    if deleting {
+        if has_finalizer {
+            match &bound {
+                None => w.remove_finalizer = true,
+                Some(node) => {
+                    if let Some(why) = gone_reason(node, states.get(node)) {
+                        w.remove_finalizer = true;
+                        w.events.push(Ev {
+                            warning: false,
+                            reason: "FinalizerRemoved",
+                            note: format!("{why}: its guest is gone, deletion completes"),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(node) = &bound {
+            if !w.remove_finalizer {
+                node_health(&mut w, node, states.get(node));
+            }
+        }
+        // Keep counting it on its node until node-vmm lets go.
+        w.request = w.vm.as_ref().and_then(|v| request_of(v).ok());
+        return w;
+    }
+    if !has_finalizer {
+        w.add_finalizer = true;
+    }
+
+    let vm = match parsed {
+        Ok(vm) => vm,
+        Err(e) => {
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(
+                    "False",
+                    "InvalidSpec",
+                    format!("the operator cannot read this VirtualMachine: {e}"),
+                ),
+            );
+            if w.bind.is_none() {
+                w.phase = Some(VmPhase::Pending);
+            }
+            w.failure_reason = Some("InvalidSpec");
+            return w;
+        }
+    };
+    let request = request_of(&vm);
+    w.request = request.as_ref().ok().cloned();
+    let phase = w.phase_now();
+    let strategy = vm.spec.run_strategy;
+
+    if let Some(node) = &bound {
+        if let Some(why) = gone_reason(node, states.get(node)) {
+            w.bind = None;
+            if scheduling::wants_to_run(strategy, phase)
+                && matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure)
+            {
+                w.phase = Some(VmPhase::Pending);
+                w.restart_count = Some(w.current_status().restart_count.saturating_add(1));
+                w.conditions.insert(
+                    condition::NODE_LOST,
+                    Want::new(
+                        "False",
+                        "Rescheduled",
+                        format!("{why}; the guest is gone and the VM is placed anew"),
+                    ),
+                );
+                w.drop_conditions.insert(condition::READY);
+                w.events.push(Ev {
+                    warning: true,
+                    reason: "Rescheduled",
+                    note: format!("{why}; placing the VM on another node"),
+                });
+                w.candidate = request.is_ok();
+            } else {
+                if !scheduling::is_terminal(phase) {
+                    w.phase = Some(if strategy == RunStrategy::Halted {
+                        VmPhase::Stopped
+                    } else {
+                        VmPhase::Failed
+                    });
+                }
+                w.conditions.insert(
+                    condition::NODE_LOST,
+                    Want::new("True", "NodeGone", format!("{why}; the guest is gone")),
+                );
+                w.drop_conditions.insert(condition::READY);
+                w.conditions.insert(
+                    condition::SCHEDULED,
+                    Want::new(
+                        "False",
+                        "NodeGone",
+                        format!(
+                            "{why}; runStrategy {strategy:?} does not restart the VM elsewhere"
+                        ),
+                    ),
+                );
+                w.events.push(Ev {
+                    warning: true,
+                    reason: "NodeGone",
+                    note: format!("{why}; runStrategy {strategy:?}: not restarted elsewhere"),
+                });
+            }
+        } else if scheduling::is_terminal(phase) && !scheduling::wants_to_run(strategy, phase) {
+            w.bind = None;
+            let p = phase.map_or("unknown", VmPhase::as_str);
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(
+                    "False",
+                    "Released",
+                    format!("released from node {node}: phase {p}, runStrategy {strategy:?}"),
+                ),
+            );
+            w.events.push(Ev {
+                warning: false,
+                reason: "Released",
+                note: format!("guest {p} on node {node}; binding released"),
+            });
+        } else {
+            node_health(&mut w, node, states.get(node));
+            let keep = w
+                .current_condition(condition::SCHEDULED)
+                .filter(|c| c.status == "True" && c.message.ends_with(&format!("node {node}")));
+            if keep.is_none() {
+                w.conditions.insert(
+                    condition::SCHEDULED,
+                    Want::new("True", "Scheduled", format!("bound to node {node}")),
+                );
+            }
+            if matches!(phase, None | Some(VmPhase::Pending)) {
+                w.phase = Some(VmPhase::Scheduled);
+            }
+        }
+        return w;
+    }
+
+    // Unbound.
+    if !scheduling::wants_to_run(strategy, phase) {
+        // Keep saying why it was let go (Released, NodeGone) while it stays down.
+        let explained = w.current_condition(condition::SCHEDULED).is_some_and(|c| {
+            c.status == "False" && (c.reason == "Released" || c.reason == "NodeGone")
+        });
+        if explained {
+            if strategy == RunStrategy::Halted && !scheduling::is_terminal(phase) {
+                w.phase = Some(VmPhase::Stopped);
+            }
+        } else if strategy == RunStrategy::Halted {
+            if !scheduling::is_terminal(phase) {
+                w.phase = Some(VmPhase::Stopped);
+            }
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(
+                    "False",
+                    "Halted",
+                    "runStrategy Halted: not placed on a node",
+                ),
+            );
+        } else if w.current_condition(condition::SCHEDULED).is_none() {
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(
+                    "False",
+                    "Finished",
+                    format!(
+                        "phase {}, runStrategy {strategy:?}: not placed again",
+                        phase.map_or("unknown", VmPhase::as_str)
+                    ),
+                ),
+            );
+        }
+        return w;
+    }
+    match request {
+        Ok(_) => w.candidate = true,
+        Err(msg) => {
+            w.phase = Some(VmPhase::Pending);
+            w.conditions
+                .insert(condition::SCHEDULED, Want::new("False", "InvalidSpec", msg));
+            w.failure_reason = Some("InvalidSpec");
+        }
+    }
+    w
+}
+
+/// `NodeLost` / `Ready=Unknown` while the node's heartbeat is stale; cleared when fresh.
+///
+/// Staleness is the operator's own observation (see [`crate::heartbeat`]);
+/// a node the operator has only just started watching is left as it is
+/// until its Lease renews or a whole Lease duration passes. A deleted
+/// `HypervisorNode` is judged by its Lease like any other: its agent may
+/// still run the guests.
+pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
+    let Some(state) = state else { return };
+    if matches!(state.liveness, Liveness::Unconfirmed { .. }) {
+        return;
+    }
+    let current = w.current_condition(condition::NODE_LOST);
+    if state.liveness.is_lost() {
+        let deleted = if state.deleted {
+            format!(
+                " (its HypervisorNode was deleted; the VM stays bound until the node is fenced: \
+                 recreate HypervisorNode {node} annotated {}=true)",
+                contract::ANNOTATION_FENCED
+            )
+        } else {
+            String::new()
+        };
+        let message = match state.liveness {
+            Liveness::Expired {
+                silent_for,
+                duration,
+                last_renew,
+            } => format!(
+                "node {node} stopped heartbeating: last heartbeat at {} (node clock), \
+                 no renewal seen for {}s, Lease duration {}s{deleted}",
+                fmt_time(last_renew),
+                silent_for.as_secs(),
+                duration.as_secs()
+            ),
+            _ => format!(
+                "node {node} has no heartbeat Lease {}/{}{deleted}",
+                contract::LEASE_NAMESPACE,
+                contract::node_lease_name(node)
+            ),
+        };
+        // Keep the first message (with the time of the last heartbeat) while lost.
+        let want = match current {
+            Some(c) if c.status == "True" && c.reason == "HeartbeatExpired" => {
+                Want::new("True", "HeartbeatExpired", c.message)
+            }
+            _ => {
+                w.events.push(Ev {
+                    warning: true,
+                    reason: "NodeLost",
+                    note: message.clone(),
+                });
+                Want::new("True", "HeartbeatExpired", message)
+            }
+        };
+        w.conditions.insert(condition::NODE_LOST, want);
+        w.conditions.insert(
+            condition::READY,
+            Want::new(
+                "Unknown",
+                "NodeLost",
+                format!("node {node} is not heartbeating; the guest's state is unknown"),
+            ),
+        );
+    } else {
+        if current.as_ref().is_some_and(|c| c.status == "True") {
+            w.conditions.insert(
+                condition::NODE_LOST,
+                Want::new(
+                    "False",
+                    "HeartbeatResumed",
+                    format!("node {node} is heartbeating again"),
+                ),
+            );
+            w.events.push(Ev {
+                warning: false,
+                reason: "NodeRecovered",
+                note: format!("node {node} is heartbeating again"),
+            });
+        }
+        w.drop_conditions.insert(condition::READY);
+    }
+}
+
+pub(super) fn fmt_time(t: Timestamp) -> String {
+    serde_json::to_value(Time(t))
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// The VM's demand, or why it cannot be read.
+pub(super) fn request_of(vm: &VirtualMachine) -> Result<Request, String> {
+    let memory = parse_bytes(&vm.spec.memory.0).map_err(|e| format!("spec.memory: {e}"))?;
+    Ok(Request {
+        cpus: vm.spec.cpus,
+        memory,
+        node_selector: vm.spec.node_selector.clone(),
+    })
+}
+
+/// The operator's status, complete (owned fields it did not decide carry
+/// their current value), and whether it differs from what is there.
+pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
+    let current = w.current_status();
+    let mut changed = current.node_name != w.bind;
+    let mut status = serde_json::Map::new();
+    if let Some(n) = &w.bind {
+        status.insert("nodeName".into(), json!(n));
+    }
+    let phase = match w.phase {
+        Some(p) => {
+            changed |= current.phase != Some(p);
+            Some(p)
+        }
+        None if w.owned.phase => current.phase,
+        None => None,
+    };
+    if let Some(p) = phase {
+        status.insert("phase".into(), json!(p.as_str()));
+    }
+    match w.restart_count {
+        Some(r) => {
+            changed |= current.restart_count != r;
+            status.insert("restartCount".into(), json!(r));
+        }
+        None if w.owned.restart_count => {
+            status.insert("restartCount".into(), json!(current.restart_count));
+        }
+        None => {}
+    }
+    let generation = w.obj.metadata.generation;
+    let mut conditions = Vec::new();
+    let mut types: BTreeSet<String> = w.owned.conditions.clone();
+    types.extend(w.conditions.keys().map(|k| (*k).to_string()));
+    for ty in types {
+        let existing = w.current_condition(&ty);
+        if let Some(want) = w.conditions.get(ty.as_str()) {
+            let same = existing.as_ref().is_some_and(|c| {
+                c.status == want.status && c.reason == want.reason && c.message == want.message
+            });
+            changed |= !same;
+            let transition = existing
+                .as_ref()
+                .filter(|c| c.status == want.status)
+                .map_or_else(|| now_time(now), |c| json!(c.last_transition_time));
+            let mut c = json!({
+                "type": ty,
+                "status": want.status,
+                "reason": want.reason,
+                "message": want.message,
+                "lastTransitionTime": transition,
+            });
+            if let Some(g) = generation {
+                c["observedGeneration"] = json!(g);
+            }
+            conditions.push(c);
+        } else if w.drop_conditions.contains(ty.as_str()) {
+            // Owned but no longer wanted: omitting it removes it.
+            changed |= existing.is_some();
+        } else if let Some(c) = existing {
+            conditions.push(serde_json::to_value(&c).unwrap_or(Value::Null));
+        }
+    }
+    if !conditions.is_empty() {
+        status.insert("conditions".into(), Value::Array(conditions));
+    }
+    changed.then(|| {
+        json!({
+            "apiVersion": format!("{}/{}", kubevmm_crds::GROUP, kubevmm_crds::VERSION),
+            "kind": "VirtualMachine",
+            "metadata": {
+                "name": w.name,
+                "namespace": w.namespace,
+                "resourceVersion": w.obj.metadata.resource_version,
+            },
+            "status": status,
+        })
+    })
+}
+
+pub(super) fn object_ref(w: &Work) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(format!("{}/{}", kubevmm_crds::GROUP, kubevmm_crds::VERSION)),
+        kind: Some("VirtualMachine".into()),
+        name: Some(w.name.clone()),
+        namespace: Some(w.namespace.clone()),
+        uid: w.obj.metadata.uid.clone(),
+        resource_version: w.obj.metadata.resource_version.clone(),
+        field_path: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+    #[test]
+    fn reads_owned_status_fields() {
+        let mut obj = DynamicObject::new("vm", &vm_resource());
+        obj.metadata.managed_fields = Some(vec![
+            ManagedFieldsEntry {
+                manager: Some("kubevmm-operator".into()),
+                operation: Some("Apply".into()),
+                subresource: Some("status".into()),
+                fields_v1: Some(FieldsV1(json!({"f:status": {
+                    "f:phase": {}, "f:nodeName": {},
+                    "f:conditions": {"k:{\"type\":\"Scheduled\"}": {".": {}}, "k:{\"type\":\"NodeLost\"}": {}}
+                }}))),
+                ..ManagedFieldsEntry::default()
+            },
+            ManagedFieldsEntry {
+                manager: Some("node-vmm".into()),
+                operation: Some("Apply".into()),
+                subresource: Some("status".into()),
+                fields_v1: Some(FieldsV1(json!({"f:status": {
+                    "f:restartCount": {}, "f:conditions": {"k:{\"type\":\"Ready\"}": {}}
+                }}))),
+                ..ManagedFieldsEntry::default()
+            },
+        ]);
+        let owned = owned_by_operator(&obj);
+        assert!(owned.phase);
+        assert!(!owned.restart_count);
+        assert_eq!(
+            owned.conditions.into_iter().collect::<Vec<_>>(),
+            vec!["NodeLost".to_string(), "Scheduled".to_string()]
+        );
+    }
+
+    #[test]
+    fn unparseable_memory_is_a_condition_not_a_crash() {
+        let mut obj = DynamicObject::new("bad", &vm_resource()).within("ns");
+        obj.data = json!({"spec": {"memory": "lots", "boot": {"kernel": {"path": "/k"}}}});
+        let w = decide(obj, &BTreeMap::new());
+        assert!(!w.candidate);
+        assert_eq!(w.phase, Some(VmPhase::Pending));
+        let c = &w.conditions[condition::SCHEDULED];
+        assert_eq!(c.reason, "InvalidSpec");
+        assert!(c.message.contains("spec.memory"), "{}", c.message);
+        assert!(w.add_finalizer);
+    }
+
+    /// A VM bound to `node` by the operator (status.nodeName it owns).
+    fn bound_vm(node: &str, strategy: &str) -> DynamicObject {
+        let mut obj = DynamicObject::new("vm", &vm_resource()).within("ns");
+        obj.metadata.finalizers = Some(vec![contract::FINALIZER.into()]);
+        obj.metadata.labels = Some([(contract::LABEL_NODE.to_string(), node.to_string())].into());
+        obj.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some(contract::MANAGER_OPERATOR.into()),
+            operation: Some("Apply".into()),
+            subresource: Some("status".into()),
+            fields_v1: Some(FieldsV1(
+                json!({"f:status": {"f:nodeName": {}, "f:phase": {}}}),
+            )),
+            ..ManagedFieldsEntry::default()
+        }]);
+        obj.data = json!({
+            "spec": {"runStrategy": strategy, "cpus": 1, "memory": "64Mi", "boot": {"kernel": {"path": "/k"}}},
+            "status": {"nodeName": node, "phase": "Running"},
+        });
+        obj
+    }
+
+    #[test]
+    fn a_deleted_node_is_lost_not_gone_until_fenced() {
+        let t0 = Instant::now();
+        let expired = Liveness::Expired {
+            silent_for: Duration::from_secs(50),
+            duration: Duration::from_secs(40),
+            last_renew: Timestamp::UNIX_EPOCH,
+        };
+        let alive = Liveness::Alive {
+            expires_at: t0 + Duration::from_secs(10),
+        };
+        let fenced = |mut s: NodeState| {
+            s.fenced = true;
+            s
+        };
+        // node state | re-placed? | NodeLost
+        let table: Vec<(NodeState, bool, Option<&str>)> = vec![
+            (deleted_node_state("a", alive), false, None),
+            (deleted_node_state("a", expired), false, Some("True")),
+            (
+                deleted_node_state("a", Liveness::NoLease),
+                false,
+                Some("True"),
+            ),
+            (
+                fenced(deleted_node_state("a", expired)),
+                true,
+                Some("False"),
+            ),
+        ];
+        for (state, moved, lost) in table {
+            let liveness = state.liveness;
+            let states = BTreeMap::from([("a".to_string(), state)]);
+            let w = decide(bound_vm("a", "Always"), &states);
+            assert_eq!(w.bind.is_none(), moved, "{liveness:?}");
+            assert_eq!(w.candidate, moved, "{liveness:?}");
+            assert_eq!(
+                w.conditions.get(condition::NODE_LOST).map(|c| c.status),
+                lost,
+                "{liveness:?}"
+            );
+            if lost == Some("True") {
+                let msg = &w.conditions[condition::NODE_LOST].message;
+                assert!(msg.contains("HypervisorNode was deleted"), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unconfirmed_heartbeat_changes_nothing() {
+        let t0 = Instant::now();
+        let mut state = deleted_node_state("a", Liveness::Unconfirmed { expires_at: t0 });
+        state.deleted = false;
+        let states = BTreeMap::from([("a".to_string(), state)]);
+        let w = decide(bound_vm("a", "Always"), &states);
+        assert_eq!(w.bind.as_deref(), Some("a"));
+        assert!(!w.conditions.contains_key(condition::NODE_LOST));
+        assert!(!w.conditions.contains_key(condition::READY));
+        assert!(!w.drop_conditions.contains(condition::READY));
+    }
+
+    #[test]
+    fn a_label_without_an_operator_binding_is_not_a_binding() {
+        let mut obj = bound_vm("a", "Always");
+        obj.metadata.managed_fields = None; // status.nodeName written by someone else
+        let states = BTreeMap::from([(
+            "a".to_string(),
+            deleted_node_state(
+                "a",
+                Liveness::Alive {
+                    expires_at: Instant::now() + Duration::from_secs(9),
+                },
+            ),
+        )]);
+        let w = decide(obj, &states);
+        assert_eq!(w.bind, None);
+        assert!(w.candidate, "placed by the scheduler like any unbound VM");
+        assert!(w.events.iter().any(|e| e.reason == "NodeLabelIgnored"));
+    }
+}
