@@ -70,6 +70,7 @@ fn case() -> impl Strategy<Value = Case> {
                     Just(4),
                     Just(8),
                     Just(11),
+                    Just(13),
                     any::<u32>()
                 ],
                 prop_oneof![0u64..80, any::<u64>()],

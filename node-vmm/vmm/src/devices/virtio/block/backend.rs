@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
@@ -197,26 +198,98 @@ impl Backend {
     /// Drops `len` bytes at `off`; they read back as zeroes (raw: a punched
     /// hole; qcow2: zero clusters, their host clusters freed).
     pub fn discard(&mut self, off: u64, len: u64) -> std::io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         match self {
-            Backend::Raw(f) => {
-                // SAFETY: fallocate on our own open descriptor; no memory involved.
-                let ret = unsafe {
-                    libc::fallocate(
-                        f.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        off as libc::off_t,
-                        len as libc::off_t,
-                    )
-                };
-                if ret == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            }
+            Backend::Raw(f) => fallocate(f, PUNCH_HOLE, off, len),
             Backend::Qcow2(img) => img.discard_to_zero(off, len),
         }
     }
+
+    /// Makes `len` bytes at `off` read back as zeroes. With `unmap` their
+    /// space may be given back (raw: a punched hole; qcow2: zero clusters,
+    /// host clusters freed); without, it stays allocated (raw: a zeroed
+    /// range; qcow2: zero clusters keeping their host clusters). Where the
+    /// file system or image cannot do either, zeroes are written.
+    pub fn write_zeroes(&mut self, off: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match self {
+            Backend::Raw(f) => {
+                let modes: &[libc::c_int] = if unmap {
+                    &[PUNCH_HOLE, ZERO_RANGE]
+                } else {
+                    &[ZERO_RANGE]
+                };
+                for &mode in modes {
+                    match fallocate(f, mode, off, len) {
+                        Err(e) if cannot_allocate(&e) => {}
+                        done => return done,
+                    }
+                }
+                write_zero_bytes(len, |buf, at| f.write_all_at(buf, off + at))
+            }
+            Backend::Qcow2(img) => {
+                let done = if unmap {
+                    img.discard_to_zero(off, len)
+                } else {
+                    img.write_zeroes(off, len)
+                };
+                match done {
+                    // Zero clusters need qcow2 v3.
+                    Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                        write_zero_bytes(len, |buf, at| img.write(buf, off + at))
+                    }
+                    done => done,
+                }
+            }
+        }
+    }
+}
+
+/// `fallocate` modes of discard and write-zeroes on a raw file; neither
+/// ever changes the file's size.
+const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+fn fallocate(f: &File, mode: libc::c_int, off: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: fallocate on our own open descriptor; no memory involved.
+    if unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The file system (tmpfs has no zero ranges, some have neither mode) or
+/// the device (a block device wants its logical block size) refused the
+/// mode: writing zeroes still works.
+fn cannot_allocate(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS | libc::ENODEV)
+    )
+}
+
+/// Writes `len` zero bytes through `write(buffer, offset from the start)`,
+/// from one static buffer.
+fn write_zero_bytes(
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(ZEROES.len() as u64) as usize;
+        write(&ZEROES[..n], done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// `pread`/`pwrite` straight into or out of guest memory.
@@ -350,8 +423,7 @@ fn open_qcow2(
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
-
+    use imago::FormatCreateBuilder;
     use vm_memory::Bytes;
 
     use super::*;
@@ -433,6 +505,146 @@ mod tests {
             b.transfer(&mem, GuestAddress(BUF), 0, 4096, to_guest)
                 .unwrap();
         }
+    }
+
+    /// The base's bytes at `off..off + len`.
+    fn base_at(off: u64, len: u64) -> Vec<u8> {
+        (off..off + len).map(|i| i as u8).collect()
+    }
+
+    #[test]
+    fn write_zeroes_on_an_overlay_hide_the_base_and_survive_reopening() {
+        let mem = guest_memory();
+        let (top, base) = chain("zeroes");
+        let keep = top.try_clone().unwrap();
+        let mut b = Backend::open("d", top, vec![base.try_clone().unwrap()], false, None).unwrap();
+        // Whole clusters kept allocated, whole clusters given back, and
+        // sectors inside clusters of the base (written as zeroes).
+        let ranges = [
+            (65_536u64, 65_536u64, false),
+            (196_608, 131_072, true),
+            (400_384, 1024, false),
+            (460_800, 2048, true),
+            (500_000, 0, true),
+        ];
+        for &(off, len, unmap) in &ranges {
+            b.write_zeroes(off, len, unmap).unwrap();
+        }
+        b.flush().unwrap();
+        drop(b);
+        let b = Backend::open("d", keep, vec![base.try_clone().unwrap()], true, None).unwrap();
+        for &(off, len, _) in &ranges {
+            let len = len as u32;
+            assert_eq!(
+                read(&b, &mem, off, len),
+                vec![0; len as usize],
+                "{off}+{len}"
+            );
+            // The sectors around each range still read the base.
+            assert_eq!(read(&b, &mem, off - 512, 512), base_at(off - 512, 512));
+            let end = off + u64::from(len);
+            assert_eq!(read(&b, &mem, end, 512), base_at(end, 512), "after {off}");
+        }
+        let mut raw = vec![0u8; SIZE as usize];
+        base.read_exact_at(&mut raw, 0).unwrap();
+        assert_eq!(raw, base_at(0, SIZE), "base written");
+    }
+
+    /// A standalone qcow2 of `SIZE` whose first cluster holds data, its
+    /// header turned into version 2 (which has no zero clusters).
+    fn qcow2_v2() -> File {
+        let dir = std::env::temp_dir().join(format!("kubevmm-backend-{}-v2", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = file(&dir, "v2.qcow2");
+        let _ = std::fs::remove_dir_all(&dir);
+        let storage = storage(f.try_clone().unwrap(), true).unwrap();
+        Qcow2::<ImagoFile>::create_builder(storage)
+            .size(SIZE)
+            .create()
+            .unwrap();
+        // Version 3 fields at their defaults: the same header as version 2.
+        f.write_all_at(&2u32.to_be_bytes(), 4).unwrap();
+        f
+    }
+
+    #[test]
+    fn write_zeroes_on_a_qcow2_v2_writes_zeroes() {
+        let mem = guest_memory();
+        let img = qcow2_v2();
+        let keep = img.try_clone().unwrap();
+        let mut b = Backend::open("d", img, Vec::new(), false, None).unwrap();
+        mem.write_slice(&[0x5a; 8192], GuestAddress(BUF)).unwrap();
+        b.transfer(&mem, GuestAddress(BUF), 8192, 0, false).unwrap();
+        b.write_zeroes(512, 1024, false).unwrap();
+        b.write_zeroes(4096, 2048, true).unwrap();
+        b.flush().unwrap();
+        drop(b);
+        let b = Backend::open("d", keep, Vec::new(), true, None).unwrap();
+        let mut want = vec![0x5a; 8192];
+        want[512..1536].fill(0);
+        want[4096..6144].fill(0);
+        assert_eq!(read(&b, &mem, 0, 8192), want);
+    }
+
+    /// 512-byte blocks allocated to `f`.
+    fn blocks(f: &File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().unwrap().blocks()
+    }
+
+    #[test]
+    fn write_zeroes_on_a_raw_file_unmap_only_when_asked() {
+        let dir = std::env::temp_dir().join(format!("kubevmm-backend-{}-raw", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = file(&dir, "disk.raw");
+        let probe = file(&dir, "probe");
+        let _ = std::fs::remove_dir_all(&dir);
+        f.write_all_at(&base_at(0, SIZE), 0).unwrap();
+        f.sync_all().unwrap();
+        // Whether this file system punches holes at all.
+        probe.write_all_at(&vec![1; 1 << 16], 0).unwrap();
+        probe.sync_all().unwrap();
+        let punches = fallocate(&probe, PUNCH_HOLE, 0, 1 << 16).is_ok();
+        let mut b = Backend::Raw(f.try_clone().unwrap());
+        let before = blocks(&f);
+        b.write_zeroes(65_536, 262_144, false).unwrap();
+        assert!(blocks(&f) >= before, "kept allocated");
+        b.write_zeroes(524_288, 262_144, true).unwrap();
+        b.write_zeroes(1000 * 512, 3 * 512, true).unwrap();
+        b.write_zeroes(1010 * 512, 1, false).unwrap();
+        if punches {
+            assert!(blocks(&f) < before, "a hole was punched");
+        }
+        let mut want = base_at(0, SIZE);
+        want[65_536..327_680].fill(0);
+        want[524_288..786_432].fill(0);
+        want[512_000..513_536].fill(0);
+        want[517_120] = 0;
+        let mut got = vec![0u8; SIZE as usize];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == want, "zeroed ranges, nothing else");
+        assert_eq!(f.metadata().unwrap().len(), SIZE, "size unchanged");
+    }
+
+    #[test]
+    fn writing_zeroes_covers_the_range_in_buffer_sized_steps() {
+        let mut seen = Vec::new();
+        write_zero_bytes(200_000, |buf, at| {
+            assert!(buf.iter().all(|&b| b == 0));
+            seen.push((at, buf.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (0, 65_536),
+                (65_536, 65_536),
+                (131_072, 65_536),
+                (196_608, 3392)
+            ]
+        );
+        write_zero_bytes(0, |_, _| panic!("nothing to write")).unwrap();
     }
 
     #[test]

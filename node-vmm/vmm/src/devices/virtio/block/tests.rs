@@ -1,6 +1,7 @@
 //! virtio-blk against malformed chains, through the virtqueue mock: every
-//! chain is completed, bad ones get `IOERR` when they have a status byte,
-//! nothing panics, and the disk never changes size or takes a bad write.
+//! chain is completed, bad ones get `IOERR` (`UNSUPP` for unknown types and
+//! flags) when they have a status byte, nothing panics, and the disk never
+//! changes size or takes a bad write. Write-zeroes zeroes exactly its range.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -9,7 +10,9 @@ use std::sync::atomic::Ordering;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::request::{SEG_MAX, S_IOERR, S_OK, S_UNSUPP};
+use super::request::{
+    FLAG_UNMAP, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SEG_MAX, S_IOERR, S_OK, S_UNSUPP,
+};
 use super::Block;
 use crate::devices::virtio::test_util::{
     guest_memory, interrupt, Driver, BUF, INDIRECT, MEM_SIZE, TABLES, WRITE,
@@ -182,12 +185,14 @@ fn data_in_the_wrong_direction_is_refused() {
 }
 
 #[test]
-fn read_only_disk_refuses_writes_and_discards() {
+fn read_only_disk_refuses_writes_discards_and_write_zeroes() {
     let (fx, _) = request(1, 0, &[(DATA, 512, 0)], true);
     assert_eq!(fx.status(), S_IOERR);
-    let (fx, _) = request(11, 0, &[(DATA, 16, 0)], true);
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.disk_bytes(), original());
+    for kind in [11, 13] {
+        let (fx, _) = ranged(kind, (0, 8, 0), 16, true);
+        assert_eq!(fx.status(), S_IOERR, "type {kind}");
+        assert_eq!(fx.disk_bytes(), original());
+    }
 }
 
 #[test]
@@ -243,6 +248,112 @@ fn unsupported_types_and_status_outside_memory() {
     d.chain(0, &[(HDR, 16, 0), (MEM_SIZE + 0x1000, 1, WRITE)]);
     fx.blk.process_queue(0);
     assert_eq!(d.used(), [(0, 0)]);
+}
+
+/// A discard (11) or write-zeroes (13) request whose data is one
+/// device-readable buffer of `len` bytes at `DATA` holding the segment
+/// (sector, sectors, flags); the device run on it.
+fn ranged(kind: u32, seg: (u64, u32, u32), len: u32, ro: bool) -> (Fixture, Vec<(u32, u32)>) {
+    let mut fx = Fixture::new(ro);
+    fx.header(kind, 0);
+    fx.mem.write_obj(seg.0, GuestAddress(DATA)).unwrap();
+    fx.mem.write_obj(seg.1, GuestAddress(DATA + 8)).unwrap();
+    fx.mem.write_obj(seg.2, GuestAddress(DATA + 12)).unwrap();
+    let used = {
+        let mut d = driver(&fx.mem, &mut fx.blk);
+        d.chain(0, &[(HDR, 16, 0), (DATA, len, 0), (STATUS, 1, WRITE)]);
+        fx.blk.process_queue(0);
+        d.used()
+    };
+    (fx, used)
+}
+
+#[test]
+fn write_zeroes_zero_the_range_and_nothing_else() {
+    // Unmapped: a punched hole. Kept allocated: the memfd has no zero
+    // ranges (tmpfs), so zeroes are written.
+    for flags in [0, FLAG_UNMAP] {
+        for (sector, n) in [
+            (1u64, 2u32),
+            (0, 1),
+            (SECTORS - 3, 3),
+            (0, SECTORS as u32),
+            (7, 0),
+        ] {
+            let (fx, used) = ranged(13, (sector, n, flags), 16, false);
+            assert_eq!((fx.status(), used), (S_OK, vec![(0, 1)]), "{sector}+{n}");
+            let mut want = original();
+            let (a, b) = (sector as usize * 512, (sector as usize + n as usize) * 512);
+            want[a..b].fill(0);
+            assert_eq!(fx.disk_bytes(), want, "{sector}+{n} flags {flags}");
+            let c = &fx.blk.counters;
+            assert_eq!(c.write_zeroes_ops.load(Ordering::Relaxed), 1);
+            assert_eq!(c.errors.load(Ordering::Relaxed), 0);
+        }
+    }
+}
+
+#[test]
+fn write_zeroes_segments_are_checked() {
+    for (seg, len, status) in [
+        ((0u64, 1u32, 0u32), 32u32, S_IOERR), // two segments, one allowed
+        ((0, 1, 0), 8, S_IOERR),              // a partial segment
+        ((0, 1, 0), 0xffff_ffe0, S_IOERR),    // millions of segments
+        ((SECTORS, 1, 0), 16, S_IOERR),
+        ((SECTORS - 1, 2, FLAG_UNMAP), 16, S_IOERR),
+        ((u64::MAX, 2, 0), 16, S_IOERR),
+        ((0, u32::MAX, 0), 16, S_IOERR),
+        ((0, MAX_WRITE_ZEROES_SECTORS + 1, 0), 16, S_IOERR),
+        ((0, 1, 2), 16, S_UNSUPP), // an unknown flag
+        ((0, 1, FLAG_UNMAP | 0x100), 16, S_UNSUPP),
+    ] {
+        let (fx, used) = ranged(13, seg, len, false);
+        assert_eq!(used.len(), 1);
+        assert_eq!(fx.status(), status, "{seg:?} in {len} bytes");
+        assert_eq!(fx.disk_bytes(), original());
+        assert_eq!(fx.blk.counters.malformed.load(Ordering::Relaxed), 1);
+    }
+    // An unmap flag on a discard is unsupported too.
+    let (fx, _) = ranged(11, (0, 1, FLAG_UNMAP), 16, false);
+    assert_eq!(fx.status(), S_UNSUPP);
+    assert_eq!(fx.disk_bytes(), original());
+}
+
+#[test]
+fn write_zeroes_is_offered_and_described_where_the_spec_puts_it() {
+    use std::mem::offset_of;
+    use virtio_bindings::virtio_blk::{self as vb, virtio_blk_config as Cfg};
+    let (rw, _) = memfd_disk(false);
+    let (ro, _) = memfd_disk(true);
+    let zeroes = 1u64 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
+    let discard = 1u64 << vb::VIRTIO_BLK_F_DISCARD;
+    assert_eq!(rw.features() & (zeroes | discard), zeroes | discard);
+    assert_eq!(ro.features() & (zeroes | discard), 0);
+    assert_ne!(ro.features() & (1 << vb::VIRTIO_BLK_F_RO), 0);
+    let c = rw.config_space();
+    let u32_at = |at: usize| u32::from_le_bytes(c[at..at + 4].try_into().unwrap());
+    assert_eq!(c.len(), offset_of!(Cfg, unused1) + 3);
+    assert_eq!(
+        u32_at(offset_of!(Cfg, max_write_zeroes_sectors)),
+        MAX_WRITE_ZEROES_SECTORS
+    );
+    assert_eq!(u32_at(offset_of!(Cfg, max_write_zeroes_seg)), 1);
+    assert_eq!(c[offset_of!(Cfg, write_zeroes_may_unmap)], 1);
+    assert_eq!(
+        u32_at(offset_of!(Cfg, max_discard_sectors)),
+        MAX_DISCARD_SECTORS
+    );
+    assert_eq!(u32_at(offset_of!(Cfg, max_discard_seg)), 1);
+    assert_eq!(u32_at(offset_of!(Cfg, discard_sector_alignment)), 1);
+    assert_eq!(u32_at(offset_of!(Cfg, seg_max)), SEG_MAX);
+    assert_eq!(u32_at(offset_of!(Cfg, blk_size)), 512);
+    assert_eq!(
+        u64::from_le_bytes(c[..8].try_into().unwrap()),
+        SECTORS,
+        "capacity"
+    );
+    assert_eq!(vb::VIRTIO_BLK_T_WRITE_ZEROES, 13);
+    assert_eq!(vb::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, FLAG_UNMAP);
 }
 
 #[test]
