@@ -2,6 +2,11 @@
  *   - reads sectors 0..127 and prints their CRC32 (host compares)
  *   - writes a pattern at sector 200, flushes, reads it back
  *   - discards sectors 300..307 after writing them, reads back zeroes
+ *   - when offered, WRITE_ZEROES: a pattern at sectors 320..327 zeroed in
+ *     two halves (kept allocated, then unmapped) after a request with an
+ *     unknown flag was refused without touching it; then two whole 64 KiB
+ *     clusters at sector 1024 (zero clusters on qcow2), all read back as
+ *     zeroes; prints "write-zeroes ok"
  *   - prints the device serial (GET_ID)
  * Command line: "ro" expects the disk to be read-only (writes fail);
  * "hold" spins after the flush instead of powering off (kill -9 test);
@@ -16,9 +21,16 @@
 #define T_FLUSH 4
 #define T_GET_ID 8
 #define T_DISCARD 11
+#define T_WRITE_ZEROES 13
+#define S_UNSUPP 2
 #define F_RO (1u << 5)
 #define F_FLUSH (1u << 9)
 #define F_DISCARD (1u << 13)
+#define F_WRITE_ZEROES (1u << 14)
+#define WZ_UNMAP 1u
+/* virtio_blk_config: max_write_zeroes_sectors, max_write_zeroes_seg. */
+#define CFG_MAX_WZ_SECTORS (0x100 + 48)
+#define CFG_MAX_WZ_SEG (0x100 + 52)
 #define REGIONS 8
 
 struct blk_req { u32 type; u32 reserved; u64 sector; };
@@ -72,6 +84,57 @@ static void fill(u8 *p, u32 len, u8 seed)
 		p[i] = (u8)(seed + i * 7);
 }
 
+/* WRITE_ZEROES of `count` sectors at `sector`; returns the status. */
+static u8 write_zeroes(u64 sector, u32 count, u32 flags)
+{
+	static struct { u64 sector; u32 count; u32 flags; } seg;
+	seg.sector = sector;
+	seg.count = count;
+	seg.flags = flags;
+	return blk_io(T_WRITE_ZEROES, 0, &seg, sizeof(seg), 0);
+}
+
+/* Reads `len` bytes at `sector`; fails with `what` unless all are zero. */
+static void expect_zeroes(u64 sector, u32 len, const char *what)
+{
+	u32 i;
+	if (blk_io(T_IN, sector, data, len, 1) != 0)
+		fail("read after write-zeroes failed");
+	for (i = 0; i < len; i++)
+		if (data[i])
+			fail(what);
+}
+
+static void check_write_zeroes(void)
+{
+	u32 i;
+	if (mmio_read32(base + CFG_MAX_WZ_SECTORS) < 256 || mmio_read32(base + CFG_MAX_WZ_SEG) < 1)
+		fail("write-zeroes limits too small");
+	fill(data, 4096, 2);
+	if (blk_io(T_OUT, 320, data, 4096, 0) != 0)
+		fail("write before write-zeroes failed");
+	if (write_zeroes(320, 8, 2) != S_UNSUPP)
+		fail("an unknown write-zeroes flag was not refused");
+	memset(data, 0, 4096);
+	if (blk_io(T_IN, 320, data, 4096, 1) != 0)
+		fail("read after a refused write-zeroes failed");
+	for (i = 0; i < 4096; i++)
+		if (data[i] != (u8)(2 + i * 7))
+			fail("a refused write-zeroes changed the disk");
+	if (write_zeroes(320, 4, 0) != 0 || write_zeroes(324, 4, WZ_UNMAP) != 0)
+		fail("write-zeroes failed");
+	expect_zeroes(320, 4096, "zeroed sectors are not zero");
+	fill(data, sizeof(data), 3);
+	if (blk_io(T_OUT, 1024, data, sizeof(data), 0) != 0 ||
+	    blk_io(T_OUT, 1152, data, sizeof(data), 0) != 0)
+		fail("write before cluster write-zeroes failed");
+	if (write_zeroes(1024, 128, 0) != 0 || write_zeroes(1152, 128, WZ_UNMAP) != 0)
+		fail("cluster write-zeroes failed");
+	expect_zeroes(1024, sizeof(data), "zeroed cluster is not zero");
+	expect_zeroes(1152, sizeof(data), "unmapped zeroed cluster is not zero");
+	puts("write-zeroes ok\n");
+}
+
 void guest_main(struct hvm_start_info *si)
 {
 	u32 feat, crc, i;
@@ -81,7 +144,7 @@ void guest_main(struct hvm_start_info *si)
 	base = virtio_find(2);
 	if (!base)
 		fail("no virtio-blk device");
-	feat = virtio_init(base, F_RO | F_FLUSH | F_DISCARD);
+	feat = virtio_init(base, F_RO | F_FLUSH | F_DISCARD | F_WRITE_ZEROES);
 	virtio_setup_queue(base, 0, &vq, queue_area, 16);
 	virtio_driver_ok(base);
 	puts("virtio-blk ready, capacity ");
@@ -158,5 +221,7 @@ void guest_main(struct hvm_start_info *si)
 				fail("discarded sectors are not zero");
 		puts("discard ok\n");
 	}
+	if (feat & F_WRITE_ZEROES)
+		check_write_zeroes();
 	puts("blk test passed\n");
 }

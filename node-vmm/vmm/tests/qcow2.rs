@@ -3,7 +3,8 @@
 //! reads 64 KiB at eight places spanning compressed, allocated and
 //! unallocated clusters and prints their CRC32, which must equal the CRC32
 //! of the same bytes in `qemu-img convert -O raw`; its flushed writes
-//! survive SIGKILL; `qemu-img check` stays clean; backing files never change.
+//! survive SIGKILL; its discards and write-zeroes read back as zeroes;
+//! `qemu-img check` stays clean; backing files never change.
 
 mod common;
 
@@ -149,8 +150,13 @@ fn assert_regions(serial: &str, view: &[u8]) {
     }
 }
 
+/// Byte ranges the blk guest zeroes with `WRITE_ZEROES`: sectors inside a
+/// cluster, and two whole 64 KiB clusters.
+const ZEROED: [(usize, usize); 2] = [(320 * 512, 328 * 512), (1024 * 512, 1280 * 512)];
+
 /// The guest's write at sector 200 (and, unless it was killed first, the
-/// discarded zeroes at sector 300) as qemu-img sees them.
+/// discarded zeroes at sector 300 and the written ones) as qemu-img sees
+/// them.
 fn assert_guest_writes(image: &Path, dir: &Path, discarded: bool) {
     let view = host_view(image, dir);
     for (i, b) in view[200 * 512..200 * 512 + 4096].iter().enumerate() {
@@ -165,7 +171,41 @@ fn assert_guest_writes(image: &Path, dir: &Path, discarded: bool) {
             view[300 * 512..308 * 512].iter().all(|&b| b == 0),
             "discarded range not zero"
         );
+        for (from, to) in ZEROED {
+            assert!(
+                view[from..to].iter().all(|&b| b == 0),
+                "zeroed range {from}..{to} not zero"
+            );
+        }
     }
+}
+
+/// The guest said its discard and write-zeroes read back as zeroes.
+fn assert_zeroes_ok(out: &Outcome) {
+    assert!(out.serial.contains("discard ok"), "{out:?}");
+    assert!(out.serial.contains("write-zeroes ok"), "{out:?}");
+    assert!(out.serial.contains("blk test passed"), "{out:?}");
+}
+
+/// qemu-img maps the guest's zeroed whole clusters as zeroes of the
+/// overlay itself (depth 0), not as the backing file's data.
+fn assert_zero_clusters_in_top(image: &Path) {
+    let map: serde_json::Value =
+        serde_json::from_str(&tool("qemu-img", &["map", "--output=json", s(image)])).unwrap();
+    let (from, to) = (ZEROED[1].0 as u64, ZEROED[1].1 as u64);
+    let mut covered = 0;
+    for e in map.as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let (a, b) = (start.max(from), (start + len).min(to));
+        if a < b {
+            assert!(
+                e["zero"] == true && e["data"] == false && e["depth"] == 0,
+                "zeroed clusters {from}..{to} mapped as {e}"
+            );
+            covered += b - a;
+        }
+    }
+    assert_eq!(covered, to - from, "{map}");
 }
 
 fn assert_check_clean(image: &Path) {
@@ -240,7 +280,7 @@ fn raw_and_compressed_qcow2_read_like_qemu_img_and_keep_writes() {
     for image in [&raw, &comp] {
         let out = run_blk(&dir, "regions", disk(image, false));
         assert_regions(&out.serial, &expected);
-        assert!(out.serial.contains("blk test passed"), "{out:?}");
+        assert_zeroes_ok(&out);
         assert_guest_writes(image, &dir, true);
     }
     assert_check_clean(&comp);
@@ -361,8 +401,9 @@ fn an_overlay_from_create_overlay_over_raw_works_like_the_base() {
     d.backing_fds = vec![base_fd];
     let out = run_blk(&dir, "regions", d);
     assert_regions(&out.serial, &base_bytes());
-    assert!(out.serial.contains("blk test passed"), "{out:?}");
+    assert_zeroes_ok(&out);
     assert_guest_writes(&top, &dir, true);
+    assert_zero_clusters_in_top(&top);
     assert_check_clean(&top);
     assert_eq!(sha256(&raw), sha, "the base changed");
 }

@@ -1,5 +1,5 @@
 //! virtio devices on the real /dev/kvm: virtio-blk (read, write, flush,
-//! discard, read-only, serial) and virtio-rng.
+//! discard, write-zeroes, read-only, serial) and virtio-rng.
 
 mod common;
 
@@ -20,17 +20,22 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-/// A 1 MiB disk with pseudo-random content; returns (path, crc32 of 64 KiB).
-fn make_disk(dir: &std::path::Path) -> (std::path::PathBuf, u32) {
+/// 1 MiB of pseudo-random bytes.
+fn disk_bytes() -> Vec<u8> {
     let mut x = 0x1234_5678u32;
-    let bytes: Vec<u8> = (0..1 << 20)
+    (0..1 << 20)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
             x as u8
         })
-        .collect();
+        .collect()
+}
+
+/// A 1 MiB disk of `disk_bytes`; returns (path, crc32 of 64 KiB).
+fn make_disk(dir: &std::path::Path) -> (std::path::PathBuf, u32) {
+    let bytes = disk_bytes();
     let path = dir.join("disk.img");
     std::fs::write(&path, &bytes).unwrap();
     (path, crc32(&bytes[..64 * 1024]))
@@ -49,7 +54,7 @@ fn disk(path: &std::path::Path, read_only: bool) -> DiskConfig {
 }
 
 #[test]
-fn blk_reads_writes_flushes_and_discards() {
+fn blk_reads_writes_flushes_discards_and_writes_zeroes() {
     let dir = scratch("blk");
     let (path, crc) = make_disk(&dir);
     let mut c = config("blk", &dir);
@@ -65,8 +70,23 @@ fn blk_reads_writes_flushes_and_discards() {
         out.serial.contains("disk serial KVMM-SERIAL-0001"),
         "{out:?}"
     );
+    assert!(out.serial.contains("discard ok"), "{out:?}");
+    assert!(out.serial.contains("write-zeroes ok"), "{out:?}");
     assert!(out.serial.contains("blk test passed"), "{out:?}");
-    // The host sees the guest's write at sector 200 and the discarded zeroes.
+    // The host sees the guest's write at sector 200, the discarded zeroes
+    // and the written ones (sectors 320..327 and 1024..1279), and the
+    // bytes between them untouched.
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 1 << 20, "the disk changed size");
+    for (from, to) in [(320 * 512, 328 * 512), (1024 * 512, 1280 * 512)] {
+        assert!(
+            bytes[from..to].iter().all(|&b| b == 0),
+            "zeroed range {from}..{to} not zero"
+        );
+    }
+    let original = disk_bytes();
+    assert_eq!(bytes[308 * 512..320 * 512], original[308 * 512..320 * 512]);
+    assert_eq!(bytes[1280 * 512..], original[1280 * 512..]);
     let f = std::fs::File::open(&path).unwrap();
     let mut buf = vec![0u8; 4096];
     f.read_exact_at(&mut buf, 200 * 512).unwrap();
