@@ -15,7 +15,11 @@
 #     handling KVM_EXIT_IO in a tight loop;
 #   - virtio-blk sequential 1 MiB reads of a 64 MiB file by the guest vs
 #     the host reading the same file with read(2); both from a warm page
-#     cache (the file is read once first).
+#     cache (the file is read once first);
+#   - virtio-blk 4 KiB random reads (4096 at queue depth 1, the same
+#     xorshift offsets everywhere) in IOPS: the guest on the raw file vs the
+#     host's pread(2), and on a qcow2 overlay vs raw and vs QEMU microvm on
+#     the same overlay (the qcow2 overlay also for the sequential reads).
 # Nothing here is asserted; the figures go in docs/testing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,11 +8,19 @@
  *   blkread    read the whole first virtio disk sequentially in 1 MiB
  *              requests (queue depth 1), timed with rdtsc ("qemu": find
  *              the disk where QEMU's microvm puts virtio-mmio)
- * Results are printed as "bench: <what> <numbers>" for the driver to parse. */
+ *   blkrand    BLKRAND_N 4 KiB reads at pseudo-random 4 KiB-aligned offsets
+ *              across the disk (xorshift64, fixed seed: the same offsets
+ *              every run, here and under QEMU), queue depth 1, timed with
+ *              rdtsc; after blkread when both are given
+ * Results are printed as "bench: <what> <numbers>" for the driver to parse;
+ * blkread and blkrand both as "bench: <what> bytes N cycles N first X". */
 #include "guest.h"
 
 #define IOLOOP_N 20000
 #define CHUNK (1u << 20)
+#define BLKRAND_N 4096
+#define BLKRAND_LEN 4096u
+#define BLKRAND_SEED 0x9e3779b97f4a7c15ULL
 
 static u8 queue_area[3 * 4096] __attribute__((aligned(4096)));
 static u8 buf[CHUNK] __attribute__((aligned(4096)));
@@ -53,42 +61,86 @@ static u64 qemu_virtio_find(u32 device_id)
 	return 0;
 }
 
-static void blkread(int qemu)
+static struct vq vq;
+static u64 blk_base, capacity;
+
+/* Sets the first disk up once: one queue whose chain is header, buf, status. */
+static void blk_open(int qemu)
 {
-	struct vq vq;
-	u64 base = qemu ? qemu_virtio_find(2) : virtio_find(2), capacity, sector, t0, t1, bytes = 0;
-	if (!base)
+	if (blk_base)
+		return;
+	blk_base = qemu ? qemu_virtio_find(2) : virtio_find(2);
+	if (!blk_base)
 		fail("no disk");
-	virtio_init(base, 0);
-	capacity = (u64)mmio_read32(base + 0x100) | (u64)mmio_read32(base + 0x104) << 32;
-	virtio_setup_queue(base, 0, &vq, queue_area, 8);
-	virtio_driver_ok(base);
+	virtio_init(blk_base, 0);
+	capacity = (u64)mmio_read32(blk_base + 0x100) | (u64)mmio_read32(blk_base + 0x104) << 32;
+	virtio_setup_queue(blk_base, 0, &vq, queue_area, 8);
+	virtio_driver_ok(blk_base);
 	vq.desc[0].addr = (u64)&req; vq.desc[0].len = 16; vq.desc[0].flags = VRING_DESC_F_NEXT; vq.desc[0].next = 1;
-	vq.desc[1].addr = (u64)buf; vq.desc[1].len = CHUNK; vq.desc[1].flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE; vq.desc[1].next = 2;
+	vq.desc[1].addr = (u64)buf; vq.desc[1].flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE; vq.desc[1].next = 2;
 	vq.desc[2].addr = (u64)&status; vq.desc[2].len = 1; vq.desc[2].flags = VRING_DESC_F_WRITE;
-	t0 = rdtsc();
-	for (sector = 0; sector + CHUNK / 512 <= capacity; sector += CHUNK / 512) {
-		req.type = 0;
-		req.sector = sector;
-		status = 0xff;
-		vq.avail->ring[vq.avail_idx % vq.size] = 0;
-		barrier();
-		vq.avail_idx++;
-		vq.avail->idx = vq.avail_idx;
-		virtio_notify(base, 0);
-		vq_wait_used(&vq);
-		if (status)
-			fail("disk read failed");
-		bytes += CHUNK;
-	}
-	t1 = rdtsc();
-	puts("bench: blkread bytes ");
+}
+
+/* Reads `len` bytes at `sector` into buf and waits for them. */
+static void blk_read(u64 sector, u32 len)
+{
+	vq.desc[1].len = len;
+	req.type = 0;
+	req.sector = sector;
+	status = 0xff;
+	vq.avail->ring[vq.avail_idx % vq.size] = 0;
+	barrier();
+	vq.avail_idx++;
+	vq.avail->idx = vq.avail_idx;
+	virtio_notify(blk_base, 0);
+	vq_wait_used(&vq);
+	if (status)
+		fail("disk read failed");
+}
+
+static void blk_report(const char *what, u64 bytes, u64 cycles)
+{
+	puts("bench: ");
+	puts(what);
+	puts(" bytes ");
 	put_dec(bytes);
 	puts(" cycles ");
-	put_dec(t1 - t0);
+	put_dec(cycles);
 	puts(" first ");
 	put_hex(*(u64 *)buf);
 	puts("\n");
+}
+
+static void blkread(int qemu)
+{
+	u64 sector, t0, t1, bytes = 0;
+	blk_open(qemu);
+	t0 = rdtsc();
+	for (sector = 0; sector + CHUNK / 512 <= capacity; sector += CHUNK / 512) {
+		blk_read(sector, CHUNK);
+		bytes += CHUNK;
+	}
+	t1 = rdtsc();
+	blk_report("blkread", bytes, t1 - t0);
+}
+
+static void blkrand(int qemu)
+{
+	u64 x = BLKRAND_SEED, blocks, t0, t1;
+	u32 i;
+	blk_open(qemu);
+	blocks = capacity / (BLKRAND_LEN / 512);
+	if (!blocks)
+		fail("disk smaller than one block");
+	t0 = rdtsc();
+	for (i = 0; i < BLKRAND_N; i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		blk_read(x % blocks * (BLKRAND_LEN / 512), BLKRAND_LEN);
+	}
+	t1 = rdtsc();
+	blk_report("blkrand", (u64)BLKRAND_N * BLKRAND_LEN, t1 - t0);
 }
 
 void guest_main(struct hvm_start_info *si)
@@ -98,6 +150,8 @@ void guest_main(struct hvm_start_info *si)
 		ioloop();
 	if (cmdline_has(si, "blkread"))
 		blkread(cmdline_has(si, "qemu"));
+	if (cmdline_has(si, "blkrand"))
+		blkrand(cmdline_has(si, "qemu"));
 	if (cmdline_has(si, "idle"))
 		for (;;)
 			__asm__ volatile("cli; hlt");

@@ -19,6 +19,10 @@ const GUEST_RAM: u64 = 64 << 20;
 const DISK_SIZE: usize = 64 << 20;
 const CHUNK: usize = 1 << 20;
 const IOLOOP_N: u32 = 20_000;
+/// The bench guest's `blkrand`: reads, their size, the xorshift64 seed.
+const BLKRAND_N: u32 = 4096;
+const BLKRAND_LEN: usize = 4096;
+const BLKRAND_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 #[derive(Debug, thiserror::Error)]
 enum BenchError {
@@ -330,14 +334,45 @@ fn host_read_mib_s(path: &Path) -> Result<f64, BenchError> {
     Ok(mib(total as u64) / t0.elapsed().as_secs_f64())
 }
 
-/// MiB/s of one guest `blkread` run started by `cmd`.
-fn guest_blkread(cmd: Command, hz: f64) -> Result<f64, BenchError> {
+/// The byte offsets the bench guest's `blkrand` reads, in its order.
+fn blkrand_offsets(size: u64) -> impl Iterator<Item = u64> {
+    let blocks = size / BLKRAND_LEN as u64;
+    let mut x = BLKRAND_SEED;
+    (0..BLKRAND_N).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % blocks * BLKRAND_LEN as u64
+    })
+}
+
+/// IOPS of the host reading the guest's `blkrand` offsets with pread(2).
+fn host_rand_iops(path: &Path) -> Result<f64, BenchError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).map_err(io("open disk"))?;
+    let size = f.metadata().map_err(io("stat disk"))?.len();
+    let mut buf = vec![0u8; BLKRAND_LEN];
+    let t0 = Instant::now();
+    for off in blkrand_offsets(size) {
+        f.read_exact_at(&mut buf, off).map_err(io("read disk"))?;
+    }
+    Ok(f64::from(BLKRAND_N) / t0.elapsed().as_secs_f64())
+}
+
+/// One guest run started by `cmd` with `blkread blkrand`: (MiB/s of the
+/// sequential reads, IOPS of the random ones).
+fn guest_blk(cmd: Command, hz: f64) -> Result<(f64, f64), BenchError> {
     let mut p = spawn(cmd)?;
-    let out = read_until(&mut p, "bench: blkread")?;
+    let out = read_until(&mut p, "bench: blkrand")?;
     drop(p);
-    let bytes = field(&out, "blkread", "bytes")?;
-    let cycles = field(&out, "blkread", "cycles")?;
-    Ok(mib(bytes) / (cycles as f64 / hz))
+    let secs = |what| -> Result<(u64, f64), BenchError> {
+        let bytes = field(&out, what, "bytes")?;
+        Ok((bytes, field(&out, what, "cycles")? as f64 / hz))
+    };
+    let (seq_bytes, seq_secs) = secs("blkread")?;
+    let (rand_bytes, rand_secs) = secs("blkrand")?;
+    let reads = rand_bytes / BLKRAND_LEN as u64;
+    Ok((mib(seq_bytes) / seq_secs, reads as f64 / rand_secs))
 }
 
 /// Opens `path` read-only for a child to inherit; returns it (keep it
@@ -353,16 +388,28 @@ fn inherited(path: &Path) -> Result<(std::fs::File, i32), BenchError> {
     Ok((f, fd))
 }
 
-/// virtio-blk sequential 1 MiB reads, warm page cache for all: the host's
-/// read(2) of the raw file, our guest on it, our guest on a qcow2 overlay
+/// virtio-blk reads, warm page cache for all: the host's read(2) of the
+/// raw file, our guest on it, our guest on a qcow2 overlay
 /// (`create_overlay`, nothing allocated: every read goes through to a
 /// fully allocated qcow2 copy of the raw file), and QEMU microvm's
-/// virtio-blk-device on the same overlay. MiB/s over three runs each.
+/// virtio-blk-device on the same overlay. Sequential 1 MiB reads in MiB/s
+/// and 4 KiB random reads (queue depth 1, the host with pread(2) at the
+/// same offsets) in IOPS, three runs each.
 struct BlkFigures {
     host: Stats,
     raw: Stats,
     overlay: Stats,
     qemu: Result<Stats, BenchError>,
+    rand_host: Stats,
+    rand_raw: Stats,
+    rand_overlay: Stats,
+    rand_qemu: Result<Stats, String>,
+}
+
+/// Sequential and random figures of three runs, split.
+fn split(runs: Vec<(f64, f64)>) -> (Stats, Stats) {
+    let (seq, rand) = runs.into_iter().unzip();
+    (stats(seq), stats(rand))
 }
 
 fn blk_bench(s: &Setup, hz: f64) -> Result<BlkFigures, BenchError> {
@@ -394,9 +441,11 @@ fn blk_bench(s: &Setup, hz: f64) -> Result<BlkFigures, BenchError> {
         host_read_mib_s(f)?; // warm the page cache
     }
     let (mut host, mut raw, mut ovl, mut qemu) = (vec![], vec![], vec![], vec![]);
+    let mut rand_host = vec![];
     for _ in 0..3 {
         host.push(host_read_mib_s(&disk)?);
-        let mut c = s.our_config("blkread");
+        rand_host.push(host_rand_iops(&disk)?);
+        let mut c = s.our_config("blkread blkrand");
         c.disks.push(DiskConfig {
             id: "bench".into(),
             path: disk.clone(),
@@ -406,16 +455,16 @@ fn blk_bench(s: &Setup, hz: f64) -> Result<BlkFigures, BenchError> {
             backing_fds: Vec::new(),
             format: None,
         });
-        raw.push(guest_blkread(s.ours(&c, "blk.json")?, hz)?);
+        raw.push(guest_blk(s.ours(&c, "blk.json")?, hz)?);
 
         let (_top, top_fd) = inherited(&overlay)?;
         let (_base, base_fd) = inherited(&base)?;
         c.disks[0].path.clone_from(&overlay);
         c.disks[0].fd = Some(top_fd);
         c.disks[0].backing_fds = vec![base_fd];
-        ovl.push(guest_blkread(s.ours(&c, "blk-qcow2.json")?, hz)?);
+        ovl.push(guest_blk(s.ours(&c, "blk-qcow2.json")?, hz)?);
 
-        let mut q = s.qemu("blkread qemu");
+        let mut q = s.qemu("blkread blkrand qemu");
         q.arg("-drive")
             .arg(format!(
                 "file={},format=qcow2,if=none,id=d0,readonly=on",
@@ -427,13 +476,29 @@ fn blk_bench(s: &Setup, hz: f64) -> Result<BlkFigures, BenchError> {
                 "-global",
                 "virtio-mmio.force-legacy=false",
             ]);
-        qemu.push(guest_blkread(q, hz));
+        qemu.push(guest_blk(q, hz));
     }
+    let (raw, rand_raw) = split(raw);
+    let (overlay, rand_overlay) = split(ovl);
+    let (qemu, rand_qemu) = match qemu.into_iter().collect::<Result<Vec<_>, _>>() {
+        Ok(runs) => {
+            let (seq, rand) = split(runs);
+            (Ok(seq), Ok(rand))
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            (Err(e), Err(msg))
+        }
+    };
     Ok(BlkFigures {
         host: stats(host),
-        raw: stats(raw),
-        overlay: stats(ovl),
-        qemu: qemu.into_iter().collect::<Result<Vec<_>, _>>().map(stats),
+        raw,
+        overlay,
+        qemu,
+        rand_host: stats(rand_host),
+        rand_raw,
+        rand_overlay,
+        rand_qemu,
     })
 }
 
@@ -551,6 +616,40 @@ fn print_blk(blk: &BlkFigures) {
         "| virtio-blk 1 MiB sequential reads, qcow2 overlay over a qcow2 base (64 MiB, warm page cache), median [min-max] of 3 | {:.0} MiB/s [{:.0}-{:.0}] | {qemu} | ≥ 80 % of raw, ahead of QEMU | {:.1} % of raw{vs_qemu} |",
         o.median, o.min, o.max,
         o.median / guest.median * 100.0
+    );
+    print_blk_rand(blk);
+}
+
+/// The 4 KiB random-read rows: raw beside the host's pread(2), then the
+/// qcow2 overlay beside raw and QEMU on the same overlay.
+fn print_blk_rand(blk: &BlkFigures) {
+    let (host, raw, o) = (&blk.rand_host, &blk.rand_raw, &blk.rand_overlay);
+    let what = |disk: &str| {
+        format!("virtio-blk 4 KiB random reads, {disk} ({BLKRAND_N} at queue depth 1, 64 MiB, warm page cache), median [min-max] of 3")
+    };
+    println!(
+        "| {} | {:.0} IOPS [{:.0}-{:.0}] | host pread(2), same offsets {:.0} IOPS [{:.0}-{:.0}] | - | {:.1} % of host |",
+        what("raw"),
+        raw.median, raw.min, raw.max, host.median, host.min, host.max,
+        raw.median / host.median * 100.0
+    );
+    let qemu = match &blk.rand_qemu {
+        Ok(q) => format!(
+            "raw {:.0} IOPS; QEMU microvm virtio-blk-device, same overlay {:.0} IOPS [{:.0}-{:.0}]",
+            raw.median, q.median, q.min, q.max
+        ),
+        Err(e) => format!("raw {:.0} IOPS; QEMU failed: {e}", raw.median),
+    };
+    let vs_qemu = blk
+        .rand_qemu
+        .as_ref()
+        .map(|q| format!(", {:.2}× QEMU", o.median / q.median))
+        .unwrap_or_default();
+    println!(
+        "| {} | {:.0} IOPS [{:.0}-{:.0}] | {qemu} | ≥ 80 % of raw, ahead of QEMU | {:.1} % of raw{vs_qemu} |",
+        what("qcow2 overlay over a qcow2 base"),
+        o.median, o.min, o.max,
+        o.median / raw.median * 100.0
     );
 }
 
