@@ -296,6 +296,15 @@ pub enum VmPhase {
     Failed,
 }
 
+impl Disk {
+    /// Whether the disk is a node-local file made for this VM (an
+    /// `emptyDisk` or an `image` overlay): it keeps guest data, so the VM
+    /// stays with the node that holds it (`status.diskNode`).
+    pub fn is_node_local(&self) -> bool {
+        self.empty_disk.is_some() || self.image.is_some()
+    }
+}
+
 impl VmPhase {
     /// Every phase, in lifecycle order.
     pub const ALL: [VmPhase; 9] = [
@@ -353,6 +362,13 @@ pub struct VirtualMachineStatus {
     /// The hypervisor node the VM is bound to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// The node that holds the VM's node-local disks (`emptyDisk` files and
+    /// `image` overlays), set by the operator when it first binds a VM that
+    /// has any. The VM starts only there until it is deleted (its disks go
+    /// with it) or this field is removed (the disks are given up and made
+    /// anew on the next node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_node: Option<String>,
     /// Guest network interfaces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<InterfaceStatus>,

@@ -139,8 +139,11 @@ pub fn prepare(
         prepare::VmId {
             uid: &uid,
             name: &name,
+            namespace: "",
         },
         &dir,
+        // Standalone disks are as temporary as the rest of the run.
+        &crate::agent::disks::DiskDir(dir.0.join("disks")),
         &ctx,
     )?;
     let (mut config, mut fds) = prepare::realize(&plan, &dir, &ctx, jail_id)?;

@@ -51,7 +51,7 @@ use crate::retry::{self, Retries};
 use crate::scheduling::{self, BoundVm, NodeInfo, Overcommit, Request};
 
 mod decide;
-use decide::{decide, object_ref, status_apply};
+use decide::{decide, object_ref, owned_by_operator, status_apply};
 
 /// What can fail in a pass. Every error is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -245,49 +245,13 @@ fn node_state(node: &HypervisorNode, liveness: Liveness) -> NodeState {
 struct Owned {
     /// `status.nodeName`: the binding, when the operator wrote it.
     node_name: bool,
+    /// `status.diskNode`: honoured only when the operator wrote it.
+    disk_node: bool,
     /// The `kubevmm.io/node` label.
     label: bool,
     phase: bool,
     restart_count: bool,
     conditions: BTreeSet<String>,
-}
-
-fn owned_by_operator(obj: &DynamicObject) -> Owned {
-    let mut owned = Owned::default();
-    for entry in obj.metadata.managed_fields.iter().flatten() {
-        if entry.manager.as_deref() != Some(contract::MANAGER_OPERATOR) {
-            continue;
-        }
-        let fields = entry.fields_v1.as_ref().map(|f| &f.0);
-        if entry.subresource.as_deref() != Some("status") {
-            owned.label |= fields
-                .and_then(|f| {
-                    f.get("f:metadata")?
-                        .get("f:labels")?
-                        .get(format!("f:{}", contract::LABEL_NODE))
-                })
-                .is_some();
-            continue;
-        }
-        let Some(status) = fields.and_then(|f| f.get("f:status")) else {
-            continue;
-        };
-        owned.node_name |= status.get("f:nodeName").is_some();
-        owned.phase |= status.get("f:phase").is_some();
-        owned.restart_count |= status.get("f:restartCount").is_some();
-        if let Some(conds) = status.get("f:conditions").and_then(Value::as_object) {
-            for key in conds.keys() {
-                let ty = key
-                    .strip_prefix("k:")
-                    .and_then(|k| serde_json::from_str::<Value>(k).ok())
-                    .and_then(|k| k.get("type").and_then(Value::as_str).map(String::from));
-                if let Some(ty) = ty {
-                    owned.conditions.insert(ty);
-                }
-            }
-        }
-    }
-    owned
 }
 
 /// A condition the operator wants, without its transition time.
@@ -327,6 +291,8 @@ struct Work {
     owned: Owned,
     /// Node it is bound to when the pass is done (label and nodeName).
     bind: Option<String>,
+    /// The node holding its node-local disks (`status.diskNode`).
+    disk_node: Option<String>,
     add_finalizer: bool,
     remove_finalizer: bool,
     phase: Option<VmPhase>,

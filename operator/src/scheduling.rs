@@ -85,6 +85,8 @@ pub struct Request {
     pub memory: u64,
     /// `spec.nodeSelector`.
     pub node_selector: BTreeMap<String, String>,
+    /// `status.diskNode`: the only node that holds the VM's disks.
+    pub disk_node: Option<String>,
 }
 
 /// vCPUs and bytes already taken on one node.
@@ -218,6 +220,12 @@ fn misfit(
     used: Usage,
     oc: Overcommit,
 ) -> Option<(&'static str, String)> {
+    if let Some(d) = req.disk_node.as_ref().filter(|d| **d != node.name) {
+        return Some((
+            "DiskNode",
+            format!("{} does not hold its disks (they are on {d})", node.name),
+        ));
+    }
     if !node.ready {
         return Some((
             "NotReady",
@@ -310,6 +318,20 @@ pub fn place(
             reason: "NoNodes",
         });
     }
+    if let Some(d) = req
+        .disk_node
+        .as_ref()
+        .filter(|d| nodes.iter().all(|n| n.name != **d))
+    {
+        return Err(Unschedulable {
+            message: format!(
+                "its disks (emptyDisk, image overlays) are on node {d}, which is no longer a HypervisorNode: \
+                 to start it elsewhere with new, empty disks, remove status.diskNode \
+                 (kubectl patch vm NAME --subresource=status --type=merge -p '{{\"status\":{{\"diskNode\":null}}}}')"
+            ),
+            reason: "DiskNodeGone",
+        });
+    }
     let first = why.first().map_or("NoNodes", |w| w.0);
     let reason = if why.iter().all(|w| w.0 == first) {
         first
@@ -350,6 +372,7 @@ mod tests {
             cpus,
             memory: mem,
             node_selector: BTreeMap::new(),
+            disk_node: None,
         }
     }
 
@@ -428,6 +451,54 @@ mod tests {
         assert!(Overcommit::new(1.0, f64::NAN).is_err());
         assert!(Overcommit::new(1.0, 1000.0).is_err());
         assert!(Overcommit::new(1.0, 1.0).is_ok());
+    }
+
+    #[test]
+    fn a_vm_with_node_local_disks_goes_only_to_the_node_that_holds_them() {
+        let a = node("node-a", 4, 4);
+        let big = node("node-b", 64, 64);
+        let mut r = req(1, GI);
+        r.disk_node = Some("node-a".into());
+        let none = BTreeMap::new();
+        let oc = Overcommit::default();
+        // node-b has more room but not the disks.
+        assert_eq!(
+            place(&r, &[a.clone(), big.clone()], &none, oc),
+            Ok("node-a".into())
+        );
+        // Its node down: it waits, it is not moved.
+        let down = NodeInfo {
+            ready: false,
+            ..a.clone()
+        };
+        let err = place(&r, &[down, big.clone()], &none, oc).unwrap_err();
+        assert_eq!(err.reason, "Mixed");
+        assert!(
+            err.message.contains("node-a is not ready"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message
+                .contains("node-b does not hold its disks (they are on node-a)"),
+            "{}",
+            err.message
+        );
+        // Its node full: it waits too.
+        let err = place(&r, &[a, big.clone()], &used(&[("node-a", 4, 0)]), oc).unwrap_err();
+        assert!(
+            err.message.contains("node-a has 0 vCPUs free"),
+            "{}",
+            err.message
+        );
+        // Its node gone: the condition says how to give the disks up.
+        let err = place(&r, &[big], &none, oc).unwrap_err();
+        assert_eq!(err.reason, "DiskNodeGone");
+        assert!(
+            err.message.contains("remove status.diskNode"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -624,7 +624,7 @@ fn an_image_disk_is_a_qcow2_overlay_over_the_untouched_cached_base() {
     );
 
     // The overlay lives with the VM; its backing file is the cached base.
-    let overlay = w.env.vm_dir(&uid).join("disk-root.qcow2");
+    let overlay = w.env.state.join("disks").join(&uid).join("disk-root.qcow2");
     let info = std::process::Command::new("qemu-img")
         .args(["info", "-U", "--backing-chain", "--output=json"])
         .arg(&overlay)

@@ -153,7 +153,11 @@ fn user_paths_are_opened_beneath_the_allow_list_and_disks_are_locked() {
         "  disks:\n  - {name: scratch, emptyDisk: {size: 1Mi}}\n",
     );
     env.wait_phase("victim", "Running", 60);
-    let victim_disk = env.vm_dir(&env.uid("victim")).join("disk-scratch.img");
+    let victim_disk = env
+        .state
+        .join("disks")
+        .join(env.uid("victim"))
+        .join("disk-scratch.img");
     assert!(victim_disk.exists());
     env.apply(
         "thief",

@@ -1,6 +1,6 @@
 //! The host side of a VM's life that the reconciler calls: readying its
-//! cgroups, user id and files before a start ([`prepare_host`]), and removing
-//! everything it had on this node ([`Ctx::remove_host_state`]).
+//! cgroups, user id and files before a start ([`prepare_host`]), and releasing
+//! what it had on this node ([`Ctx::release_runtime`], [`Ctx::remove_host_state`]).
 
 use kubevmm_crds::VirtualMachine;
 
@@ -24,16 +24,27 @@ impl Ctx {
         cgroups::plan(&self.cfg.cgroups, uid, limits)
     }
 
-    /// Removes everything the VM has on this host: taps, cgroups (killing
-    /// what is left in them), the state directory. Written once, used by
-    /// release and by the orphan sweep.
-    pub(super) fn remove_host_state(&self, uid: &str, taps: usize) {
+    /// Releases what the VM runs with on this host: taps and cgroups
+    /// (killing what is left in them). Written once, used by release and by
+    /// the orphan sweep; idempotent.
+    pub(super) fn release_runtime(&self, uid: &str, taps: usize) {
         super::taps::release_taps(uid, taps);
         let left = cgroups::remove(&self.cgroups(uid, None));
         if !left.is_empty() {
             tracing::warn!(uid, ?left, "cgroups still busy; the orphan sweep retries");
         }
+    }
+
+    /// Everything the VM has on this host but its disks: [`Self::release_runtime`]
+    /// and the run state directory.
+    pub(super) fn remove_host_state(&self, uid: &str, taps: usize) {
+        self.release_runtime(uid, taps);
         let _ = std::fs::remove_dir_all(self.dir(uid).0);
+    }
+
+    /// The VM's node-local disks directory.
+    pub(super) fn disk_dir(&self, uid: &str) -> super::disks::DiskDir {
+        super::disks::DiskDir::of(&self.cfg.state_dir, uid)
     }
 }
 
@@ -47,8 +58,12 @@ pub(super) fn prepare_host(
     node: &NodeContext,
     cg: &[cgroups::Dir],
 ) -> Result<(Plan, Handoff), PrepareError> {
-    let name = vm.metadata.name.as_deref().unwrap_or_default();
-    let plan = prepare::plan(&vm.spec, prepare::VmId { uid, name }, dir, node)?;
+    let id = prepare::VmId {
+        uid,
+        name: vm.metadata.name.as_deref().unwrap_or_default(),
+        namespace: vm.metadata.namespace.as_deref().unwrap_or_default(),
+    };
+    let plan = prepare::plan(&vm.spec, id, dir, &ctx.disk_dir(uid), node)?;
     let stale = cgroups::live_pids(cg);
     if !stale.is_empty() {
         tracing::warn!(
@@ -72,5 +87,32 @@ pub(super) fn prepare_host(
             why: e.to_string(),
         })?;
     let (_, fds) = prepare::realize(&plan, dir, node, jail)?;
+    record_images(vm, dir, &plan, node);
     Ok((plan, fds))
+}
+
+/// Records the cached images the VM uses, so the image cache keeps them:
+/// all of them in its state directory (while it runs here), the bases of
+/// its overlays also in its disk directory (as long as the overlays exist).
+fn record_images(vm: &VirtualMachine, dir: &VmDir, plan: &Plan, node: &NodeContext) {
+    let record = |d: &std::path::Path, images: &std::collections::BTreeMap<String, _>| {
+        if let Err(e) = super::images::record_use(d, images) {
+            tracing::warn!(vm = ?vm.metadata.name, "cannot record the images it uses: {e}");
+        }
+    };
+    record(&dir.0, &node.images);
+    if let Some(l) = &plan.local_disks {
+        let bases = node
+            .images
+            .iter()
+            .filter(|(name, _)| {
+                vm.spec
+                    .disks
+                    .iter()
+                    .any(|d| d.image.as_ref().is_some_and(|i| i.name == **name))
+            })
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect();
+        record(&l.dir.0, &bases);
+    }
 }

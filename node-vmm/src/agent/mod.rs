@@ -10,6 +10,7 @@
 
 pub mod binding;
 pub mod cgroups;
+pub mod disks;
 pub mod handoff;
 pub mod holders;
 pub mod host;
@@ -23,6 +24,7 @@ pub mod opener;
 pub mod orphans;
 pub mod prepare;
 pub mod reconcile;
+pub mod retention;
 pub mod seed;
 pub mod server;
 pub mod supervisor;
@@ -221,7 +223,6 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let vm_api: Api<VirtualMachine> = Api::all(client.clone());
     let selector = format!("{LABEL_NODE}={}", cfg.node_name);
     let controller = Controller::new(vm_api, watcher::Config::default().labels(&selector));
-    let store = controller.store();
 
     // Heartbeat: HypervisorNode status and Lease, every third of the Lease.
     let hb_ctx = ctx.clone();
@@ -235,7 +236,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
     });
     // Garbage collection of VMMs whose VM is no longer bound here.
-    tokio::spawn(orphans::collect_orphans(ctx.clone(), store));
+    tokio::spawn(orphans::collect_orphans(ctx.clone()));
 
     tracing::info!(node = %cfg.node_name, "node-vmm agent watching VirtualMachines with {selector}");
     controller

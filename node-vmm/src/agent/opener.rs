@@ -12,7 +12,7 @@ use kubevmm_vmm::VmConfig;
 
 use super::handoff::Handoff;
 use super::hostfs::{self, Access};
-use super::prepare::{FileSource, Plan, PrepareError};
+use super::prepare::{FileSource, Plan, PrepareError, SparseFile};
 use super::supervisor::VmDir;
 
 /// Creates the VM's directory (0700) and the empty jail root inside it.
@@ -30,19 +30,41 @@ pub fn state_dir(dir: &VmDir) -> std::io::Result<()> {
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o555))
 }
 
-/// Creates a sparse file of `size` bytes unless it exists; never follows a
-/// symlink.
-pub fn sparse_file(path: &Path, size: u64) -> std::io::Result<()> {
+/// Creates the sparse file of an empty disk unless it exists; never
+/// follows a symlink. A new disk needs as much free space as it may grow
+/// to (as `KubeVirt`'s `hostDisk` `DiskOrCreate`), so a guest filling it never
+/// meets a full node file system; an existing one is kept as it is.
+pub fn sparse_file(f: &SparseFile) -> Result<(), PrepareError> {
+    let err = |e: std::io::Error| PrepareError::Host {
+        what: format!("empty disk {}", f.path.display()),
+        why: e.to_string(),
+    };
+    if std::fs::symlink_metadata(&f.path).is_ok() {
+        return Ok(());
+    }
+    let dir = f.path.parent().unwrap_or(Path::new("/"));
+    let free = super::images::store::free_space(dir).map_err(err)?;
+    if free < f.size {
+        return Err(PrepareError::NoSpace {
+            field: f.field.clone(),
+            need: f.size,
+            free,
+            dir: dir.display().to_string(),
+        });
+    }
     match OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+        .open(&f.path)
     {
-        Ok(f) => f.set_len(size),
+        Ok(file) => file.set_len(f.size).map_err(|e| {
+            let _ = std::fs::remove_file(&f.path);
+            err(e)
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
+        Err(e) => Err(err(e)),
     }
 }
 

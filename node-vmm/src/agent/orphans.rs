@@ -1,34 +1,54 @@
-//! The agent's sweep, every 10 s: VMMs and host state of VMs no longer
-//! bound to this node, cgroups that outlived their state directory, and the
-//! per-phase VM counts for metrics.
+//! The agent's sweep, every 10 s: VMMs, taps and cgroups of VMs no longer
+//! bound to this node; their run state and disks once the API server says
+//! they are no longer needed ([`super::retention`]); cgroups that outlived
+//! their state directory; and the per-phase VM counts for metrics.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
-use kube::runtime::reflector::Store;
-use kube::ResourceExt as _;
+use kube::api::{Api, ListParams};
+use kube::ResourceExt;
+use kubevmm_crds::contract::LABEL_NODE;
 use kubevmm_crds::VirtualMachine;
 
+use super::disks::Owner;
 use super::reconcile::Ctx;
+use super::retention::{self, Found, Lookup, Verdict};
 use super::supervisor::{self, ProcessId};
 use super::{cgroups, vmm_client};
 
 /// Stops and removes VMMs whose VM is no longer bound to this node (deleted
-/// without us, unbound by the operator after the node was fenced, ...).
-pub async fn collect_orphans(ctx: Arc<Ctx>, store: Store<VirtualMachine>) {
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
+/// without us, unbound by the operator after the node was fenced, released
+/// when its guest stopped, ...).
+///
+/// Each pass reads the VMs labelled for this node with its own LIST (served
+/// from the API server's watch cache) rather than the controller's store: a
+/// pass must never run on a store that has not finished its first list (it
+/// would take every VM for gone), and the store's ready signal is not
+/// raised for a controller-owned reflector. A failed LIST skips the pass.
+pub async fn collect_orphans(ctx: Arc<Ctx>) {
+    let api: Api<VirtualMachine> = Api::all(ctx.client.clone());
+    let lp = ListParams::default()
+        .labels(&format!("{LABEL_NODE}={}", ctx.cfg.node_name))
+        .match_any();
+    let node = ctx.cfg.node_name.as_str();
+    // When each unbound VM was last looked up (at most every 30 s).
+    let mut checked: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let bound: std::collections::HashSet<String> =
-            store.state().iter().filter_map(|vm| vm.uid()).collect();
-        let Ok(entries) = std::fs::read_dir(ctx.cfg.state_dir.join("vms")) else {
-            continue;
+        let vms = match api.list(&lp).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                tracing::warn!("orphan sweep skipped: cannot list this node's VMs: {e}");
+                continue;
+            }
         };
-        for entry in entries.flatten() {
-            let uid = entry.file_name().to_string_lossy().into_owned();
+        let bound: std::collections::HashSet<String> =
+            vms.iter().filter_map(ResourceExt::uid).collect();
+        let mut lookups = Lookups::new(&ctx.client, &mut checked);
+        for (uid, path) in entries(&ctx.cfg.state_dir.join("vms")) {
             if bound.contains(&uid) {
                 continue;
             }
@@ -42,9 +62,25 @@ pub async fn collect_orphans(ctx: Arc<Ctx>, store: Store<VirtualMachine>) {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 supervisor::kill(pid);
             }
-            ctx.remove_host_state(&uid, super::taps::MAX_TAPS);
+            ctx.release_runtime(&uid, super::taps::MAX_TAPS);
             ctx.lock().remove(&uid);
+            let owner = super::disks::DiskDir(path.clone()).owner();
+            if let Some(lookup) = lookups.get(&uid, owner.as_ref()).await {
+                let v = retention::run_state(owner.as_ref(), &lookup, node, age(&path));
+                remove(&uid, &path, v, "run state");
+            }
         }
+        for (uid, path) in entries(&super::disks::root(&ctx.cfg.state_dir)) {
+            if bound.contains(&uid) {
+                continue;
+            }
+            let owner = super::disks::DiskDir(path.clone()).owner();
+            if let Some(lookup) = lookups.get(&uid, owner.as_ref()).await {
+                let v = retention::disks(owner.as_ref(), &lookup, node, age(&path));
+                remove(&uid, &path, v, "disks");
+            }
+        }
+        checked.retain(|uid, _| !bound.contains(uid));
         // cgroups that outlived their state directory (busy at release).
         for uid in cgroups::vm_uids(&ctx.cfg.cgroups) {
             if !bound.contains(&uid) && !ctx.dir(&uid).0.exists() {
@@ -52,11 +88,97 @@ pub async fn collect_orphans(ctx: Arc<Ctx>, store: Store<VirtualMachine>) {
             }
         }
         let mut counts: HashMap<&'static str, i64> = HashMap::new();
-        for vm in store.state() {
+        for vm in &vms {
             if let Some(p) = vm.status.as_ref().and_then(|s| s.phase) {
                 *counts.entry(p.as_str()).or_default() += 1;
             }
         }
         ctx.metrics.set_phases(&counts);
+    }
+}
+
+/// How often one unbound VM is looked up.
+const LOOKUP_EVERY: Duration = Duration::from_secs(30);
+
+/// `(uid, path)` of each directory in `dir`.
+fn entries(dir: &Path) -> Vec<(String, PathBuf)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect()
+}
+
+/// How long ago `path` was last modified.
+fn age(path: &Path) -> Duration {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .unwrap_or_default()
+}
+
+fn remove(uid: &str, path: &Path, verdict: Verdict, what: &str) {
+    if let Verdict::Remove(why) = verdict {
+        match std::fs::remove_dir_all(path) {
+            Ok(()) => tracing::info!(uid, why, "removed the VM's {what}"),
+            Err(e) => tracing::warn!(uid, why, "cannot remove the VM's {what}: {e}"),
+        }
+    }
+}
+
+/// One pass's lookups of unbound VMs: one GET per VM, each VM at most once
+/// per [`LOOKUP_EVERY`] (a stopped VM's directories are rarely due).
+struct Lookups<'a> {
+    client: &'a kube::Client,
+    checked: &'a mut HashMap<String, Instant>,
+    seen: HashMap<String, Lookup>,
+}
+
+impl<'a> Lookups<'a> {
+    fn new(client: &'a kube::Client, checked: &'a mut HashMap<String, Instant>) -> Self {
+        Self {
+            client,
+            checked,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// What the API server says of `uid`'s VM, or `None` when it is not
+    /// due this pass.
+    async fn get(&mut self, uid: &str, owner: Option<&Owner>) -> Option<Lookup> {
+        if let Some(l) = self.seen.get(uid) {
+            return Some(l.clone());
+        }
+        let now = Instant::now();
+        if self
+            .checked
+            .get(uid)
+            .is_some_and(|t| now.duration_since(*t) < LOOKUP_EVERY)
+        {
+            return None;
+        }
+        self.checked.insert(uid.to_string(), now);
+        let lookup = match owner {
+            None => Lookup::Unknown,
+            Some(o) => {
+                let api: Api<VirtualMachine> = Api::namespaced(self.client.clone(), &o.namespace);
+                match api.get_opt(&o.name).await {
+                    Ok(None) => Lookup::Missing,
+                    Ok(Some(vm)) => {
+                        let status = vm.status.unwrap_or_default();
+                        Lookup::Found(Found {
+                            uid: vm.metadata.uid.unwrap_or_default(),
+                            node_name: status.node_name,
+                            disk_node: status.disk_node,
+                        })
+                    }
+                    Err(_) => Lookup::Unknown,
+                }
+            }
+        };
+        self.seen.insert(uid.to_string(), lookup.clone());
+        Some(lookup)
     }
 }

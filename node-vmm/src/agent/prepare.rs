@@ -20,6 +20,7 @@ use kubevmm_crds::VirtualMachineSpec;
 use kubevmm_vmm::config::{DiskConfig, JailConfig, NetConfig, SerialConfig, SerialMode};
 use kubevmm_vmm::VmConfig;
 
+use super::disks::{DiskDir, Owner};
 use super::supervisor::VmDir;
 
 /// Why a VM cannot be prepared on this node; each names the field.
@@ -55,6 +56,18 @@ pub enum PrepareError {
         /// What is wrong.
         what: String,
     },
+    /// Too little free space for a new empty disk.
+    #[error("{field}: {need} bytes needed for the new disk but only {free} free in {dir}; free space on the node or ask for a smaller disk")]
+    NoSpace {
+        /// The field.
+        field: String,
+        /// Bytes the disk may grow to.
+        need: u64,
+        /// Bytes free.
+        free: u64,
+        /// The disk directory.
+        dir: String,
+    },
     /// Creating a disk or tap failed.
     #[error("{what}: {why}")]
     Host {
@@ -68,6 +81,8 @@ pub enum PrepareError {
 /// A sparse file to create (once) for an `emptyDisk`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SparseFile {
+    /// The spec field (`spec.disks[i].emptyDisk.size`), for errors.
+    pub field: String,
     /// Where.
     pub path: PathBuf,
     /// Size in bytes.
@@ -83,6 +98,16 @@ pub struct Seed {
     pub files: Vec<SeedFile>,
     /// The FAT volume id.
     pub volume_id: u32,
+}
+
+/// The VM's node-local disks directory, made (with its owner record)
+/// before any disk in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalDisks {
+    /// The directory.
+    pub dir: DiskDir,
+    /// The VM they belong to.
+    pub owner: Owner,
 }
 
 /// A tap device to create on a host bridge.
@@ -104,9 +129,9 @@ pub enum FileSource {
         /// The path as written.
         path: String,
     },
-    /// The agent's own file in the VM's state directory.
+    /// The agent's own file in the VM's state or disk directory.
     State(PathBuf),
-    /// A VM's copy-on-write disk: a qcow2 overlay in the VM's state
+    /// A VM's copy-on-write disk: a qcow2 overlay in the VM's disk
     /// directory (created at the first start) over a cached image, which is
     /// only ever read.
     Overlay {
@@ -135,6 +160,8 @@ pub struct Plan {
     pub config: VmConfig,
     /// The files to open.
     pub opens: Opens,
+    /// Where the emptyDisk files and overlays live, when there are any.
+    pub local_disks: Option<LocalDisks>,
     /// Empty disks to create if missing.
     pub sparse_files: Vec<SparseFile>,
     /// Seed images to write at every start.
@@ -213,6 +240,8 @@ pub struct VmId<'a> {
     pub uid: &'a str,
     /// `metadata.name`.
     pub name: &'a str,
+    /// `metadata.namespace`.
+    pub namespace: &'a str,
 }
 
 /// Disk configs, what to open for them, the empty disks to create and the
@@ -228,6 +257,7 @@ fn disks(
     spec: &VirtualMachineSpec,
     vm: VmId<'_>,
     dir: &VmDir,
+    disk_dir: &DiskDir,
     ctx: &NodeContext,
 ) -> Result<Disks, PrepareError> {
     let mut sparse_files = Vec::new();
@@ -257,8 +287,9 @@ fn disks(
                     ),
                 });
             }
-            let path = dir.0.join(format!("disk-{}.img", d.name));
+            let path = disk_dir.0.join(format!("disk-{}.img", d.name));
             sparse_files.push(SparseFile {
+                field: format!("{field}.emptyDisk.size"),
                 path: path.clone(),
                 size,
             });
@@ -274,7 +305,7 @@ fn disks(
                     ),
                 });
             };
-            let path = dir.0.join(format!("disk-{}.qcow2", d.name));
+            let path = disk_dir.0.join(format!("disk-{}.qcow2", d.name));
             opens.push(FileSource::Overlay {
                 overlay: path.clone(),
                 base: cached.path.clone(),
@@ -384,6 +415,7 @@ pub fn plan(
     spec: &VirtualMachineSpec,
     vm: VmId<'_>,
     dir: &VmDir,
+    disk_dir: &DiskDir,
     ctx: &NodeContext,
 ) -> Result<Plan, PrepareError> {
     let memory =
@@ -410,7 +442,7 @@ pub fn plan(
         .map(|i| boot(ctx, i, "spec.boot.initrd"))
         .transpose()?
         .unzip();
-    let disks = disks(spec, vm, dir, ctx)?;
+    let disks = disks(spec, vm, dir, disk_dir, ctx)?;
     let (nets, taps, interfaces) = networks(spec, vm.uid, ctx)?;
     let config = VmConfig {
         cpus,
@@ -439,6 +471,18 @@ pub fn plan(
             initrd: initrd_src,
             disks: disks.opens,
         },
+        local_disks: spec
+            .disks
+            .iter()
+            .any(kubevmm_crds::vm::Disk::is_node_local)
+            .then(|| LocalDisks {
+                dir: disk_dir.clone(),
+                owner: Owner {
+                    namespace: vm.namespace.into(),
+                    name: vm.name.into(),
+                    uid: vm.uid.into(),
+                },
+            }),
         sparse_files: disks.sparse_files,
         seeds: disks.seeds,
         taps,
@@ -459,9 +503,12 @@ pub fn realize(
     let host = |what: String| move |why: String| PrepareError::Host { what, why };
     super::opener::state_dir(dir)
         .map_err(|e| host(format!("state directory {}", dir.0.display()))(e.to_string()))?;
+    if let Some(l) = &plan.local_disks {
+        super::disks::create(&l.dir, &l.owner)
+            .map_err(|e| host("disk directory".into())(e.to_string()))?;
+    }
     for f in &plan.sparse_files {
-        super::opener::sparse_file(&f.path, f.size)
-            .map_err(|e| host(format!("empty disk {}", f.path.display()))(e.to_string()))?;
+        super::opener::sparse_file(f)?;
     }
     for s in &plan.seeds {
         let image = seed::image(&s.files, s.volume_id)
@@ -493,283 +540,4 @@ impl From<HandoffError> for PrepareError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::Path;
-
-    fn spec(yaml: &str) -> VirtualMachineSpec {
-        serde_yaml::from_str(yaml).expect("spec")
-    }
-
-    fn id(uid: &str) -> VmId<'_> {
-        VmId { uid, name: "vm-1" }
-    }
-
-    fn ctx() -> NodeContext {
-        NodeContext {
-            allowed_dirs: vec![PathBuf::from("/var/lib/kubevmm")],
-            allowed_bridges: vec!["br0".into()],
-            max_empty_disk: 1 << 40,
-            images: BTreeMap::from([
-                (
-                    "k".to_string(),
-                    CachedImage {
-                        path: PathBuf::from("/state/images/sha256-aa"),
-                        format: ImageFormat::Raw,
-                    },
-                ),
-                (
-                    "disk".to_string(),
-                    CachedImage {
-                        path: PathBuf::from("/state/images/sha256-bb"),
-                        format: ImageFormat::Qcow2,
-                    },
-                ),
-            ]),
-        }
-    }
-
-    #[test]
-    fn builds_config_with_disks_and_bridge() {
-        let s = spec(
-            "memory: 128Mi\ncpus: 2\nboot: {kernel: {path: /var/lib/kubevmm/boot/k.elf}, cmdline: x}\n\
-             disks: [{name: data, hostDisk: {path: /var/lib/kubevmm/disks/d.img}, readOnly: true}, {name: scratch, emptyDisk: {size: 1Gi}}]\n\
-             networks: [{name: lan, bridge: {name: br0}}]\n",
-        );
-        let dir = VmDir(PathBuf::from("/run/vm1"));
-        let p = plan(&s, id("0a1b2c3d-4e5f"), &dir, &ctx()).expect("plan");
-        assert_eq!(p.config.cpus, 2);
-        assert_eq!(p.config.memory, 128 << 20);
-        assert_eq!(p.config.disks.len(), 2);
-        assert!(p.config.disks[0].read_only);
-        assert_eq!(p.config.disks[0].format, None, "a user's file is probed");
-        assert_eq!(
-            p.config.disks[1].format,
-            Some(kubevmm_vmm::image::ImageFormat::Raw),
-            "an empty disk is raw whatever the guest writes into it"
-        );
-        assert_eq!(
-            p.sparse_files,
-            vec![SparseFile {
-                path: PathBuf::from("/run/vm1/disk-scratch.img"),
-                size: 1 << 30
-            }]
-        );
-        assert_eq!(
-            p.opens.disks,
-            vec![
-                FileSource::User {
-                    field: "spec.disks[0].hostDisk.path".into(),
-                    path: "/var/lib/kubevmm/disks/d.img".into()
-                },
-                FileSource::State(PathBuf::from("/run/vm1/disk-scratch.img")),
-            ]
-        );
-        assert_eq!(p.taps[0].bridge, "br0");
-        assert!(p.taps[0].name.len() <= 15);
-        assert_eq!(p.interfaces[0].1, stable_mac("0a1b2c3d-4e5f", "lan"));
-    }
-
-    #[test]
-    fn refuses_paths_outside_the_allow_list() {
-        let s = spec("memory: 128Mi\nboot: {kernel: {path: /etc/shadow}}\n");
-        let e = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
-        assert!(e
-            .to_string()
-            .contains("spec.boot.kernel.path: /etc/shadow is outside the allowed directories"));
-    }
-
-    #[test]
-    fn refuses_bridges_and_empty_disks_beyond_the_node_limits() {
-        let base = "memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\n";
-        let cases = [
-            (
-                "networks: [{name: lan, bridge: {name: br1}}]\n",
-                "spec.networks[0].bridge.name: bridge br1 is not in the allowed bridges (br0)",
-            ),
-            (
-                "disks: [{name: big, emptyDisk: {size: 2Ti}}]\n",
-                "spec.disks[0].emptyDisk.size: 2199023255552 bytes is more than this node allows",
-            ),
-        ];
-        for (extra, want) in cases {
-            let s = spec(&format!("{base}{extra}"));
-            let e = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
-            assert!(e.to_string().starts_with(want), "{e}");
-        }
-    }
-
-    #[test]
-    fn names_unsupported_fields() {
-        let s = spec("memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\nnetworks: [{name: default, masquerade: {}}]\n");
-        let e = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
-        assert!(e.to_string().starts_with("spec.networks[0].masquerade"));
-    }
-
-    #[test]
-    fn cloud_init_disks_are_generated_read_only_seeds() {
-        let base = "memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\n";
-        let cases = [
-            ("readOnly: false", "user-data", "#cloud-config\n"),
-            ("readOnly: true", "user-data", "#cloud-config\n"),
-        ];
-        for (ro, file, contents) in cases {
-            let s = spec(&format!(
-                "{base}disks: [{{name: root, emptyDisk: {{size: 1Gi}}}}, {{name: seed, {ro}, cloudInit: {{userData: \"#cloud-config\\n\", networkData: \"version: 2\\n\"}}}}]\n"
-            ));
-            let dir = VmDir(PathBuf::from("/run/vm1"));
-            let p = plan(&s, id("0a1b2c3d"), &dir, &ctx()).expect("plan");
-            let path = PathBuf::from("/run/vm1/seed-seed.img");
-            assert!(
-                p.config.disks[1].read_only,
-                "{ro}: the guest never writes its seed"
-            );
-            assert!(!p.config.disks[0].read_only);
-            assert_eq!(p.config.disks[1].path, path);
-            assert_eq!(p.opens.disks[1], FileSource::State(path.clone()));
-            assert_eq!(p.seeds.len(), 1);
-            assert_eq!(p.seeds[0].path, path);
-            assert_eq!(p.seeds[0].volume_id, seed::volume_id("0a1b2c3d"));
-            let names: Vec<&str> = p.seeds[0].files.iter().map(|f| f.name).collect();
-            assert_eq!(names, ["user-data", "meta-data", "network-config"]);
-            assert_eq!(p.seeds[0].files[0].name, file);
-            assert_eq!(p.seeds[0].files[0].contents, contents);
-            assert_eq!(
-                p.seeds[0].files[1].contents,
-                "instance-id: 0a1b2c3d\nlocal-hostname: vm-1\n"
-            );
-        }
-    }
-
-    #[test]
-    fn image_disks_are_qcow2_overlays_of_the_cached_image() {
-        let s = spec(
-            "memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\n\
-             disks: [{name: root, image: {name: disk}}, {name: other, image: {name: missing}}]\n",
-        );
-        let e = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
-        assert!(
-            e.to_string().starts_with(
-                "spec.disks[1].image.name: VirtualMachineImage missing is not in this node's image cache yet"
-            ),
-            "{e}"
-        );
-        let s = spec(
-            "memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\ndisks: [{name: root, image: {name: disk}}]\n",
-        );
-        let p = plan(&s, id("u"), &VmDir(PathBuf::from("/run/vm1")), &ctx()).expect("plan");
-        let overlay = PathBuf::from("/run/vm1/disk-root.qcow2");
-        assert_eq!(p.config.disks[0].path, overlay);
-        assert_eq!(
-            p.config.disks[0].format,
-            Some(kubevmm_vmm::image::ImageFormat::Qcow2),
-            "the overlay the agent made is never probed"
-        );
-        assert_eq!(
-            p.opens.disks[0],
-            FileSource::Overlay {
-                overlay,
-                base: PathBuf::from("/state/images/sha256-bb"),
-            }
-        );
-    }
-
-    #[test]
-    fn boot_images_resolve_to_raw_cached_files() {
-        let s = spec("memory: 128Mi\nboot: {kernel: {image: k}, initrd: {image: k}}\n");
-        let p = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).expect("plan");
-        let cached = PathBuf::from("/state/images/sha256-aa");
-        assert_eq!(p.config.kernel, cached);
-        assert_eq!(p.opens.kernel, FileSource::State(cached.clone()));
-        assert_eq!(p.opens.initrd, Some(FileSource::State(cached)));
-        let cases = [
-            (
-                "boot: {kernel: {image: disk}}",
-                "spec.boot.kernel.image: VirtualMachineImage disk is a qcow2 disk image; a kernel or initrd must be a raw file",
-            ),
-            (
-                "boot: {kernel: {image: k}, initrd: {image: disk}}",
-                "spec.boot.initrd.image: VirtualMachineImage disk is a qcow2",
-            ),
-            (
-                "boot: {kernel: {image: other}}",
-                "spec.boot.kernel.image: VirtualMachineImage other is not in this node's image cache",
-            ),
-        ];
-        for (boot, want) in cases {
-            let s = spec(&format!("memory: 128Mi\n{boot}\n"));
-            let e = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
-            assert!(e.to_string().starts_with(want), "{e}");
-        }
-    }
-
-    #[test]
-    fn cloud_init_meta_data_that_is_not_a_mapping_is_refused() {
-        let s = spec(
-            "memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\n\
-             disks: [{name: seed, cloudInit: {metaData: \"- a\\n\"}}]\n",
-        );
-        let e = plan(&s, id("u"), &VmDir(PathBuf::from("/x")), &ctx()).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("spec.disks[0].cloudInit.metaData: meta-data must be a YAML mapping"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn the_examples_prepare_their_seed_disks() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        let mut seeds = 0;
-        for entry in std::fs::read_dir(&dir).expect("examples/") {
-            let path = entry.expect("entry").path();
-            let text = std::fs::read_to_string(&path).expect("read");
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let v = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("yaml");
-                if v.get("kind").and_then(serde_yaml::Value::as_str) != Some("VirtualMachine") {
-                    continue;
-                }
-                let vm: kubevmm_crds::VirtualMachine =
-                    serde_yaml::from_value(v).expect("a VirtualMachine");
-                let cloud_init = vm.spec.disks.iter().any(|d| d.cloud_init.is_some());
-                let ctx = NodeContext {
-                    allowed_dirs: vec![PathBuf::from("/")],
-                    ..ctx()
-                };
-                match plan(&vm.spec, id("u"), &VmDir(PathBuf::from("/x")), &ctx) {
-                    Ok(p) => seeds += p.seeds.len(),
-                    Err(e) => {
-                        let text = e.to_string();
-                        assert!(!text.contains("cloudInit"), "{}: {text}", path.display());
-                        // Images and masquerade are other work; the seed is not.
-                        assert!(
-                            matches!(e, PrepareError::Unsupported { .. }),
-                            "{}: {e}",
-                            path.display()
-                        );
-                        if cloud_init {
-                            let mut only_seeds = vm.spec.clone();
-                            only_seeds.disks.retain(|d| d.cloud_init.is_some());
-                            only_seeds.networks.clear();
-                            only_seeds.boot.kernel.image = None;
-                            only_seeds.boot.kernel.path = Some("/k".into());
-                            only_seeds.boot.initrd = None;
-                            let p = plan(&only_seeds, id("u"), &VmDir(PathBuf::from("/x")), &ctx)
-                                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                            seeds += p.seeds.len();
-                        }
-                    }
-                }
-            }
-        }
-        assert!(seeds > 0, "no example has a cloudInit disk");
-    }
-
-    #[test]
-    fn macs_are_stable_unicast_and_local() {
-        let m = stable_mac("uid", "lan");
-        assert_eq!(m, stable_mac("uid", "lan"));
-        assert_ne!(m, stable_mac("uid", "wan"));
-        assert!(m.starts_with("52:54:00:"));
-    }
-}
+mod tests;

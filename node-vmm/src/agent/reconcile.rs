@@ -408,7 +408,6 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
     let Some(images) = boot_images(ctx, vm, local).await else {
         return;
     };
-    let used = images.clone();
     let ctx_node = prepare::NodeContext {
         allowed_dirs: ctx.cfg.allowed_dirs.clone(),
         allowed_bridges: ctx.cfg.allowed_bridges.clone(),
@@ -422,6 +421,7 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
         Err(e) => {
             let reason = match e {
                 prepare::PrepareError::Host { .. } => "HostSetupFailed",
+                prepare::PrepareError::NoSpace { .. } => "InsufficientSpace",
                 _ => "InvalidSpec",
             };
             // Retried with backoff (a missing bridge may appear; a spec
@@ -435,9 +435,6 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
             return;
         }
     };
-    if let Err(e) = super::images::record_use(&dir.0, &used) {
-        tracing::warn!(vm = %vm.name_any(), "cannot record the images it uses: {e}");
-    }
     local.prepare_failures = 0;
     let owner = json!({"namespace": vm.namespace(), "name": vm.name_any(), "uid": uid});
     let _ = supervisor::write_atomic(&dir.owner_file(), owner.to_string().as_bytes());
@@ -631,10 +628,12 @@ async fn stop_step(
     );
 }
 
-/// Releases taps, cgroup, metrics series and the state directory.
+/// Releases taps, cgroup, metrics series, the state directory and, the VM
+/// being deleted, its disks.
 fn release(ctx: &Ctx, uid: &str, dir: &VmDir, vm: &VirtualMachine) {
     debug_assert_eq!(dir.0, ctx.dir(uid).0);
     ctx.remove_host_state(uid, vm.spec.networks.len());
+    let _ = std::fs::remove_dir_all(ctx.disk_dir(uid).0);
     ctx.metrics
         .forget(&vm.namespace().unwrap_or_default(), &vm.name_any());
 }

@@ -5,6 +5,46 @@
 #[allow(clippy::wildcard_imports)] // the parent's types and helpers
 use super::*;
 
+/// Which fields of `obj` the operator's field manager owns now.
+pub(super) fn owned_by_operator(obj: &DynamicObject) -> Owned {
+    let mut owned = Owned::default();
+    for entry in obj.metadata.managed_fields.iter().flatten() {
+        if entry.manager.as_deref() != Some(contract::MANAGER_OPERATOR) {
+            continue;
+        }
+        let fields = entry.fields_v1.as_ref().map(|f| &f.0);
+        if entry.subresource.as_deref() != Some("status") {
+            owned.label |= fields
+                .and_then(|f| {
+                    f.get("f:metadata")?
+                        .get("f:labels")?
+                        .get(format!("f:{}", contract::LABEL_NODE))
+                })
+                .is_some();
+            continue;
+        }
+        let Some(status) = fields.and_then(|f| f.get("f:status")) else {
+            continue;
+        };
+        owned.node_name |= status.get("f:nodeName").is_some();
+        owned.disk_node |= status.get("f:diskNode").is_some();
+        owned.phase |= status.get("f:phase").is_some();
+        owned.restart_count |= status.get("f:restartCount").is_some();
+        if let Some(conds) = status.get("f:conditions").and_then(Value::as_object) {
+            for key in conds.keys() {
+                let ty = key
+                    .strip_prefix("k:")
+                    .and_then(|k| serde_json::from_str::<Value>(k).ok())
+                    .and_then(|k| k.get("type").and_then(Value::as_str).map(String::from));
+                if let Some(ty) = ty {
+                    owned.conditions.insert(ty);
+                }
+            }
+        }
+    }
+    owned
+}
+
 /// Decides everything but placement for one VM.
 #[allow(clippy::too_many_lines)]
 pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -> Work {
@@ -21,6 +61,7 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
         namespace,
         owned,
         bind: None,
+        disk_node: None,
         add_finalizer: false,
         remove_finalizer: false,
         phase: None,
@@ -98,7 +139,15 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
             return w;
         }
     };
-    let request = request_of(&vm);
+    w.disk_node = w
+        .owned
+        .disk_node
+        .then(|| w.current_status().disk_node)
+        .flatten();
+    let request = request_of(&vm).map(|r| Request {
+        disk_node: w.disk_node.clone(),
+        ..r
+    });
     w.request = request.as_ref().ok().cloned();
     let phase = w.phase_now();
     let strategy = vm.spec.run_strategy;
@@ -123,7 +172,10 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
                 w.events.push(Ev {
                     warning: true,
                     reason: "Rescheduled",
-                    note: format!("{why}; placing the VM on another node"),
+                    note: match &w.disk_node {
+                        Some(d) => format!("{why}; its disks are on {d}: it starts again there"),
+                        None => format!("{why}; placing the VM on another node"),
+                    },
                 });
                 w.candidate = request.is_ok();
             } else {
@@ -336,7 +388,23 @@ pub(super) fn request_of(vm: &VirtualMachine) -> Result<Request, String> {
         cpus: vm.spec.cpus,
         memory,
         node_selector: vm.spec.node_selector.clone(),
+        disk_node: None,
     })
+}
+
+/// `status.diskNode` after this pass: kept once set; the node the VM is
+/// bound to when it has node-local disks (`emptyDisk`, `image`) and none
+/// holds them yet.
+pub(super) fn disk_node(w: &Work) -> Option<String> {
+    let local = w.vm.as_ref().is_some_and(|v| {
+        v.spec
+            .disks
+            .iter()
+            .any(kubevmm_crds::vm::Disk::is_node_local)
+    });
+    w.disk_node
+        .clone()
+        .or_else(|| w.bind.clone().filter(|_| local))
 }
 
 /// The operator's status, complete (owned fields it did not decide carry
@@ -347,6 +415,11 @@ pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
     let mut status = serde_json::Map::new();
     if let Some(n) = &w.bind {
         status.insert("nodeName".into(), json!(n));
+    }
+    let disk_node = disk_node(w);
+    changed |= current.disk_node != disk_node;
+    if let Some(n) = disk_node {
+        status.insert("diskNode".into(), json!(n));
     }
     let phase = match w.phase {
         Some(p) => {
@@ -562,6 +635,68 @@ mod tests {
         assert!(!w.conditions.contains_key(condition::NODE_LOST));
         assert!(!w.conditions.contains_key(condition::READY));
         assert!(!w.drop_conditions.contains(condition::READY));
+    }
+
+    #[test]
+    fn the_node_holding_local_disks_is_recorded_and_kept() {
+        let alive = || {
+            BTreeMap::from([(
+                "a".to_string(),
+                NodeState {
+                    deleted: false,
+                    ..deleted_node_state(
+                        "a",
+                        Liveness::Alive {
+                            expires_at: Instant::now() + Duration::from_secs(9),
+                        },
+                    )
+                },
+            )])
+        };
+        let disks = json!([{"name": "d", "emptyDisk": {"size": "1Gi"}}]);
+        let seed = json!([{"name": "s", "cloudInit": {"userData": "#cloud-config"}}]);
+        // disks | diskNode now (owned?) | strategy | diskNode after | pinned request
+        let table = [
+            (disks.clone(), None, "Always", Some("a"), None),
+            (seed.clone(), None, "Always", None, None),
+            // Released (Halted): the disks stay on a; so does diskNode.
+            (
+                disks.clone(),
+                Some(("a", true)),
+                "Halted",
+                Some("a"),
+                Some("a"),
+            ),
+            // Written by someone else: not honoured, recorded anew.
+            (disks.clone(), Some(("b", false)), "Always", Some("a"), None),
+        ];
+        for (d, now, strategy, after, pinned) in table {
+            let mut obj = bound_vm("a", strategy);
+            obj.data["spec"]["disks"] = d;
+            obj.data["status"]["phase"] = json!("Stopped");
+            if let Some((n, owned)) = now {
+                obj.data["status"]["diskNode"] = json!(n);
+                if owned {
+                    let f = obj.metadata.managed_fields.as_mut().unwrap();
+                    f[0].fields_v1 = Some(FieldsV1(
+                        json!({"f:status": {"f:nodeName": {}, "f:phase": {}, "f:diskNode": {}}}),
+                    ));
+                }
+            }
+            let w = decide(obj, &alive());
+            assert_eq!(disk_node(&w).as_deref(), after, "{now:?} {strategy}");
+            assert_eq!(
+                w.request.as_ref().and_then(|r| r.disk_node.as_deref()),
+                pinned,
+                "{now:?} {strategy}"
+            );
+            let applied = status_apply(&w, Timestamp::UNIX_EPOCH).unwrap_or_default();
+            assert_eq!(
+                applied.pointer("/status/diskNode").and_then(Value::as_str),
+                after.filter(|_| !applied.is_null()),
+                "{now:?} {strategy}"
+            );
+        }
     }
 
     #[test]

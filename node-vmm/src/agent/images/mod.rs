@@ -85,6 +85,8 @@ struct Job {
 pub struct Importer {
     store: Store,
     vms_dir: PathBuf,
+    /// `<state>/disks`: overlays keep their bases.
+    disks_dir: PathBuf,
     client: Result<fetch::HttpClient, String>,
     allowed_dirs: Vec<PathBuf>,
     node: String,
@@ -143,6 +145,7 @@ impl Importer {
         Ok(Self {
             store,
             vms_dir: cfg.state_dir.join("vms"),
+            disks_dir: super::disks::root(&cfg.state_dir),
             client: fetch::client(),
             allowed_dirs: cfg.allowed_dirs.clone(),
             node: cfg.node.clone(),
@@ -570,7 +573,7 @@ impl Importer {
                 .filter(|(_, j)| matches!(j.state, JobState::Running))
                 .map(|(k, _)| k.clone())
                 .collect();
-            let in_use = images_in_use(&self.vms_dir);
+            let in_use = images_in_use(&[&self.vms_dir, &self.disks_dir]);
             let removed = self
                 .store
                 .collect(self.grace, &|k| busy.contains(k), &in_use);
@@ -680,10 +683,11 @@ pub fn record_use(
         .map_err(std::io::Error::other)
 }
 
-/// Every cached file a VM on this node records (`<vms>/<uid>/images`).
-fn images_in_use(vms: &std::path::Path) -> std::collections::HashSet<String> {
-    std::fs::read_dir(vms)
-        .into_iter()
+/// Every cached file a VM on this node records (`<vms>/<uid>/images`,
+/// `<disks>/<uid>/images`).
+fn images_in_use(dirs: &[&std::path::Path]) -> std::collections::HashSet<String> {
+    dirs.iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
         .flatten()
         .flatten()
         .filter_map(|e| std::fs::read_to_string(e.path().join(IMAGES_FILE)).ok())
