@@ -399,7 +399,7 @@ impl Importer {
     async fn write_ready(&self, ns: &str, name: &str, e: &Entry) {
         let msg = format!("cached on node {}: sha256 {}", self.node, e.sha256);
         let entry = self.node_entry(ImagePhase::Ready, "Imported", &msg, e.size, e.size, Some(e));
-        self.apply(ns, name, &entry, Some(e)).await;
+        self.apply(ns, name, Some(&entry), Some(e)).await;
     }
 
     fn node_entry(
@@ -445,7 +445,7 @@ impl Importer {
         let done = entry.map_or(done, |e| e.size);
         let node = self.node_entry(phase, reason, message, done, total, entry);
         for (ns, name) in images {
-            let changed = self.apply(&ns, &name, &node, entry).await;
+            let changed = self.apply(&ns, &name, Some(&node), entry).await;
             if changed {
                 self.event(&ns, &name, phase == ImagePhase::Failed, reason, message)
                     .await;
@@ -453,17 +453,25 @@ impl Importer {
         }
     }
 
-    /// Server-side apply of this node's entry and condition, and of the
-    /// image-wide phase computed from every node's entry (optimistically
-    /// locked on the resourceVersion, so the last writer saw all entries).
-    /// Returns whether this node's phase changed.
+    /// Server-side apply of this node's entry and condition (`None`: both
+    /// removed, the image collected), and of the image-wide phase computed
+    /// from every node's entry (optimistically locked on the
+    /// resourceVersion, so the last writer saw all entries). Returns
+    /// whether this node's phase changed.
     async fn apply(
         &self,
         ns: &str,
         name: &str,
-        mine: &NodeImageStatus,
+        mine: Option<&NodeImageStatus>,
         entry: Option<&Entry>,
     ) -> bool {
+        if let (Some(m), Some(e)) = (mine, entry) {
+            if m.phase == Some(ImagePhase::Ready) {
+                if let Err(err) = self.store.record_published(&e.sha256, ns, name) {
+                    tracing::warn!(image = %format!("{ns}/{name}"), "cannot record it: {err}");
+                }
+            }
+        }
         let api: Api<VirtualMachineImage> = Api::namespaced(self.kube.clone(), ns);
         let manager = format!("node-vmm-{}", self.node);
         for _ in 0..5 {
@@ -481,29 +489,31 @@ impl Importer {
                 .into_iter()
                 .filter(|n| n.node != self.node)
                 .collect();
-            nodes.push(mine.clone());
-            let ready = mine.phase == Some(ImagePhase::Ready);
-            let since = status
-                .conditions
-                .iter()
-                .find(|c| c.type_ == node_condition(&self.node) && (c.status == "True") == ready)
-                .map_or_else(
-                    || Time(Timestamp::now()),
-                    |c| c.last_transition_time.clone(),
-                );
-            let cond = Condition {
-                type_: node_condition(&self.node),
-                status: if ready { "True" } else { "False" }.into(),
-                reason: mine.reason.clone().unwrap_or_default(),
-                message: mine.message.clone().unwrap_or_default(),
-                last_transition_time: since,
-                observed_generation: live.metadata.generation,
-            };
-            let mut st = json!({
-                "phase": aggregate_phase(&nodes),
-                "nodes": [mine],
-                "conditions": [cond],
-            });
+            nodes.extend(mine.cloned());
+            let ready = mine.is_some_and(|m| m.phase == Some(ImagePhase::Ready));
+            let mut st = json!({ "phase": aggregate_phase(&nodes) });
+            if let Some(mine) = mine {
+                let since = status
+                    .conditions
+                    .iter()
+                    .find(|c| {
+                        c.type_ == node_condition(&self.node) && (c.status == "True") == ready
+                    })
+                    .map_or_else(
+                        || Time(Timestamp::now()),
+                        |c| c.last_transition_time.clone(),
+                    );
+                let cond = Condition {
+                    type_: node_condition(&self.node),
+                    status: if ready { "True" } else { "False" }.into(),
+                    reason: mine.reason.clone().unwrap_or_default(),
+                    message: mine.message.clone().unwrap_or_default(),
+                    last_transition_time: since,
+                    observed_generation: live.metadata.generation,
+                };
+                st["nodes"] = json!([mine]);
+                st["conditions"] = json!([cond]);
+            }
             if let Some(e) = entry {
                 st["format"] = json!(e.format);
                 st["virtualSize"] = json!(Quantity(e.virtual_size.to_string()));
@@ -522,7 +532,7 @@ impl Importer {
                 )
                 .await
             {
-                Ok(_) => return before != mine.phase,
+                Ok(_) => return before != mine.and_then(|m| m.phase),
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(e) => {
                     tracing::warn!(image = %format!("{ns}/{name}"), "status not written: {e}");
@@ -584,6 +594,12 @@ impl Importer {
                     self.grace
                 );
                 self.metrics.image_cache(self.store.size());
+            }
+            // Their status entries go too: the node holds them no longer.
+            for sha in &removed {
+                for (ns, name) in self.store.take_published(sha) {
+                    self.apply(&ns, &name, None, None).await;
+                }
             }
         }
     }

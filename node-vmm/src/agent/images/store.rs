@@ -93,6 +93,43 @@ impl Store {
         self.root.join(format!(".partial-{key}"))
     }
 
+    /// Which image objects say this node holds `sha256` (`ns/name` lines),
+    /// so their entries are retracted when the file is collected, even
+    /// after an agent restart.
+    fn published(&self, sha256: &str) -> PathBuf {
+        self.root.join("published").join(sha256)
+    }
+
+    /// Records that `ns/name`'s status says this node holds `sha256`.
+    pub fn record_published(&self, sha256: &str, ns: &str, name: &str) -> std::io::Result<()> {
+        let path = self.published(sha256);
+        let line = format!("{ns}/{name}");
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().any(|l| l == line) {
+            return Ok(());
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.root.join("published"))?;
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes())
+    }
+
+    /// The `(ns, name)` recorded for `sha256`, forgotten.
+    pub fn take_published(&self, sha256: &str) -> Vec<(String, String)> {
+        let path = self.published(sha256);
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        let _ = fs::remove_file(path);
+        text.lines()
+            .filter_map(|l| l.split_once('/'))
+            .map(|(ns, n)| (ns.to_string(), n.to_string()))
+            .collect()
+    }
+
     fn index(&self, key: &str) -> PathBuf {
         self.root.join("index").join(format!("{key}.json"))
     }
@@ -288,6 +325,22 @@ mod tests {
         };
         assert_ne!(a, key(&p));
         assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn published_records_are_kept_once_and_taken_once() {
+        let state = tmp("published");
+        let s = Store::open(&state).unwrap();
+        assert!(s.take_published("aa").is_empty());
+        s.record_published("aa", "ns", "a").unwrap();
+        s.record_published("aa", "ns", "a").unwrap();
+        s.record_published("aa", "other", "b").unwrap();
+        assert_eq!(
+            s.take_published("aa"),
+            vec![("ns".into(), "a".into()), ("other".into(), "b".into())]
+        );
+        assert!(s.take_published("aa").is_empty(), "forgotten once taken");
+        let _ = fs::remove_dir_all(&state);
     }
 
     #[test]
