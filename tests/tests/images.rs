@@ -10,169 +10,15 @@
 
 mod agent_env;
 
-use std::path::{Path, PathBuf};
+mod images_env;
 
-use agent_env::{start_agent_args, Env};
-use kubevmm_e2e::http_server::{Fault, FileServer, Served};
+use std::path::Path;
+
+use agent_env::start_agent_args;
+use images_env::{qcow2, qemu_img, random_file, sha256, World};
+use kubevmm_e2e::http_server::{Fault, Served};
 use kubevmm_e2e::{crc32, free_port, run_with_input, wait_for};
 use serde_json::Value;
-
-fn sha256(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_string()
-}
-
-/// A file of `len` pseudo-random bytes (no format magic).
-fn random_file(dir: &Path, name: &str, len: usize) -> PathBuf {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let bytes: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).expect("write");
-    p
-}
-
-fn qemu_img(args: &[&str]) {
-    let st = std::process::Command::new("qemu-img")
-        .args(args)
-        .status()
-        .expect("qemu-img (apt-get install qemu-utils)");
-    assert!(st.success(), "qemu-img {args:?}");
-}
-
-/// A qcow2 with compressed clusters and holes, of a 4 MiB raw disk whose
-/// first MiB holds a pattern.
-fn qcow2(dir: &Path, name: &str) -> PathBuf {
-    let raw = dir.join(format!("{name}.raw"));
-    let mut data = vec![0u8; 4 << 20];
-    for (i, b) in data.iter_mut().take(1 << 20).enumerate() {
-        *b = (i % 251) as u8;
-    }
-    std::fs::write(&raw, data).expect("raw");
-    let out = dir.join(name);
-    let (r, o) = (raw.display().to_string(), out.display().to_string());
-    qemu_img(&["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", &r, &o]);
-    out
-}
-
-struct World {
-    env: Env,
-    srv: FileServer,
-    dir: PathBuf,
-}
-
-impl World {
-    fn new(test: &str) -> Self {
-        Self::with_agent_args(test, &[])
-    }
-
-    fn with_agent_args(test: &str, agent: &[&str]) -> Self {
-        // Most VMs here wait for an image and never run a guest: let many fit.
-        let env = Env::with_args(test, agent, &["--cpu-overcommit", "16"]);
-        let dir = env.state.join("served");
-        std::fs::create_dir_all(&dir).expect("served dir");
-        Self {
-            env,
-            srv: FileServer::start().expect("http server"),
-            dir,
-        }
-    }
-
-    fn image(&self, name: &str, source: &str) {
-        let m = format!(
-            "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachineImage\nmetadata: {{name: {name}}}\nspec:\n  source: {source}\n"
-        );
-        let o = run_with_input(
-            self.env
-                .cp
-                .kubectl()
-                .args(["apply", "-n", &self.env.ns, "-f", "-"]),
-            &m,
-        );
-        assert!(o.success, "image {name}: {}", o.stderr);
-    }
-
-    fn http_image(&self, name: &str, url: &str, sha: Option<&str>) {
-        let sha = sha
-            .map(|s| format!(", sha256: \"{s}\""))
-            .unwrap_or_default();
-        self.image(name, &format!("{{http: {{url: \"{url}\"{sha}}}}}"));
-    }
-
-    fn vm(&self, name: &str, kernel_image: &str) {
-        let m = format!(
-            "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: 1\n  memory: 64Mi\n  \
-             terminationGracePeriodSeconds: 5\n  nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{image: {kernel_image}}}\n",
-            node = self.env.node
-        );
-        let o = run_with_input(
-            self.env
-                .cp
-                .kubectl()
-                .args(["apply", "-n", &self.env.ns, "-f", "-"]),
-            &m,
-        );
-        assert!(o.success, "vm {name}: {}", o.stderr);
-    }
-
-    fn image_json(&self, name: &str) -> Value {
-        serde_json::from_str(&self.env.kubectl(&["get", "vmimage", name, "-o", "json"]))
-            .expect("json")
-    }
-
-    /// This node's entry of the image's status.
-    fn entry(&self, name: &str) -> Value {
-        let img = self.image_json(name);
-        img.pointer("/status/nodes")
-            .and_then(Value::as_array)
-            .and_then(|n| {
-                n.iter()
-                    .find(|e| e["node"] == self.env.node.as_str())
-                    .cloned()
-            })
-            .unwrap_or(Value::Null)
-    }
-
-    fn wait_entry(&self, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        wait_for(
-            90,
-            &format!("image {name}: {what}"),
-            || Some(self.entry(name)).filter(|e| f(e)),
-            || {
-                format!(
-                    "{}\n{}",
-                    self.image_json(name)["status"],
-                    agent_env::tail(&self.env.agent.output())
-                )
-            },
-        )
-    }
-
-    fn cache(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.env.state.join("images"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != "index")
-            .collect();
-        v.sort();
-        v
-    }
-}
 
 #[test]
 fn a_vm_boots_its_kernel_from_an_imported_image_and_qcow2_kernels_are_refused() {
@@ -579,6 +425,23 @@ fn the_cache_survives_agent_restarts_and_unused_images_are_collected() {
             .is_none(),
         "the index entry went with the file"
     );
+    // The image no longer says this node holds it.
+    let status = wait_for(
+        30,
+        "this node's entry to leave the image's status",
+        || {
+            let s = w.image_json("k")["status"].clone();
+            (w.entry("k").is_null()).then_some(s)
+        },
+        || w.image_json("k")["status"].to_string(),
+    );
+    let conds = status["conditions"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !conds.iter().any(|c| c["type"]
+            .as_str()
+            .is_some_and(|t| t.contains(w.env.node.as_str()))),
+        "{status}"
+    );
 }
 
 #[test]
@@ -680,4 +543,154 @@ fn an_image_disk_is_a_qcow2_overlay_over_the_untouched_cached_base() {
         raw[..100 * 512],
         "unwritten data comes from the base"
     );
+}
+
+/// Runs `openssl` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (hack/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `openssl s_server -WWW`: serves the files of its directory over https.
+struct TlsServer(std::process::Child);
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn https_imports_trust_the_nodes_certificate_authorities_only() {
+    let mut w = World::new("img-https");
+    let tls = w.dir.join("tls");
+    std::fs::create_dir_all(&tls).expect("dir");
+    let kernel = w.env.guests.join("counter.elf");
+    std::fs::copy(&kernel, tls.join("k.elf")).expect("copy");
+    let sha = sha256(&kernel);
+    // A private CA and a certificate for 127.0.0.1 signed by it.
+    openssl(
+        &tls,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=kubevmm test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    );
+    openssl(
+        &tls,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        tls.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    openssl(
+        &tls,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let port = free_port().expect("port").to_string();
+    let _server = TlsServer(
+        std::process::Command::new("openssl")
+            .current_dir(&tls)
+            .args(["s_server", "-quiet", "-accept", &port, "-cert", "srv.pem"])
+            .args(["-key", "srv.key", "-WWW"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+    );
+    wait_for(
+        10,
+        "the https server to listen",
+        || std::net::TcpStream::connect(format!("127.0.0.1:{port}")).ok(),
+        String::new,
+    );
+    w.http_image("k", &format!("https://127.0.0.1:{port}/k.elf"), Some(&sha));
+
+    // The node does not trust that CA: refused, the reason says why.
+    w.vm("a", "k");
+    let e = w.wait_entry("k", "refused over an untrusted certificate", |e| {
+        e["phase"] == "Failed"
+    });
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert_eq!(e["reason"], "HostUnreachable", "{e}");
+    assert!(msg.to_lowercase().contains("certificate"), "{msg}");
+    assert!(w.cache().is_empty(), "nothing cached: {:?}", w.cache());
+    w.env
+        .kubectl(&["delete", "vm", "a", "--wait=true", "--timeout=60s"]);
+
+    // A node that trusts it (SSL_CERT_FILE, as rustls-native-certs reads
+    // it; on a real node the CA goes into the system bundle): imported,
+    // verified, and the VM boots from it.
+    w.env.agent.kill();
+    w.env.agent = agent_env::start_agent_env(
+        w.env.cp,
+        &w.env.node,
+        &w.env.state,
+        &w.env.guests,
+        "agent2.log",
+        "1",
+        &[],
+        &[("SSL_CERT_FILE", &tls.join("ca.pem"))],
+    );
+    w.vm("b", "k");
+    let e = w.wait_entry("k", "imported over https", |e| e["phase"] == "Ready");
+    assert_eq!(e["digest"], format!("sha256:{sha}"), "{e}");
+    w.env.wait_phase("b", "Running", 90);
 }

@@ -65,8 +65,24 @@ pub fn start_agent_args(
     reserved_cpus: &str,
     extra: &[&str],
 ) -> Daemon {
+    start_agent_env(cp, node, state, guests, log, reserved_cpus, extra, &[])
+}
+
+/// An agent with extra flags and environment (e.g. `SSL_CERT_FILE`).
+#[allow(clippy::too_many_arguments)] // the agent's settings, spelled out
+pub fn start_agent_env(
+    cp: &ControlPlane,
+    node: &str,
+    state: &std::path::Path,
+    guests: &std::path::Path,
+    log: &str,
+    reserved_cpus: &str,
+    extra: &[&str],
+    envs: &[(&str, &std::path::Path)],
+) -> Daemon {
     let mut cmd = std::process::Command::new(bin_path("node-vmm"));
-    cmd.env("KUBECONFIG", cp.kubeconfig())
+    cmd.envs(envs.iter().copied())
+        .env("KUBECONFIG", cp.kubeconfig())
         .args(["agent", "--node-name", node, "--state-dir"])
         .arg(state)
         .arg("--allowed-dir")
