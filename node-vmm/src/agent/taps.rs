@@ -1,8 +1,5 @@
-//! Tap devices on host bridges for `bridge` networks: their stable names
-//! and MACs (pure), creating them with `ip` and removing them.
-
-use std::path::Path;
-use std::process::Command;
+//! Tap devices on host bridges: their stable names and MACs (pure),
+//! creating and removing them ([`super::netlink`]).
 
 use super::prepare::{PrepareError, Tap};
 
@@ -33,43 +30,13 @@ pub fn tap_name(uid: &str, index: usize) -> String {
     format!("kvt{short}n{index}")
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}`: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Creates each tap (replacing a stale one) on its bridge and brings it up.
 pub fn create(taps: &[Tap]) -> Result<(), PrepareError> {
     for t in taps {
-        if !Path::new("/sys/class/net")
-            .join(&t.bridge)
-            .join("bridge")
-            .exists()
-        {
-            return Err(PrepareError::Host {
-                what: format!("tap {} on bridge {}", t.name, t.bridge),
-                why: format!("bridge {} does not exist on this node", t.bridge),
-            });
-        }
-        let _ = ip(&["link", "del", &t.name]);
-        ip(&["tuntap", "add", "dev", &t.name, "mode", "tap", "vnet_hdr"])
-            .and_then(|()| ip(&["link", "set", &t.name, "master", &t.bridge]))
-            .and_then(|()| ip(&["link", "set", &t.name, "up"]))
-            .map_err(|why| PrepareError::Host {
-                what: format!("tap {}", t.name),
-                why,
-            })?;
+        super::netlink::create_tap(&t.name, &t.bridge).map_err(|e| PrepareError::Host {
+            what: format!("tap {} on bridge {}", t.name, t.bridge),
+            why: e.to_string(),
+        })?;
     }
     Ok(())
 }
@@ -81,9 +48,8 @@ pub const MAX_TAPS: usize = kubevmm_vmm::arch::layout::VIRTIO_MAX_DEVICES;
 /// Removes the taps of a plan (best effort; used when the VM goes away).
 pub fn release_taps(uid: &str, count: usize) {
     for i in 0..count.min(MAX_TAPS) {
-        let name = tap_name(uid, i);
-        if Path::new("/sys/class/net").join(&name).exists() {
-            let _ = ip(&["link", "del", &name]);
+        if let Err(e) = super::netlink::delete_link(&tap_name(uid, i)) {
+            tracing::warn!(uid, "cannot remove a tap: {e}");
         }
     }
 }
