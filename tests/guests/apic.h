@@ -34,11 +34,4 @@ static inline u32 cpuid_apic_id(void)
 	__asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
 	return b >> 24;
 }
-
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return (u64)hi << 32 | lo;
-}
 #endif

@@ -27,13 +27,6 @@ static u8 buf[CHUNK] __attribute__((aligned(4096)));
 static struct { u32 type; u32 reserved; u64 sector; } req;
 static volatile u8 status;
 
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return (u64)hi << 32 | lo;
-}
-
 static void ioloop(void)
 {
 	u64 t0, t1;

@@ -49,6 +49,12 @@ static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return (u64)hi << 32 | lo;
+}
 
 void putc(char c);
 void puts(const char *s);
@@ -60,6 +66,10 @@ int memcmp(const void *a, const void *b, usize n);
 usize strlen(const char *s);
 /* Returns 1 when the kernel command line contains word. */
 int cmdline_has(const struct hvm_start_info *si, const char *word);
+/* Copies the value of the first key=value word on the kernel command line
+ * into buf, NUL-terminated; returns its length, or -1 when there is no such
+ * word or its value does not fit in size - 1 bytes. */
+int cmdline_get(const struct hvm_start_info *si, const char *key, char *buf, usize size);
 /* Reports a failure on serial, then asks the VMM to record a guest panic. */
 void fail(const char *what) __attribute__((noreturn));
 void guest_poweroff(void) __attribute__((noreturn));

@@ -91,6 +91,30 @@ int cmdline_has(const struct hvm_start_info *si, const char *word)
 	return 0;
 }
 
+int cmdline_get(const struct hvm_start_info *si, const char *key, char *buf, usize size)
+{
+	const char *c = (const char *)si->cmdline_paddr;
+	usize n = strlen(key), v;
+	if (!c || !size)
+		return -1;
+	while (*c) {
+		while (*c == ' ')
+			c++;
+		if (!memcmp(c, key, n) && c[n] == '=') {
+			c += n + 1;
+			for (v = 0; c[v] && c[v] != ' '; v++)
+				if (v + 1 >= size)
+					return -1;
+			memcpy(buf, c, v);
+			buf[v] = 0;
+			return (int)v;
+		}
+		while (*c && *c != ' ')
+			c++;
+	}
+	return -1;
+}
+
 void fail(const char *what)
 {
 	puts("FAIL: ");

@@ -9,40 +9,13 @@
 static const u8 my_ip[4] = { 10, 0, 2, 15 };
 static u8 out[1514];
 
-/* One's-complement sum of big-endian 16-bit words. */
-static u32 csum_add(u32 sum, const u8 *p, usize n)
-{
-	for (; n > 1; n -= 2, p += 2)
-		sum += (u32)p[0] << 8 | p[1];
-	if (n)
-		sum += (u32)p[0] << 8;
-	return sum;
-}
-
-static u16 csum_fold(u32 sum)
-{
-	while (sum >> 16)
-		sum = (sum & 0xffff) + (sum >> 16);
-	return (u16)~sum;
-}
-
-static u16 be16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
-static void put_be16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
-
-/* UDP checksum over the pseudo header and the UDP header + payload. */
-static u16 udp_csum(const u8 *ip, const u8 *udp, u16 udp_len)
-{
-	u32 sum = csum_add(0, ip + 12, 8);  /* source and destination */
-	sum += 17 + udp_len;
-	return csum_fold(csum_add(sum, udp, udp_len));
-}
-
 /* Handles one IPv4/UDP frame for us; returns 1 when it asked us to quit. */
 static int echo(struct net *n, const u8 *f, u32 len)
 {
 	const u8 *ip = f + 14, *udp = f + 34;
 	u16 udp_len, plen, c;
-	u8 *oip = out + 14, *oudp = out + 34;
+	const u8 *oip = out + 14;
+	u8 *oudp = out + 34;
 	u32 i;
 	if (len < 42 || (ip[0] & 0x0f) != 5)
 		return 0;
@@ -51,7 +24,7 @@ static int echo(struct net *n, const u8 *f, u32 len)
 	udp_len = be16(udp + 4);
 	if (udp_len < 8 || 34u + udp_len > len || udp_len > 1400)
 		fail("bad UDP length from the host");
-	if (be16(udp + 6) && udp_csum(ip, udp, udp_len) != 0)
+	if (be16(udp + 6) && l4_csum(ip, 17, udp, udp_len) != 0)
 		fail("bad UDP checksum from the host");
 	plen = (u16)(udp_len - 8);
 	puts("netecho: got \"");
@@ -59,26 +32,15 @@ static int echo(struct net *n, const u8 *f, u32 len)
 		putc((char)udp[8 + i]);
 	puts("\"\n");
 
-	memcpy(out, f + 6, 6);            /* Ethernet: back to the sender */
-	memcpy(out + 6, n->mac, 6);
-	out[12] = 0x08;
-	out[13] = 0x00;
-	memset(oip, 0, 20);
-	oip[0] = 0x45;
-	put_be16(oip + 2, (u16)(20 + 8 + 6 + plen));
-	oip[6] = 0x40;                    /* don't fragment */
-	oip[8] = 64;                      /* TTL */
-	oip[9] = 17;                      /* UDP */
-	memcpy(oip + 12, my_ip, 4);
-	memcpy(oip + 16, ip + 12, 4);
-	put_be16(oip + 10, csum_fold(csum_add(0, oip, 20)));
+	/* Back to the sender, from the address it asked. */
+	ipv4_header(out, f + 6, n->mac, my_ip, ip + 12, 17, 8u + 6 + plen);
 	memcpy(oudp, udp + 2, 2);         /* source port: the one asked */
 	memcpy(oudp + 2, udp, 2);         /* to the sender's port */
 	put_be16(oudp + 4, (u16)(8 + 6 + plen));
 	put_be16(oudp + 6, 0);
 	memcpy(oudp + 8, "echo: ", 6);
 	memcpy(oudp + 14, udp + 8, plen);
-	c = udp_csum(oip, oudp, (u16)(8 + 6 + plen));
+	c = l4_csum(oip, 17, oudp, 8u + 6 + plen);
 	put_be16(oudp + 6, c ? c : 0xffff);
 	net_send(n, out, 14u + 20 + 8 + 6 + plen);
 	return plen == 4 && !memcmp(udp + 8, "quit", 4);
