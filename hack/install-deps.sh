@@ -46,7 +46,7 @@ PACKAGES=(
 	binutils        # readelf/objcopy (fixtures), test guests
 	qemu-utils      # qemu-img (disk images in tests)
 	qemu-system-x86 # side-by-side benchmarks
-	busybox-static  # Linux fixture initramfs
+	busybox-static  # Linux fixture initramfs; udhcpc, ping, nc in network tests
 	cpio
 	gzip
 	xz-utils
@@ -55,6 +55,7 @@ PACKAGES=(
 	mtools          # mcopy: reads cloud-init seed images in tests
 	strace          # the blk flush test orders fdatasync before the guest sees completion
 	shellcheck      # make lint: hack/*.sh, .ci/run
+	nftables        # nft: node-vmm's NAT and anti-spoofing rules (agent/nft.rs)
 )
 
 need_root() {

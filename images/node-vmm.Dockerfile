@@ -11,10 +11,11 @@ RUN cargo build --release --locked -p node-vmm -p kubevmm-vmm \
  && install -D target/release/kubevmm-vmm /out/kubevmm-vmm
 
 FROM debian:bookworm-slim
-# iproute2: `ip` creates the guests' taps (node-vmm/src/agent/prepare.rs);
+# nftables: `nft` applies the NAT and anti-spoofing rules (agent/nft.rs; links
+# and taps go over netlink, no `ip`);
 # ca-certificates: TLS to the API server.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 ca-certificates \
+ && apt-get install -y --no-install-recommends nftables ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/node-vmm /out/kubevmm-vmm /usr/local/bin/
 # Runs privileged as root (see charts/kubevmm/templates/node-vmm.yaml).

@@ -26,7 +26,7 @@ enum Command {
     Doctor,
     /// Run the node agent (what the `DaemonSet` runs): keep this node's
     /// `HypervisorNode` and Lease current and converge the VMs bound to it.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Import an image into this node's cache ahead of time (what the agent
     /// does when a VM needs it): fetch, verify, detect the format, commit.
     /// Prints the cache entry as JSON.
@@ -187,6 +187,25 @@ struct AgentArgs {
     /// kept before it is deleted (never while a VMM holds it).
     #[arg(long, default_value_t = 24 * 3600)]
     image_cache_grace_seconds: u64,
+    /// The bridge `masquerade` networks use (made by the agent).
+    #[arg(long, default_value = agent::masquerade::DEFAULT_BRIDGE)]
+    masquerade_bridge: String,
+    /// Private IPv4 subnet of that bridge; the gateway is its first address.
+    #[arg(long, default_value = agent::masquerade::DEFAULT_SUBNET)]
+    masquerade_subnet: String,
+    /// Interface masquerade NAT goes out of (default: the default route's).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// DNS server for masquerade guests (repeatable; default: the node's
+    /// non-loopback resolvers in /etc/resolv.conf).
+    #[arg(long = "dns")]
+    dns: Vec<std::net::Ipv4Addr>,
+    /// DHCP lease time of masquerade guests, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    dhcp_lease_seconds: u64,
+    /// MTU handed to masquerade guests by DHCP (default: none sent).
+    #[arg(long)]
+    guest_mtu: Option<u16>,
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
@@ -259,6 +278,20 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         cgroups,
         lease_seconds: args.lease_seconds.max(3),
         image_grace: std::time::Duration::from_secs(args.image_cache_grace_seconds),
+        masquerade: agent::network::Settings {
+            bridge: match agent::masquerade::bridge_name(&args.masquerade_bridge) {
+                Ok(b) => b,
+                Err(e) => return fail(e.to_string()),
+            },
+            subnet: match agent::masquerade::Subnet::parse(&args.masquerade_subnet) {
+                Ok(s) => s,
+                Err(e) => return fail(e.to_string()),
+            },
+            uplink: args.uplink,
+            dns: (!args.dns.is_empty()).then_some(args.dns),
+            lease_time: std::time::Duration::from_secs(args.dhcp_lease_seconds),
+            mtu: args.guest_mtu,
+        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -287,7 +320,7 @@ fn main() -> ExitCode {
                 ExitCode::from(kubevmm_vmm::exit::code::VMM_ERROR as u8)
             }
         },
-        Command::Agent(args) => run_agent(args),
+        Command::Agent(args) => run_agent(*args),
         Command::ImageImport(args) => run_import(args),
         Command::Shim {
             dir,

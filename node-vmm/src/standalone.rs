@@ -133,6 +133,7 @@ pub fn prepare(
         max_empty_disk: u64::MAX,
         // No cluster, no VirtualMachineImages: boot images are refused by name.
         images: std::collections::BTreeMap::new(),
+        masquerade_bridge: None,
     };
     let plan = prepare::plan(
         &vm.spec,

@@ -42,6 +42,14 @@ impl Ctx {
         let _ = std::fs::remove_dir_all(self.dir(uid).0);
     }
 
+    /// Applies the NAT and anti-spoofing rules for the taps on the node
+    /// now (after a VM's taps are made or removed, and from the sweep).
+    pub(super) fn sync_rules(&self) {
+        if let Err(e) = self.network.sync_rules() {
+            tracing::warn!("network rules not applied: {e}");
+        }
+    }
+
     /// The VM's node-local disks directory.
     pub(super) fn disk_dir(&self, uid: &str) -> super::disks::DiskDir {
         super::disks::DiskDir::of(&self.cfg.state_dir, uid)
@@ -86,9 +94,64 @@ pub(super) fn prepare_host(
             what: "VMM user id".into(),
             why: e.to_string(),
         })?;
+    reserve_addresses(ctx, vm, uid, &plan)?;
     let (_, fds) = prepare::realize(&plan, dir, node, jail)?;
     record_images(vm, dir, &plan, node);
+    ctx.sync_rules();
     Ok((plan, fds))
+}
+
+/// Sets the masquerade network up (first use, or re-made) and reserves the
+/// stable address of each masquerade NIC of the plan.
+fn reserve_addresses(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    uid: &str,
+    plan: &Plan,
+) -> Result<(), PrepareError> {
+    use super::network::NetworkError;
+    use kubevmm_dhcp::DhcpError;
+    let Some(first) = plan.leases.first() else {
+        return Ok(());
+    };
+    let net = &ctx.network;
+    net.ensure().map_err(|e| PrepareError::Network {
+        field: format!("{}.masquerade", first.field),
+        reason: match e {
+            NetworkError::Masquerade(_) => "SubnetOverlap",
+            _ => "MasqueradeUnavailable",
+        },
+        what: e.to_string(),
+    })?;
+    let (ns, name) = (
+        vm.metadata.namespace.as_deref().unwrap_or_default(),
+        vm.metadata.name.as_deref().unwrap_or_default(),
+    );
+    for l in &plan.leases {
+        let owner = super::network::owner(ns, name, uid, &l.network);
+        net.reserve(&l.mac, &owner, name)
+            .map_err(|e| PrepareError::Network {
+                field: l.field.clone(),
+                reason: match e {
+                    DhcpError::PoolExhausted { .. } => "AddressPoolExhausted",
+                    DhcpError::MacInUse { .. } => "MacAddressInUse",
+                    _ => "MasqueradeUnavailable",
+                },
+                what: match e {
+                    DhcpError::PoolExhausted { subnet } => format!(
+                        "no free address left in the masquerade subnet {subnet}; \
+                         delete VMs or give the node a larger --masquerade-subnet"
+                    ),
+                    DhcpError::MacInUse { owner } => format!(
+                        "MAC {} is already used by {owner} on this node; \
+                         remove macAddress to get a generated one",
+                        l.mac
+                    ),
+                    e => e.to_string(),
+                },
+            })?;
+    }
+    Ok(())
 }
 
 /// Records the cached images the VM uses, so the image cache keeps them:

@@ -18,13 +18,19 @@ pub const DEFAULT_BRIDGE: &str = "kubevmm0";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MasqueradeError {
     /// A malformed `--masquerade-subnet`.
-    #[error("--masquerade-subnet {given}: {why}; give a private IPv4 network such as {DEFAULT_SUBNET}")]
+    #[error(
+        "--masquerade-subnet {given}: {why}; give a private IPv4 network such as {DEFAULT_SUBNET}"
+    )]
     BadSubnet {
         /// What was given.
         given: String,
         /// What is wrong.
         why: String,
     },
+    /// A bridge name that is not also a plain nftables identifier (its
+    /// tables carry its name).
+    #[error("--masquerade-bridge {0:?}: use 1 to 15 letters, digits and '_', starting with a letter (e.g. {DEFAULT_BRIDGE})")]
+    BadBridge(String),
     /// The subnet collides with a network the host uses.
     #[error("masquerade subnet {subnet} overlaps {what}; choose another subnet with --masquerade-subnet (chart value nodeVmm.masqueradeSubnet)")]
     Overlap {
@@ -33,6 +39,18 @@ pub enum MasqueradeError {
         /// The host's network it overlaps.
         what: String,
     },
+}
+
+/// Checks a masquerade bridge name.
+pub fn bridge_name(s: &str) -> Result<String, MasqueradeError> {
+    let ok = (1..=15).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(MasqueradeError::BadBridge(s.into()))
+    }
 }
 
 /// An IPv4 network.
@@ -70,11 +88,6 @@ impl Subnet {
     /// The gateway: the first host address, on the bridge.
     pub fn gateway(self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) + 1)
-    }
-
-    /// Whether `ip` is inside.
-    pub fn contains(self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & mask(self.prefix) == u32::from(self.addr)
     }
 
     /// Whether two networks share an address.
@@ -168,8 +181,8 @@ mod tests {
     fn subnets_are_checked() {
         let ok = Subnet::parse("10.217.0.0/22").expect("default");
         assert_eq!(ok.gateway(), Ipv4Addr::new(10, 217, 0, 1));
-        assert!(ok.contains(Ipv4Addr::new(10, 217, 3, 254)));
-        assert!(!ok.contains(Ipv4Addr::new(10, 217, 4, 1)));
+        assert!(ok.overlaps(Ipv4Addr::new(10, 217, 3, 254), 32));
+        assert!(!ok.overlaps(Ipv4Addr::new(10, 217, 4, 1), 32));
         for (bad, why) in [
             ("10.217.0.0", "missing /prefix"),
             ("10.217.0.300/22", "not an IPv4"),
@@ -180,6 +193,14 @@ mod tests {
         ] {
             let e = Subnet::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn bridge_names_are_plain_identifiers() {
+        assert_eq!(bridge_name("kubevmm0").as_deref(), Ok("kubevmm0"));
+        for bad in ["", "0br", "br-0", "a.b", "abcdefghijklmnop"] {
+            assert!(bridge_name(bad).is_err(), "{bad}");
         }
     }
 

@@ -25,10 +25,31 @@ pub enum MetricsError {
     Prometheus(#[from] prometheus::Error),
 }
 
+/// A renderer of families outside the registry.
+struct Extra(std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>);
+
+impl std::fmt::Debug for Extra {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Extra(set)"
+        } else {
+            "Extra(none)"
+        })
+    }
+}
+
+impl std::ops::Deref for Extra {
+    type Target = std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
 /// All node-vmm metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    extra: Extra,
     vms: IntGaugeVec,
     transitions: HistogramVec,
     boot: HistogramVec,
@@ -208,6 +229,7 @@ impl Metrics {
             last: Mutex::new(HashMap::new()),
             series: Mutex::new(HashMap::new()),
             registry,
+            extra: Extra(std::sync::OnceLock::new()),
         })
     }
 
@@ -215,7 +237,17 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        if let Some(extra) = self.extra.get() {
+            text.push_str(&extra());
+        }
+        text
+    }
+
+    /// Families rendered at scrape time from outside the registry (the
+    /// network's, [`super::netmetrics`]); set once.
+    pub fn set_extra(&self, f: Box<dyn Fn() -> String + Send + Sync>) {
+        let _ = self.extra.set(f);
     }
 
     /// Sets the per-phase VM gauge.

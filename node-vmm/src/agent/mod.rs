@@ -21,6 +21,8 @@ pub mod lifecycle;
 pub mod masquerade;
 pub mod metrics;
 pub mod netlink;
+pub mod netmetrics;
+pub mod network;
 pub mod nft;
 pub mod node;
 pub mod opener;
@@ -30,6 +32,7 @@ pub mod reconcile;
 pub mod retention;
 pub mod seed;
 pub mod server;
+pub mod status_body;
 pub mod supervisor;
 pub mod taps;
 pub mod vmm_client;
@@ -80,6 +83,8 @@ pub struct AgentConfig {
     pub lease_seconds: i32,
     /// How long a cached image no VM uses is kept.
     pub image_grace: std::time::Duration,
+    /// The masquerade network.
+    pub masquerade: network::Settings,
 }
 
 /// Errors that stop the agent (anything per VM is a status condition instead).
@@ -113,6 +118,9 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The masquerade network's lease table or settings.
+    #[error("masquerade network: {0}")]
+    Network(#[from] network::NetworkError),
     /// The state directory.
     #[error("state directory {path}: {source}")]
     State {
@@ -151,6 +159,45 @@ fn importer(
             source,
         })?,
     ))
+}
+
+/// The masquerade network (its lease table loaded), with its DHCP events
+/// turned into reconciles (a guest got its address: into its status now)
+/// and its metrics rendered at scrape time.
+fn network(
+    cfg: &AgentConfig,
+    metrics: &Arc<metrics::Metrics>,
+    trigger_tx: futures::channel::mpsc::UnboundedSender<
+        kube::runtime::reflector::ObjectRef<VirtualMachine>,
+    >,
+) -> Result<Arc<network::Network>, AgentError> {
+    let (dhcp_tx, mut dhcp_rx) = tokio::sync::mpsc::unbounded_channel();
+    let network = Arc::new(network::Network::new(
+        cfg.masquerade.clone(),
+        &cfg.state_dir,
+        dhcp_tx,
+    )?);
+    // A guest got its address: write it into the VM's status now.
+    let (net, trigger) = (network.clone(), trigger_tx);
+    tokio::spawn(async move {
+        while let Some(ev) = dhcp_rx.recv().await {
+            tracing::debug!(?ev, "DHCP");
+            if let kubevmm_dhcp::Event::Bound { mac, .. } = ev {
+                if let Some(vm) = net.owner_of(mac) {
+                    let _ = trigger.unbounded_send(vm);
+                }
+            }
+        }
+    });
+    let (net, dir) = (network.clone(), cfg.state_dir.clone());
+    metrics.set_extra(Box::new(move || {
+        netmetrics::render(
+            &netmetrics::sample(&dir, &net.settings.bridge),
+            &net.stats.snapshot(),
+            net.reserved(),
+        )
+    }));
+    Ok(network)
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -212,10 +259,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     );
     let importer = importer(&cfg, &client, &recorder, &metrics, trigger_tx.clone())?;
     tokio::spawn(importer.clone().collect_garbage());
+    let network = network(&cfg, &metrics, trigger_tx.clone())?;
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         recorder,
         importer,
+        network,
         node_vmm: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("node-vmm")),
         cfg: cfg.clone(),
         metrics: metrics.clone(),

@@ -189,18 +189,21 @@ pub fn ensure_bridge(
             .await?;
         Ok(addrs.iter().any(|a| {
             a.header.prefix_len == prefix
-                && a.attributes
-                    .iter()
-                    .any(|at| matches!(at, AddressAttribute::Local(IpAddr::V4(ip)) if *ip == gateway))
+                && a.attributes.iter().any(
+                    |at| matches!(at, AddressAttribute::Local(IpAddr::V4(ip)) if *ip == gateway),
+                )
         }))
     })?;
     if !has {
-        run(format!("add {gateway}/{prefix} to {name}"), move |h| async move {
-            h.address()
-                .add(idx, IpAddr::V4(gateway), prefix)
-                .execute()
-                .await
-        })?;
+        run(
+            format!("add {gateway}/{prefix} to {name}"),
+            move |h| async move {
+                h.address()
+                    .add(idx, IpAddr::V4(gateway), prefix)
+                    .execute()
+                    .await
+            },
+        )?;
         changes.address_added = true;
     }
     Ok(changes)
@@ -209,22 +212,29 @@ pub fn ensure_bridge(
 /// Creates tap `name` (replacing a stale one) with virtio-net headers,
 /// attached to `bridge` and up.
 pub fn create_tap(name: &str, bridge: &str) -> Result<(), NetlinkError> {
-    let Some(br) = index(bridge).filter(|_| is_bridge(bridge)) else {
+    if !is_bridge(bridge) {
         return Err(NetlinkError::Op {
             what: format!("tap {name} on bridge {bridge}"),
             why: format!("bridge {bridge} does not exist on this node"),
         });
-    };
+    }
     delete_link(name)?;
     persistent_tap(name).map_err(|e| NetlinkError::Op {
         what: format!("create tap {name}"),
         why: e.to_string(),
     })?;
-    let idx = index(name).ok_or_else(|| NetlinkError::Op {
-        what: format!("tap {name}"),
-        why: "it vanished right after creation".into(),
-    })?;
-    run(format!("attach tap {name} to {bridge}"), move |h| async move {
+    attach(name, bridge)
+}
+
+/// Attaches existing link `name` to `bridge` and brings it up.
+pub fn attach(name: &str, bridge: &str) -> Result<(), NetlinkError> {
+    let (Some(idx), Some(br)) = (index(name), index(bridge)) else {
+        return Err(NetlinkError::Op {
+            what: format!("attach {name} to {bridge}"),
+            why: "no such link".into(),
+        });
+    };
+    run(format!("attach {name} to {bridge}"), move |h| async move {
         h.link()
             .set(LinkUnspec::new_with_index(idx).controller(br).up().build())
             .execute()
@@ -380,14 +390,16 @@ mod tests {
         );
         let nets = host_networks().expect("networks");
         assert!(
-            nets.iter().any(|n| n.addr == gw && n.prefix == 24 && n.iface.as_deref() == Some(&*br)),
+            nets.iter()
+                .any(|n| n.addr == gw && n.prefix == 24 && n.iface.as_deref() == Some(&*br)),
             "{nets:?}"
         );
         create_tap(&tap, &br).expect("tap");
         create_tap(&tap, &br).expect("a stale tap is replaced");
         let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).expect("master");
         assert!(master.ends_with(&br), "{master:?}");
-        let flags = std::fs::read_to_string(format!("/sys/class/net/{tap}/tun_flags")).expect("tun");
+        let flags =
+            std::fs::read_to_string(format!("/sys/class/net/{tap}/tun_flags")).expect("tun");
         let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).expect("hex");
         assert_eq!(flags & 0x4002, 0x4002, "tap with vnet headers: {flags:#x}");
         assert!(create_tap("kvtx", "no-such-br").is_err());

@@ -1,10 +1,11 @@
-//! The agent's packet rules, in nftables tables of its own (`ip kubevmm`
-//! and `bridge kubevmm`; nothing else on the node is touched), applied with
-//! Debian's `nft` as one atomic transaction.
+//! The agent's packet rules, in nftables tables of its own, named after
+//! the masquerade bridge (`ip kubevmm0` and `bridge kubevmm0`; nothing else
+//! on the node is touched), applied with Debian's `nft` as one atomic
+//! transaction.
 //!
-//! - `ip kubevmm`: NAT of the masquerade subnet to the uplink (`masquerade`
+//! - `ip kubevmm0`: NAT of the masquerade subnet to the uplink (`masquerade`
 //!   in `postrouting`) and forwarding between the bridge and the uplink.
-//! - `bridge kubevmm`: anti-spoofing. A `prerouting` chain sends each
+//! - `bridge kubevmm0`: anti-spoofing. A `prerouting` chain sends each
 //!   guest's frames, by tap, to a chain of its own (`nic_<tap>`) that drops
 //!   any frame not from the NIC's MAC and, on masquerade, any IPv4 or ARP
 //!   not from its leased address (DHCP from 0.0.0.0 excepted), counting
@@ -57,14 +58,14 @@ pub struct NicGuard {
 /// The whole desired state.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Rules {
+    /// The name of both tables: the masquerade bridge's, so two agents on
+    /// one host (dev clusters, tests) never touch each other's rules.
+    pub table: String,
     /// NAT, when a masquerade network is in use.
     pub nat: Option<Nat>,
     /// Every guest NIC on the node.
     pub nics: Vec<NicGuard>,
 }
-
-/// The table both families use.
-pub const TABLE: &str = "kubevmm";
 
 fn chain(tap: &str) -> String {
     format!("nic_{tap}")
@@ -79,7 +80,7 @@ pub fn counter(tap: &str) -> String {
 /// that exist now (from [`existing_nic_chains`]).
 pub fn render(rules: &Rules, existing: &[String]) -> String {
     let mut s = String::new();
-    let t = TABLE;
+    let t = &rules.table;
     // NAT and forwarding (the table goes when no masquerade is in use).
     let _ = writeln!(s, "add table ip {t}");
     match &rules.nat {
@@ -144,15 +145,29 @@ pub fn render(rules: &Rules, existing: &[String]) -> String {
                 s,
                 "add rule bridge {t} {c} ether type arp arp saddr ip != {{ {ip}, 0.0.0.0 }} {drop}"
             );
+            // DHCP names the client in the packet too (chaddr, 28 bytes
+            // into BOOTP): a guest may not speak DHCP for another MAC.
+            let _ = writeln!(
+                s,
+                "add rule bridge {t} {c} ether type ip udp dport 67 @th,288,48 != 0x{} {drop}",
+                n.mac.replace(':', "")
+            );
             let _ = writeln!(
                 s,
                 "add rule bridge {t} {c} ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept"
             );
-            let _ = writeln!(s, "add rule bridge {t} {c} ether type ip ip saddr != {ip} {drop}");
+            let _ = writeln!(
+                s,
+                "add rule bridge {t} {c} ether type ip ip saddr != {ip} {drop}"
+            );
             // No IPv6 on masquerade (docs/networking.md): not forwarded.
             let _ = writeln!(s, "add rule bridge {t} {c} ether type ip6 drop");
         }
-        let _ = writeln!(s, "add element bridge {t} nics {{ \"{}\" : jump {c} }}", n.tap);
+        let _ = writeln!(
+            s,
+            "add element bridge {t} nics {{ \"{}\" : jump {c} }}",
+            n.tap
+        );
     }
     for old in existing {
         let Some(tap) = old.strip_prefix("nic_") else {
@@ -200,9 +215,9 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
     }
 }
 
-/// The objects of our bridge table, from `nft -j`.
-fn objects(what: &str) -> Vec<serde_json::Value> {
-    let Ok(out) = nft(&["-j", "list", what, "table", "bridge", TABLE], None) else {
+/// The objects of our bridge table (chains, counters, ...), from `nft -j`.
+fn objects(table: &str) -> Vec<serde_json::Value> {
+    let Ok(out) = nft(&["-j", "list", "table", "bridge", table], None) else {
         return Vec::new(); // no table yet
     };
     serde_json::from_str::<serde_json::Value>(&out)
@@ -212,8 +227,8 @@ fn objects(what: &str) -> Vec<serde_json::Value> {
 }
 
 /// The per-NIC chains in our bridge table now.
-pub fn existing_nic_chains() -> Vec<String> {
-    objects("chains")
+pub fn existing_nic_chains(table: &str) -> Vec<String> {
+    objects(table)
         .iter()
         .filter_map(|o| o.pointer("/chain/name").and_then(|n| n.as_str()))
         .filter(|n| n.starts_with("nic_"))
@@ -222,8 +237,8 @@ pub fn existing_nic_chains() -> Vec<String> {
 }
 
 /// Packets dropped per tap by the anti-spoofing rules.
-pub fn spoof_drops() -> Vec<(String, u64)> {
-    objects("counters")
+pub fn spoof_drops(table: &str) -> Vec<(String, u64)> {
+    objects(table)
         .iter()
         .filter_map(|o| {
             let name = o.pointer("/counter/name")?.as_str()?;
@@ -235,14 +250,8 @@ pub fn spoof_drops() -> Vec<(String, u64)> {
 
 /// Makes the tables `rules`, atomically.
 pub fn apply(rules: &Rules) -> Result<(), NftError> {
-    let script = render(rules, &existing_nic_chains());
+    let script = render(rules, &existing_nic_chains(&rules.table));
     nft(&["-f", "-"], Some(&script)).map(|_| ())
-}
-
-/// Removes both tables (`make cluster-down`, tests).
-pub fn remove_all() {
-    let _ = nft(&["delete", "table", "ip", TABLE], None);
-    let _ = nft(&["delete", "table", "bridge", TABLE], None);
 }
 
 #[cfg(test)]
@@ -269,28 +278,37 @@ mod tests {
     #[test]
     fn renders_nat_and_a_chain_per_nic() {
         let rules = Rules {
+            table: "kubevmm0".into(),
             nat: Some(nat(Some("eth0"))),
             nics: vec![nic("kvt1n0", Some([10, 200, 0, 5])), nic("kvt2n0", None)],
         };
         let s = render(&rules, &["nic_kvt1n0".into(), "nic_gone".into()]);
         for want in [
-            "add rule ip kubevmm postrouting ip saddr 10.200.0.0/22 ip daddr != 10.200.0.0/22 oifname \"eth0\" masquerade",
-            "add rule bridge kubevmm nic_kvt1n0 ether saddr != 52:54:00:aa:bb:cc counter name \"spoof_kvt1n0\" drop",
-            "add rule bridge kubevmm nic_kvt1n0 ether type ip ip saddr != 10.200.0.5 counter name \"spoof_kvt1n0\" drop",
+            "add rule ip kubevmm0 postrouting ip saddr 10.200.0.0/22 ip daddr != 10.200.0.0/22 oifname \"eth0\" masquerade",
+            "add rule bridge kubevmm0 nic_kvt1n0 ether saddr != 52:54:00:aa:bb:cc counter name \"spoof_kvt1n0\" drop",
+            "add rule bridge kubevmm0 nic_kvt1n0 ether type ip ip saddr != 10.200.0.5 counter name \"spoof_kvt1n0\" drop",
             "arp saddr ip != { 10.200.0.5, 0.0.0.0 }",
-            "add element bridge kubevmm nics { \"kvt2n0\" : jump nic_kvt2n0 }",
-            "delete chain bridge kubevmm nic_gone",
-            "delete counter bridge kubevmm spoof_gone",
+            "ether type ip udp dport 67 @th,288,48 != 0x525400aabbcc counter name \"spoof_kvt1n0\" drop",
+            "add element bridge kubevmm0 nics { \"kvt2n0\" : jump nic_kvt2n0 }",
+            "delete chain bridge kubevmm0 nic_gone",
+            "delete counter bridge kubevmm0 spoof_gone",
         ] {
             assert!(s.contains(want), "{want}\nnot in\n{s}");
         }
         // A bridge NIC is held to its MAC only.
         assert!(!s.contains("nic_kvt2n0 ether type ip"), "{s}");
         // NICs still present are refilled, never deleted: counters survive.
-        assert!(!s.contains("delete chain bridge kubevmm nic_kvt1n0"), "{s}");
-        assert!(s.contains("flush chain bridge kubevmm nic_kvt1n0"), "{s}");
+        assert!(
+            !s.contains("delete chain bridge kubevmm0 nic_kvt1n0"),
+            "{s}"
+        );
+        assert!(s.contains("flush chain bridge kubevmm0 nic_kvt1n0"), "{s}");
         // Every base chain is flushed before it is filled: no duplicates.
-        for base in ["ip kubevmm postrouting", "ip kubevmm forward", "bridge kubevmm prerouting"] {
+        for base in [
+            "ip kubevmm0 postrouting",
+            "ip kubevmm0 forward",
+            "bridge kubevmm0 prerouting",
+        ] {
             let flush = s.find(&format!("flush chain {base}")).expect(base);
             let add = s.find(&format!("add rule {base}")).expect(base);
             assert!(flush < add, "{base}");
@@ -301,6 +319,7 @@ mod tests {
     fn without_an_uplink_anything_but_the_bridge_is_masqueraded() {
         let s = render(
             &Rules {
+                table: "kubevmm0".into(),
                 nat: Some(nat(None)),
                 nics: vec![],
             },
@@ -311,8 +330,17 @@ mod tests {
 
     #[test]
     fn no_masquerade_removes_the_nat_table() {
-        let s = render(&Rules::default(), &[]);
-        assert!(s.contains("add table ip kubevmm\ndelete table ip kubevmm"), "{s}");
+        let s = render(
+            &Rules {
+                table: "kubevmm0".into(),
+                ..Rules::default()
+            },
+            &[],
+        );
+        assert!(
+            s.contains("add table ip kubevmm0\ndelete table ip kubevmm0"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -320,6 +348,7 @@ mod tests {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "nftables tests need root");
         let rules = Rules {
+            table: "kubevmm0".into(),
             nat: Some(nat(Some("lo"))),
             nics: vec![nic("kvtt1n0", Some([10, 200, 0, 9])), nic("kvtt2n0", None)],
         };

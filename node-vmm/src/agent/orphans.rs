@@ -67,7 +67,10 @@ pub async fn collect_orphans(ctx: Arc<Ctx>) {
             let owner = super::disks::DiskDir(path.clone()).owner();
             if let Some(lookup) = lookups.get(&uid, owner.as_ref()).await {
                 let v = retention::run_state(owner.as_ref(), &lookup, node, age(&path));
-                remove(&uid, &path, v, "run state");
+                if remove(&uid, &path, v, "run state") {
+                    // Deleted, re-created or moved: its addresses here go too.
+                    ctx.network.forget_vm(&uid);
+                }
             }
         }
         for (uid, path) in entries(&super::disks::root(&ctx.cfg.state_dir)) {
@@ -81,6 +84,15 @@ pub async fn collect_orphans(ctx: Arc<Ctx>) {
             }
         }
         checked.retain(|uid, _| !bound.contains(uid));
+        // The masquerade network as it should be (a deleted bridge made
+        // again, the DHCP server restarted), and the rules for the taps
+        // present now (gone VMs' chains removed).
+        if ctx.network.in_use() {
+            if let Err(e) = ctx.network.ensure() {
+                tracing::warn!("masquerade network: {e}");
+            }
+        }
+        ctx.sync_rules();
         // cgroups that outlived their state directory (busy at release).
         for uid in cgroups::vm_uids(&ctx.cfg.cgroups) {
             if !bound.contains(&uid) && !ctx.dir(&uid).0.exists() {
@@ -119,11 +131,19 @@ fn age(path: &Path) -> Duration {
         .unwrap_or_default()
 }
 
-fn remove(uid: &str, path: &Path, verdict: Verdict, what: &str) {
-    if let Verdict::Remove(why) = verdict {
-        match std::fs::remove_dir_all(path) {
-            Ok(()) => tracing::info!(uid, why, "removed the VM's {what}"),
-            Err(e) => tracing::warn!(uid, why, "cannot remove the VM's {what}: {e}"),
+/// Applies `verdict` to `path`; whether it was removed.
+fn remove(uid: &str, path: &Path, verdict: Verdict, what: &str) -> bool {
+    let Verdict::Remove(why) = verdict else {
+        return false;
+    };
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {
+            tracing::info!(uid, why, "removed the VM's {what}");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(uid, why, "cannot remove the VM's {what}: {e}");
+            false
         }
     }
 }

@@ -11,13 +11,12 @@ use super::handoff::{Handoff, HandoffError};
 use super::hostfs::{self, HostFsError};
 use super::images::CachedImage;
 use super::seed::{self, SeedFile};
-use super::taps::{stable_mac, tap_name};
 use std::collections::BTreeMap;
 
 use kubevmm_crds::image::ImageFormat;
 use kubevmm_crds::vm::BootSource;
 use kubevmm_crds::VirtualMachineSpec;
-use kubevmm_vmm::config::{DiskConfig, JailConfig, NetConfig, SerialConfig, SerialMode};
+use kubevmm_vmm::config::{DiskConfig, JailConfig, SerialConfig, SerialMode};
 use kubevmm_vmm::VmConfig;
 
 use super::disks::{DiskDir, Owner};
@@ -67,6 +66,17 @@ pub enum PrepareError {
         free: u64,
         /// The disk directory.
         dir: String,
+    },
+    /// The masquerade network cannot serve this NIC (its subnet collides
+    /// with the host's, the address pool is exhausted, the MAC is taken).
+    #[error("{field}: {what}")]
+    Network {
+        /// The field.
+        field: String,
+        /// The condition reason.
+        reason: &'static str,
+        /// What is wrong, and what to do.
+        what: String,
     },
     /// Creating a disk or tap failed.
     #[error("{what}: {why}")]
@@ -168,8 +178,10 @@ pub struct Plan {
     pub seeds: Vec<Seed>,
     /// Taps to create.
     pub taps: Vec<Tap>,
-    /// (network name, MAC, tap) for `status.interfaces`.
-    pub interfaces: Vec<(String, String, String)>,
+    /// For `status.interfaces`.
+    pub interfaces: Vec<nics::Interface>,
+    /// Addresses to reserve on the masquerade network, one per NIC there.
+    pub leases: Vec<nics::LeaseRequest>,
 }
 
 /// Node facts the plan depends on.
@@ -183,6 +195,9 @@ pub struct NodeContext {
     pub max_empty_disk: u64,
     /// The `VirtualMachineImage`s the spec names, resolved to cached files.
     pub images: BTreeMap<String, CachedImage>,
+    /// The masquerade bridge (`None`: masquerade is not offered, as in
+    /// `node-vmm run`).
+    pub masquerade_bridge: Option<String>,
 }
 
 /// A user path, checked against the allow-list by text (a fast, clear
@@ -364,52 +379,6 @@ fn disks(
     })
 }
 
-/// NIC configs, taps to create, and `(network, MAC, tap)` for status.
-type Nics = (Vec<NetConfig>, Vec<Tap>, Vec<(String, String, String)>);
-
-/// Builds the NICs of `spec`.
-fn networks(spec: &VirtualMachineSpec, uid: &str, ctx: &NodeContext) -> Result<Nics, PrepareError> {
-    let mut nets = Vec::new();
-    let mut taps = Vec::new();
-    let mut interfaces = Vec::new();
-    for (i, n) in spec.networks.iter().enumerate() {
-        let Some(bridge) = &n.bridge else {
-            return Err(PrepareError::Unsupported {
-                field: format!("spec.networks[{i}].masquerade"),
-                what: "masquerade networking is not provided by node-vmm yet; use bridge: {name: BRIDGE}".into(),
-            });
-        };
-        if !ctx.allowed_bridges.contains(&bridge.name) {
-            return Err(PrepareError::BridgeNotAllowed {
-                field: format!("spec.networks[{i}].bridge.name"),
-                bridge: bridge.name.clone(),
-                allowed: if ctx.allowed_bridges.is_empty() {
-                    "none".into()
-                } else {
-                    ctx.allowed_bridges.join(", ")
-                },
-            });
-        }
-        let mac = n
-            .mac_address
-            .clone()
-            .unwrap_or_else(|| stable_mac(uid, &n.name));
-        let tap = tap_name(uid, i);
-        taps.push(Tap {
-            name: tap.clone(),
-            bridge: bridge.name.clone(),
-        });
-        interfaces.push((n.name.clone(), mac.clone(), tap.clone()));
-        nets.push(NetConfig {
-            id: n.name.clone(),
-            tap: Some(tap),
-            fd: None,
-            mac,
-        });
-    }
-    Ok((nets, taps, interfaces))
-}
-
 /// Builds the plan for `spec` (pure).
 pub fn plan(
     spec: &VirtualMachineSpec,
@@ -443,7 +412,12 @@ pub fn plan(
         .transpose()?
         .unzip();
     let disks = disks(spec, vm, dir, disk_dir, ctx)?;
-    let (nets, taps, interfaces) = networks(spec, vm.uid, ctx)?;
+    let nics::Nics {
+        configs: nets,
+        taps,
+        interfaces,
+        leases,
+    } = nics::networks(spec, vm.uid, ctx)?;
     let config = VmConfig {
         cpus,
         memory,
@@ -487,6 +461,7 @@ pub fn plan(
         seeds: disks.seeds,
         taps,
         interfaces,
+        leases,
     })
 }
 
@@ -538,6 +513,8 @@ impl From<HandoffError> for PrepareError {
         }
     }
 }
+
+mod nics;
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::UnboundedSender;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -23,6 +23,7 @@ use serde_json::json;
 
 use super::host::prepare_host;
 use super::lifecycle::{self, AfterExit, Ended};
+use super::status_body::{condition_json, live_matches};
 use super::supervisor::{self, ProcessId, VmDir};
 use super::{prepare, vmm_client, AgentConfig};
 
@@ -50,6 +51,8 @@ pub struct Ctx {
     pub recorder: Recorder,
     /// Imports the images VMs boot from.
     pub importer: Arc<super::images::Importer>,
+    /// The masquerade network.
+    pub network: Arc<super::network::Network>,
     /// This binary (runs the shim).
     pub node_vmm: PathBuf,
     /// Settings.
@@ -413,6 +416,7 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
         allowed_bridges: ctx.cfg.allowed_bridges.clone(),
         max_empty_disk: ctx.cfg.max_empty_disk,
         images,
+        masquerade_bridge: Some(ctx.network.settings.bridge.clone()),
     };
     let cg = ctx.cgroups(uid, Some(vm));
     let prepared = prepare_host(ctx, vm, uid, dir, &ctx_node, &cg);
@@ -422,6 +426,7 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
             let reason = match e {
                 prepare::PrepareError::Host { .. } => "HostSetupFailed",
                 prepare::PrepareError::NoSpace { .. } => "InsufficientSpace",
+                prepare::PrepareError::Network { reason, .. } => reason,
                 _ => "InvalidSpec",
             };
             // Retried with backoff (a missing bridge may appear; a spec
@@ -463,11 +468,11 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
             local.interfaces = plan
                 .interfaces
                 .iter()
-                .map(|(name, mac, tap)| InterfaceStatus {
-                    name: name.clone(),
-                    mac: Some(mac.clone()),
+                .map(|i| InterfaceStatus {
+                    name: i.network.clone(),
+                    mac: Some(i.mac.clone()),
                     ip_address: None,
-                    tap: Some(tap.clone()),
+                    tap: Some(i.tap.clone()),
                 })
                 .collect();
             set_ready(local, "False", "Starting", "the VMM is starting".into());
@@ -634,6 +639,8 @@ fn release(ctx: &Ctx, uid: &str, dir: &VmDir, vm: &VirtualMachine) {
     debug_assert_eq!(dir.0, ctx.dir(uid).0);
     ctx.remove_host_state(uid, vm.spec.networks.len());
     let _ = std::fs::remove_dir_all(ctx.disk_dir(uid).0);
+    ctx.network.forget_vm(uid);
+    ctx.sync_rules();
     ctx.metrics
         .forget(&vm.namespace().unwrap_or_default(), &vm.name_any());
 }
@@ -678,57 +685,6 @@ async fn mark_restart_handled(
     Ok(())
 }
 
-fn condition_json(
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    since: Timestamp,
-    generation: Option<i64>,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: Time(since),
-        observed_generation: generation,
-    }
-}
-
-/// Whether the live status already holds everything in `body` (another
-/// writer, or a lost update, makes it differ: then the agent writes again).
-fn live_matches(vm: &VirtualMachine, body: &serde_json::Value) -> bool {
-    let live = serde_json::to_value(vm.status.clone().unwrap_or_default()).unwrap_or_default();
-    let want = &body["status"];
-    let empty = |v: &serde_json::Value| v.is_null() || v.as_array().is_some_and(Vec::is_empty);
-    let scalars = [
-        "phase",
-        "interfaces",
-        "startedAt",
-        "restartCount",
-        "observedGeneration",
-    ]
-    .iter()
-    .all(|k| live[k] == want[k] || (empty(&live[k]) && empty(&want[k])));
-    let conditions = want["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .all(|w| {
-            live["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|l| {
-                    ["type", "status", "reason", "message", "observedGeneration"]
-                        .iter()
-                        .all(|k| l[k] == w[k])
-                })
-        });
-    scalars && conditions
-}
-
 /// Writes this agent's part of the status when it differs from the live one.
 async fn write_status(
     ctx: &Ctx,
@@ -736,6 +692,10 @@ async fn write_status(
     local: &mut LocalVm,
 ) -> Result<(), ReconcileError> {
     let generation = vm.metadata.generation;
+    for i in &mut local.interfaces {
+        let bound = i.mac.as_deref().and_then(|m| ctx.network.bound_ip(m));
+        i.ip_address = bound.map(|ip| ip.to_string()).or(i.ip_address.take());
+    }
     let mut conditions = Vec::new();
     if let Some((s, r, m, t)) = &local.ready {
         conditions.push(condition_json(condition::READY, s, r, m, *t, generation));

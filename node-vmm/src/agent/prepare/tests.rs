@@ -1,6 +1,7 @@
 //! Table tests of the pure plan.
 
 use super::*;
+use crate::agent::taps::stable_mac;
 use std::path::Path;
 
 fn spec(yaml: &str) -> VirtualMachineSpec {
@@ -40,6 +41,7 @@ fn ctx() -> NodeContext {
                 },
             ),
         ]),
+        masquerade_bridge: Some("kubevmm0".into()),
     }
 }
 
@@ -82,7 +84,11 @@ fn builds_config_with_disks_and_bridge() {
     );
     assert_eq!(p.taps[0].bridge, "br0");
     assert!(p.taps[0].name.len() <= 15);
-    assert_eq!(p.interfaces[0].1, stable_mac("0a1b2c3d-4e5f", "lan"));
+    assert_eq!(p.interfaces[0].mac, stable_mac("0a1b2c3d-4e5f", "lan"));
+    assert!(
+        p.leases.is_empty(),
+        "no address from us on an admin's bridge"
+    );
 }
 
 #[test]
@@ -129,17 +135,44 @@ fn refuses_bridges_and_empty_disks_beyond_the_node_limits() {
 }
 
 #[test]
-fn names_unsupported_fields() {
-    let s = spec("memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\nnetworks: [{name: default, masquerade: {}}]\n");
+fn masquerade_nics_go_on_the_node_bridge_with_an_address_to_reserve() {
+    let s = spec("memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\nnetworks: [{name: default, masquerade: {}}, {name: lan, bridge: {name: br0}}]\n");
+    let p = plan(
+        &s,
+        id("u1"),
+        &VmDir(PathBuf::from("/x")),
+        &disk_dir(),
+        &ctx(),
+    )
+    .expect("plan");
+    assert_eq!(p.taps[0].bridge, "kubevmm0");
+    assert_eq!(p.taps[1].bridge, "br0");
+    assert_eq!(
+        p.leases,
+        vec![nics::LeaseRequest {
+            field: "spec.networks[0]".into(),
+            network: "default".into(),
+            mac: stable_mac("u1", "default"),
+        }]
+    );
+    assert!(p.interfaces[0].masquerade && !p.interfaces[1].masquerade);
+    // Without the agent (node-vmm run): refused, naming the field.
+    let standalone = NodeContext {
+        masquerade_bridge: None,
+        ..ctx()
+    };
     let e = plan(
         &s,
         id("u"),
         &VmDir(PathBuf::from("/x")),
         &disk_dir(),
-        &ctx(),
+        &standalone,
     )
     .unwrap_err();
-    assert!(e.to_string().starts_with("spec.networks[0].masquerade"));
+    assert!(
+        e.to_string().starts_with("spec.networks[0].masquerade"),
+        "{e}"
+    );
 }
 
 #[test]

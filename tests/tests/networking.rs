@@ -1,0 +1,501 @@
+//! `masquerade` networks end to end: a real agent makes its bridge, NAT,
+//! anti-spoofing rules and DHCP server; our `dhcpnet` guest takes a lease
+//! over virtio-net and answers ARP, ICMP, UDP and TCP echo. Every network
+//! here is one the test makes: the bridge has a name and subnet of its own,
+//! the "outside" is a namespace joined by a veth that the agent is told is
+//! its uplink, and traffic goes only to addresses inside them.
+mod agent_env;
+
+use std::process::Command;
+
+use agent_env::{start_agent_args, Env};
+use kubevmm_e2e::{run_with_input, wait_for};
+use serde_json::Value;
+
+/// Runs a command; its stdout, or a panic with its stderr.
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn try_sh(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The test's networks: bridge, subnet, an outside namespace behind a veth
+/// uplink, and a client namespace on the bridge; removed on drop.
+struct Nets {
+    id: String,
+    bridge: String,
+    uplink: String,
+    outside_ns: String,
+    client_ns: String,
+    third: u8,
+}
+
+impl Nets {
+    /// `tag` tells apart the tests of one run (they run in parallel).
+    fn new(tag: u8) -> Self {
+        let pid = std::process::id() % 10_000;
+        let id = format!("{pid}{tag}");
+        let third = u8::try_from(pid % 100 * 2 + 20).unwrap_or(20) + tag;
+        let n = Self {
+            id: id.clone(),
+            bridge: format!("kvmb{id}"),
+            uplink: format!("kvmu{id}"),
+            outside_ns: format!("kvm-out-{id}"),
+            client_ns: format!("kvm-cli-{id}"),
+            third,
+        };
+        n.cleanup();
+        // Outside: 10.251.T.2 in its namespace, 10.251.T.1 on the uplink.
+        sh("ip", &["netns", "add", &n.outside_ns]);
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &n.uplink,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "kvmp0",
+                "netns",
+                &n.outside_ns,
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("10.251.{third}.1/24"),
+                "dev",
+                &n.uplink,
+            ],
+        );
+        sh("ip", &["link", "set", &n.uplink, "up"]);
+        let inside = |args: &[&str]| {
+            let mut a = vec!["netns", "exec", &n.outside_ns];
+            a.extend_from_slice(args);
+            sh("ip", &a);
+        };
+        inside(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.251.{third}.2/24"),
+            "dev",
+            "kvmp0",
+        ]);
+        inside(&["ip", "link", "set", "kvmp0", "up"]);
+        inside(&["ip", "link", "set", "lo", "up"]);
+        n
+    }
+
+    fn subnet(&self) -> String {
+        format!("10.252.{}.0/24", self.third)
+    }
+
+    fn gateway(&self) -> String {
+        format!("10.252.{}.1", self.third)
+    }
+
+    fn peer(&self) -> String {
+        format!("10.251.{}.2", self.third)
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--masquerade-bridge".into(),
+            self.bridge.clone(),
+            "--masquerade-subnet".into(),
+            self.subnet(),
+            "--uplink".into(),
+            self.uplink.clone(),
+            "--dns".into(),
+            "10.251.0.53".into(),
+        ]
+    }
+
+    fn cleanup(&self) {
+        let _ = try_sh("ip", &["netns", "del", &self.outside_ns]);
+        let _ = try_sh("ip", &["netns", "del", &self.client_ns]);
+        let _ = try_sh("ip", &["link", "del", &self.uplink]);
+        let _ = try_sh("ip", &["link", "del", &format!("kvmc{}", self.id)]);
+        let _ = try_sh("ip", &["link", "del", &self.bridge]);
+    }
+}
+
+impl Drop for Nets {
+    fn drop(&mut self) {
+        self.cleanup();
+        let _ = try_sh("nft", &["delete", "table", "ip", &self.bridge]);
+        let _ = try_sh("nft", &["delete", "table", "bridge", &self.bridge]);
+    }
+}
+
+fn apply_vm(env: &Env, name: &str, cmdline: &str) {
+    let manifest = format!(
+        "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: 1\n  memory: 64Mi\n  \
+         terminationGracePeriodSeconds: 1\n  nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{path: {kernel}}}\n    \
+         cmdline: \"{cmdline}\"\n  networks:\n  - name: default\n    masquerade: {{}}\n",
+        node = env.node,
+        kernel = env.guests.join("dhcpnet.elf").display(),
+    );
+    let out = run_with_input(
+        env.cp.kubectl().args(["apply", "-n", &env.ns, "-f", "-"]),
+        &manifest,
+    );
+    assert!(out.success, "apply refused: {}", out.stderr);
+}
+
+/// The guest's `dhcp: bound ...` line, parsed into words.
+fn bound(env: &Env, name: &str, after: usize) -> Vec<String> {
+    let uid = env.uid(name);
+    wait_for(
+        120,
+        &format!("{name} to take a DHCP lease"),
+        || {
+            let c = env.console(&uid);
+            c.lines()
+                .filter(|l| l.starts_with("dhcp: bound "))
+                .nth(after)
+                .map(|l| l.split_whitespace().map(String::from).collect())
+        },
+        || format!("{}\n{}", env.console(&uid), env.describe(name)),
+    )
+}
+
+fn status_ip(env: &Env, name: &str) -> Option<String> {
+    env.vm(name)?
+        .pointer("/status/interfaces/0/ipAddress")?
+        .as_str()
+        .map(String::from)
+}
+
+fn console_has(env: &Env, name: &str, what: &str) {
+    let uid = env.uid(name);
+    wait_for(
+        90,
+        &format!("{name} to print {what:?}"),
+        || env.console(&uid).contains(what).then_some(()),
+        || env.console(&uid),
+    );
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one network's story
+fn masquerade_guests_get_stable_addresses_talk_and_reach_the_outside_through_nat() {
+    let nets = Nets::new(0);
+    let args = nets.agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut env = Env::with_args("net", &args, &["--cpu-overcommit", "8"]);
+
+    // A guest takes its lease with the options it should; the address is
+    // in status and the IP column; the host reaches it (ICMP, UDP, TCP).
+    apply_vm(&env, "g1", &format!("ping={}", nets.peer()));
+    let words = bound(&env, "g1", 0);
+    let ip = words[2].clone();
+    assert!(
+        ip.starts_with(&format!("10.252.{}.", nets.third)),
+        "{words:?}"
+    );
+    let field = |k: &str| {
+        let i = words.iter().position(|w| w == k).expect(k);
+        words[i + 1].clone()
+    };
+    assert_eq!(field("mask"), "255.255.255.0");
+    assert_eq!(field("router"), nets.gateway());
+    assert_eq!(field("dns"), "10.251.0.53");
+    assert_eq!(field("hostname"), "g1");
+    assert_eq!(field("lease"), "3600");
+    wait_for(
+        30,
+        "the leased address in status",
+        || (status_ip(&env, "g1").as_deref() == Some(ip.as_str())).then_some(()),
+        || env.describe("g1"),
+    );
+    let table = env.kubectl(&["get", "vm", "g1"]);
+    assert!(table.contains("IP") && table.contains(&ip), "{table}");
+    sh("busybox", &["ping", "-c", "1", "-W", "5", &ip]);
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+    udp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    udp.send_to(b"hello-udp", format!("{ip}:7")).expect("send");
+    let mut buf = [0u8; 256];
+    let (n, _) = udp.recv_from(&mut buf).expect("the guest's UDP echo");
+    assert_eq!(&buf[..n], b"echo: hello-udp");
+    let mut tcp = std::net::TcpStream::connect_timeout(
+        &format!("{ip}:7").parse().expect("addr"),
+        std::time::Duration::from_secs(10),
+    )
+    .expect("TCP connect to the guest");
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    std::io::Write::write_all(&mut tcp, b"hello-tcp").expect("write");
+    let mut got = [0u8; 9];
+    std::io::Read::read_exact(&mut tcp, &mut got).expect("the guest's TCP echo");
+    assert_eq!(&got, b"hello-tcp");
+    drop(tcp);
+
+    // NAT: the peer outside answers the guest's pings. It has no route to
+    // the masquerade subnet, so only packets rewritten to the uplink
+    // address (10.251.T.1) can be answered.
+    let uid1 = env.uid("g1");
+    wait_for(
+        90,
+        "g1 to reach the outside peer",
+        || {
+            env.console(&uid1)
+                .contains(&format!("ping: reply from {}", nets.peer()))
+                .then_some(())
+        },
+        || {
+            format!(
+                "{}\n{}\n{}",
+                env.console(&uid1),
+                try_sh("nft", &["list", "ruleset"]).unwrap_or_default(),
+                try_sh("ip", &["route"]).unwrap_or_default()
+            )
+        },
+    );
+    let nat = sh("nft", &["list", "table", "ip", &nets.bridge]);
+    assert!(
+        nat.contains(&format!("oifname \"{}\" masquerade", nets.uplink)),
+        "{nat}"
+    );
+
+    // A second guest gets another address and reaches the first.
+    apply_vm(&env, "g2", &format!("ping={ip}"));
+    let ip2 = bound(&env, "g2", 0)[2].clone();
+    assert_ne!(ip, ip2, "two VMs never share an address");
+    console_has(&env, "g2", &format!("ping: reply from {ip}"));
+
+    // A standard client on the bridge (busybox udhcpc in a namespace joined
+    // by a veth) gets a lease with the right options.
+    let veth = format!("kvmc{}", nets.id);
+    sh("ip", &["netns", "add", &nets.client_ns]);
+    sh(
+        "ip",
+        &[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "kvmcl",
+            "netns",
+            &nets.client_ns,
+        ],
+    );
+    sh("ip", &["link", "set", &veth, "master", &nets.bridge, "up"]);
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &nets.client_ns,
+            "ip",
+            "link",
+            "set",
+            "kvmcl",
+            "up",
+        ],
+    );
+    let script = env.state.join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = bound ] && echo \"ip=$ip subnet=$subnet router=$router dns=$dns lease=$lease\"\nexit 0\n",
+    )
+    .expect("script");
+    sh("chmod", &["+x", &script.display().to_string()]);
+    let lease = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &nets.client_ns,
+            "busybox",
+            "udhcpc",
+            "-f",
+            "-q",
+            "-n",
+            "-t",
+            "5",
+            "-i",
+            "kvmcl",
+            "-s",
+            &script.display().to_string(),
+        ],
+    );
+    assert!(
+        lease.contains(&format!(
+            "subnet=255.255.255.0 router={} dns=10.251.0.53 lease=3600",
+            nets.gateway()
+        )),
+        "{lease}"
+    );
+    assert!(
+        !lease.contains(&format!("ip={ip} ")) && !lease.contains(&format!("ip={ip2} ")),
+        "{lease}"
+    );
+
+    // Stable: the same address after stop/start and after an agent restart.
+    let restart = |env: &Env| {
+        env.kubectl(&[
+            "patch",
+            "vm",
+            "g1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"runStrategy":"Halted"}}"#,
+        ]);
+        env.wait_phase("g1", "Stopped", 60);
+        env.kubectl(&[
+            "patch",
+            "vm",
+            "g1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"runStrategy":"Always"}}"#,
+        ]);
+    };
+    restart(&env);
+    assert_eq!(bound(&env, "g1", 0)[2], ip, "after stop/start");
+    env.agent.kill();
+    env.agent = start_agent_args(
+        env.cp,
+        &env.node,
+        &env.state,
+        &env.guests,
+        "agent2.log",
+        "1",
+        &args,
+    );
+    restart(&env);
+    assert_eq!(bound(&env, "g1", 0)[2], ip, "after an agent restart");
+    let rules = sh("nft", &["list", "table", "bridge", &nets.bridge]);
+    let g1_tap = env
+        .vm("g1")
+        .and_then(|v| {
+            v.pointer("/status/interfaces/0/tap")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .expect("tap");
+    assert_eq!(
+        rules.matches(&format!("jump nic_{g1_tap}")).count(),
+        1,
+        "one rule per NIC after the restart:\n{rules}"
+    );
+
+    // A guest that forges its source address is dropped and counted.
+    apply_vm(&env, "liar", "spoof=ip poweroff");
+    console_has(&env, "liar", "spoof: sent 3 genuine frames");
+    let liar_tap = env
+        .vm("liar")
+        .and_then(|v| {
+            v.pointer("/status/interfaces/0/tap")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .expect("tap");
+    let counter = sh(
+        "nft",
+        &[
+            "list",
+            "counter",
+            "bridge",
+            &nets.bridge,
+            &format!("spoof_{liar_tap}"),
+        ],
+    );
+    let packets: u64 = counter
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        packets >= 20,
+        "forged frames dropped and counted: {counter}"
+    );
+
+    // Deleted: taps, leases and rules go.
+    let uids: Vec<String> = ["g1", "g2", "liar"].iter().map(|n| env.uid(n)).collect();
+    env.kubectl(&[
+        "delete",
+        "vm",
+        "g1",
+        "g2",
+        "liar",
+        "--wait=true",
+        "--timeout=90s",
+    ]);
+    wait_for(
+        40,
+        "no tap, lease or rule of the deleted VMs",
+        || {
+            let rules =
+                try_sh("nft", &["list", "table", "bridge", &nets.bridge]).unwrap_or_default();
+            let leases =
+                std::fs::read_to_string(env.state.join("network/leases.json")).unwrap_or_default();
+            let left = [&g1_tap, &liar_tap].iter().any(|t| {
+                std::path::Path::new("/sys/class/net").join(t).exists()
+                    || rules.contains(t.as_str())
+            }) || uids.iter().any(|u| leases.contains(u.as_str()));
+            (!left).then_some(())
+        },
+        || {
+            format!(
+                "{}\n{}",
+                try_sh("nft", &["list", "table", "bridge", &nets.bridge]).unwrap_or_default(),
+                std::fs::read_to_string(env.state.join("network/leases.json")).unwrap_or_default()
+            )
+        },
+    );
+}
+
+#[test]
+fn a_subnet_that_overlaps_the_hosts_is_refused_with_a_reason() {
+    let nets = Nets::new(1);
+    // The uplink's own network as the masquerade subnet.
+    let clash = format!("10.251.{}.0/24", nets.third);
+    let mut args = nets.agent_args();
+    args[3].clone_from(&clash);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = Env::with_args("net-overlap", &args, &[]);
+    apply_vm(&env, "o", "poweroff");
+    let ready = wait_for(
+        90,
+        "SubnetOverlap",
+        || {
+            env.condition("o", "Ready")
+                .filter(|c| c["reason"] == "SubnetOverlap")
+        },
+        || env.describe("o"),
+    );
+    let msg = ready["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(&clash) && msg.contains(&nets.uplink), "{msg}");
+    assert!(msg.contains("--masquerade-subnet"), "{msg}");
+    assert!(
+        !std::path::Path::new("/sys/class/net")
+            .join(&nets.bridge)
+            .exists(),
+        "nothing half-made"
+    );
+}
