@@ -60,9 +60,10 @@ use std::time::Duration;
 
 pub use dhcproto::v4::MessageType;
 pub use lease::{
-    Dropped, Lease, LeaseState, Leases, Mac, DECLINE_QUARANTINE, EXPIRY_GRACE, OFFER_HOLD,
+    format_mac, parse_mac, Dropped, Lease, LeaseState, Leases, Mac, DECLINE_QUARANTINE,
+    EXPIRY_GRACE, OFFER_HOLD,
 };
-pub use server::{handle, Event, Outcome, Reply};
+pub use server::{handle, Event, Outcome, Reply, MAX_PACKET};
 pub use socket::serve;
 
 /// Every error of this crate.
