@@ -6,6 +6,7 @@
 //! `SO_REUSEADDR`), with `SO_BROADCAST` for replies to
 //! `255.255.255.255:68`.
 
+use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -134,16 +135,30 @@ pub(crate) fn bind_socket(iface: &str, port: u16) -> Result<std::net::UdpSocket,
 /// [`forget`](Leases::forget) NICs while this runs (it saves after its own
 /// changes).
 ///
+/// `iface` is copied: the future is `'static` and can be spawned.
+///
 /// Returns an error only when the socket cannot be set up (an invalid
 /// configuration, no such interface, not permitted) or fails for good;
 /// nothing a client sends stops or panics the loop.
-pub async fn serve(
+pub fn serve(
     iface: &str,
     cfg: Config,
     leases: Arc<Mutex<Leases>>,
     events: UnboundedSender<Event>,
     metrics: Arc<Stats>,
+) -> impl Future<Output = Result<(), DhcpError>> + Send + 'static {
+    let iface = iface.to_string();
+    run(iface, cfg, leases, events, metrics)
+}
+
+async fn run(
+    iface: String,
+    cfg: Config,
+    leases: Arc<Mutex<Leases>>,
+    events: UnboundedSender<Event>,
+    metrics: Arc<Stats>,
 ) -> Result<(), DhcpError> {
+    let iface = iface.as_str();
     cfg.validate()?;
     let socket = bind_socket(iface, 67)?;
     let socket = UdpSocket::from_std(socket).map_err(sock_err(iface, "registering with tokio"))?;

@@ -298,8 +298,8 @@ proptest! {
         cfg.lease_time = Duration::from_secs(600);
         let t = Leases::empty(&path, &cfg);
         let mut world = World { cfg, t, now: 0, stable: HashMap::new(), path };
-        for op in ops {
-            world.apply(op)?;
-        }
+        let result = ops.into_iter().try_for_each(|op| world.apply(op));
+        let _ = std::fs::remove_dir_all(&dir);
+        result?;
     }
 }
