@@ -22,6 +22,9 @@ use crate::{Config, DhcpError, Leases, MessageType, Stats};
 /// Receive buffer: larger than any datagram [`handle`] accepts, so that an
 /// oversized one is seen whole and refused rather than truncated.
 const RECV_BUFFER: usize = 65_536;
+/// How often ended offers, leases and quarantines are tidied up
+/// ([`Leases::purge`]).
+const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Linux `IFNAMSIZ`, including the terminating NUL.
 const IFNAMSIZ: usize = 16;
 
@@ -131,6 +134,8 @@ pub(crate) fn bind_socket(iface: &str, port: u16) -> Result<std::net::UdpSocket,
 /// Every datagram goes through [`handle`]; its reply is sent, its event
 /// published on `events` (ignored if the receiver is gone), and the lease
 /// table saved (under the lock, on a blocking thread) whenever it changed.
+/// Every minute, ended offers, leases and quarantines are tidied up
+/// ([`Leases::purge`]) and the table saved if that changed it.
 /// The agent shares `leases` to [`reserve`](Leases::reserve) and
 /// [`forget`](Leases::forget) NICs while this runs (it saves after its own
 /// changes).
@@ -165,8 +170,20 @@ async fn run(
     tracing::info!(iface, subnet = %cfg.cidr(), "DHCP server listening");
     let mut buf = vec![0u8; RECV_BUFFER];
     let mut consecutive_errors = 0u32;
+    let mut tidy = tokio::time::interval(PURGE_EVERY);
+    tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (len, from) = match socket.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            received = socket.recv_from(&mut buf) => received,
+            _ = tidy.tick() => {
+                let purged = lock(&leases).purge(SystemTime::now());
+                if purged {
+                    save(&leases, &metrics).await;
+                }
+                continue;
+            }
+        };
+        let (len, from) = match received {
             Ok(got) => {
                 consecutive_errors = 0;
                 got
