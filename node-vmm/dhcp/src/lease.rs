@@ -8,9 +8,11 @@
 //! taken within [`OFFER_HOLD`], a lease ended more than [`EXPIRY_GRACE`] ago)
 //! and another MAC needs that address; the entry is then removed.
 //!
-//! Every address handed out comes from [`Leases::allocate`], which skips
-//! addresses held by any other entry that is not reclaimable and addresses
-//! in DECLINE quarantine, so no two MACs ever hold one address.
+//! Every address handed out comes from one function (`Leases::allocate`),
+//! which skips addresses held by any other entry that is not reclaimable and
+//! addresses in DECLINE quarantine, so no two MACs ever hold one address.
+//! Dynamic leases may hold at most half the pool by default
+//! ([`Leases::set_max_dynamic`]).
 //!
 //! Reserved addresses are taken from the bottom of the pool, dynamic ones
 //! from the top, so the two kinds rarely meet.
@@ -121,6 +123,8 @@ pub struct Leases {
     /// Declined addresses and the end of their quarantine.
     quarantine: BTreeMap<Ipv4Addr, SystemTime>,
     dropped: Vec<Dropped>,
+    /// Most dynamic leases held at once.
+    max_dynamic: usize,
 }
 
 /// `t + d`, or `t` if that overflows `SystemTime` (never panics).
@@ -196,7 +200,21 @@ impl Leases {
             entries: BTreeMap::new(),
             quarantine: BTreeMap::new(),
             dropped: Vec::new(),
+            max_dynamic: usize::try_from(cfg.pool_size().div_ceil(2)).unwrap_or(usize::MAX),
         }
+    }
+
+    /// Limits how many dynamic leases (unknown MACs) may hold an address at
+    /// once; by default half the pool (rounded up), so that a guest
+    /// inventing MACs cannot take the addresses new VMs need. A DISCOVER
+    /// past the limit fails with [`DhcpError::DynamicLimit`].
+    pub fn set_max_dynamic(&mut self, limit: usize) {
+        self.max_dynamic = limit;
+    }
+
+    /// The limit set by [`set_max_dynamic`](Self::set_max_dynamic).
+    pub fn max_dynamic(&self) -> usize {
+        self.max_dynamic
     }
 
     /// Reads the table saved at `path`; a missing file is an empty table.
@@ -486,13 +504,28 @@ impl Leases {
         self.entries.is_empty()
     }
 
-    /// Removes reclaimable dynamic entries and ended quarantines; returns
-    /// whether anything was removed.
+    /// Tidies up at `now`: removes reclaimable dynamic entries and ended
+    /// quarantines, and turns reservations whose offer ended, or whose lease
+    /// ended more than [`EXPIRY_GRACE`] ago, back to Reserved. Returns
+    /// whether anything changed.
     pub fn purge(&mut self, now: SystemTime) -> bool {
         let before = (self.entries.len(), self.quarantine.len());
         self.entries.retain(|_, l| !l.reclaimable(now));
         self.quarantine.retain(|_, until| *until > now);
-        before != (self.entries.len(), self.quarantine.len())
+        let mut changed = before != (self.entries.len(), self.quarantine.len());
+        for lease in self.entries.values_mut().filter(|l| l.is_reserved()) {
+            let ended = match (lease.state, lease.expires) {
+                (LeaseState::Offered, Some(end)) => now >= end,
+                (LeaseState::Bound, Some(end)) => now >= add(end, EXPIRY_GRACE),
+                _ => false,
+            };
+            if ended {
+                lease.state = LeaseState::Reserved;
+                lease.expires = None;
+                changed = true;
+            }
+        }
+        changed
     }
 
     /// Picks a free address for `mac` (not held by any other entry that is
@@ -538,8 +571,8 @@ impl Leases {
     /// DISCOVER: the address to offer `mac`, marked Offered until
     /// `now + OFFER_HOLD`. A MAC that holds an address (not declined) gets it
     /// again; otherwise a reserved MAC gets a new stable address from the
-    /// bottom of the pool, an unknown one `requested` if free or one from
-    /// the top.
+    /// bottom of the pool, an unknown one (within the dynamic limit)
+    /// `requested` if free or one from the top.
     pub(crate) fn offer(
         &mut self,
         mac: Mac,
@@ -550,7 +583,22 @@ impl Leases {
         let reserved = current.is_some_and(Lease::is_reserved);
         let ip = match current {
             Some(l) if l.state != LeaseState::Declined => l.ip,
-            _ => self.allocate(mac, requested.filter(|_| !reserved), !reserved, now)?,
+            _ => {
+                if !reserved {
+                    let dynamic = self
+                        .entries
+                        .iter()
+                        .filter(|(m, l)| **m != mac && !l.is_reserved() && !l.reclaimable(now))
+                        .count();
+                    if dynamic >= self.max_dynamic {
+                        return Err(DhcpError::DynamicLimit {
+                            subnet: self.cfg.cidr(),
+                            limit: self.max_dynamic,
+                        });
+                    }
+                }
+                self.allocate(mac, requested.filter(|_| !reserved), !reserved, now)?
+            }
         };
         let lease = self.entries.entry(mac).or_insert_with(|| Lease {
             ip,

@@ -60,9 +60,10 @@ use std::time::Duration;
 
 pub use dhcproto::v4::MessageType;
 pub use lease::{
-    Dropped, Lease, LeaseState, Leases, Mac, DECLINE_QUARANTINE, EXPIRY_GRACE, OFFER_HOLD,
+    format_mac, parse_mac, Dropped, Lease, LeaseState, Leases, Mac, DECLINE_QUARANTINE,
+    EXPIRY_GRACE, OFFER_HOLD,
 };
-pub use server::{handle, Event, Outcome, Reply};
+pub use server::{handle, Event, Outcome, Reply, MAX_PACKET};
 pub use socket::serve;
 
 /// Every error of this crate.
@@ -81,6 +82,10 @@ pub enum DhcpError {
     /// No address of the subnet is free.
     #[error("no free address left in {subnet}")]
     PoolExhausted { subnet: String },
+    /// A DISCOVER from an unknown MAC while dynamic leases already hold
+    /// their share of the pool ([`Leases::set_max_dynamic`]).
+    #[error("dynamic leases of {subnet} at their limit of {limit}")]
+    DynamicLimit { subnet: String, limit: usize },
     /// A reservation's owner is empty.
     #[error("a reservation needs a non-empty owner")]
     InvalidOwner,
@@ -273,6 +278,18 @@ impl Config {
             .filter(move |ip| *ip != self.gateway)
     }
 
+    /// How many addresses [`pool`](Self::pool) yields.
+    pub fn pool_size(&self) -> u64 {
+        let hosts = (1u64 << (32 - u32::from(self.prefix_len.clamp(1, 32)))).saturating_sub(2);
+        hosts.saturating_sub(u64::from(self.in_pool_gateway()))
+    }
+
+    fn in_pool_gateway(&self) -> bool {
+        self.contains(self.gateway)
+            && self.gateway != self.subnet
+            && self.gateway != self.broadcast()
+    }
+
     /// Lease time in seconds, as sent in option 51.
     pub fn lease_secs(&self) -> u32 {
         u32::try_from(self.lease_time.as_secs().min(MAX_LEASE_SECS)).unwrap_or(u32::MAX - 1)
@@ -308,7 +325,7 @@ pub struct Stats {
     /// Well-formed datagrams ignored (BOOTREPLY, other hardware, another
     /// server's REQUEST, ...).
     pub ignored: AtomicU64,
-    /// DISCOVERs that found no free address.
+    /// DISCOVERs that found no free address (or hit the dynamic limit).
     pub pool_exhausted: AtomicU64,
     /// Replies the socket failed to send.
     pub send_errors: AtomicU64,
@@ -436,6 +453,13 @@ mod tests {
         assert!(c.in_pool(Ipv4Addr::new(192, 168, 5, 6)));
         assert!(!c.in_pool(Ipv4Addr::new(192, 168, 5, 3)));
         assert_eq!(c.cidr(), "192.168.5.0/29");
+        assert_eq!(c.pool_size(), 5);
+        let big = cfg([10, 0, 0, 0], 8, [10, 0, 0, 1]).unwrap();
+        assert_eq!(big.pool_size(), (1 << 24) - 3);
+        assert_eq!(
+            big.pool().next_back(),
+            Some(Ipv4Addr::new(10, 255, 255, 254))
+        );
     }
 
     #[test]

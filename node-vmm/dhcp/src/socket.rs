@@ -6,6 +6,7 @@
 //! `SO_REUSEADDR`), with `SO_BROADCAST` for replies to
 //! `255.255.255.255:68`.
 
+use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -21,6 +22,9 @@ use crate::{Config, DhcpError, Leases, MessageType, Stats};
 /// Receive buffer: larger than any datagram [`handle`] accepts, so that an
 /// oversized one is seen whole and refused rather than truncated.
 const RECV_BUFFER: usize = 65_536;
+/// How often ended offers, leases and quarantines are tidied up
+/// ([`Leases::purge`]).
+const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Linux `IFNAMSIZ`, including the terminating NUL.
 const IFNAMSIZ: usize = 16;
 
@@ -130,28 +134,56 @@ pub(crate) fn bind_socket(iface: &str, port: u16) -> Result<std::net::UdpSocket,
 /// Every datagram goes through [`handle`]; its reply is sent, its event
 /// published on `events` (ignored if the receiver is gone), and the lease
 /// table saved (under the lock, on a blocking thread) whenever it changed.
+/// Every minute, ended offers, leases and quarantines are tidied up
+/// ([`Leases::purge`]) and the table saved if that changed it.
 /// The agent shares `leases` to [`reserve`](Leases::reserve) and
 /// [`forget`](Leases::forget) NICs while this runs (it saves after its own
 /// changes).
 ///
+/// `iface` is copied: the future is `'static` and can be spawned.
+///
 /// Returns an error only when the socket cannot be set up (an invalid
 /// configuration, no such interface, not permitted) or fails for good;
 /// nothing a client sends stops or panics the loop.
-pub async fn serve(
+pub fn serve(
     iface: &str,
     cfg: Config,
     leases: Arc<Mutex<Leases>>,
     events: UnboundedSender<Event>,
     metrics: Arc<Stats>,
+) -> impl Future<Output = Result<(), DhcpError>> + Send + 'static {
+    let iface = iface.to_string();
+    run(iface, cfg, leases, events, metrics)
+}
+
+async fn run(
+    iface: String,
+    cfg: Config,
+    leases: Arc<Mutex<Leases>>,
+    events: UnboundedSender<Event>,
+    metrics: Arc<Stats>,
 ) -> Result<(), DhcpError> {
+    let iface = iface.as_str();
     cfg.validate()?;
     let socket = bind_socket(iface, 67)?;
     let socket = UdpSocket::from_std(socket).map_err(sock_err(iface, "registering with tokio"))?;
     tracing::info!(iface, subnet = %cfg.cidr(), "DHCP server listening");
     let mut buf = vec![0u8; RECV_BUFFER];
     let mut consecutive_errors = 0u32;
+    let mut tidy = tokio::time::interval(PURGE_EVERY);
+    tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (len, from) = match socket.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            received = socket.recv_from(&mut buf) => received,
+            _ = tidy.tick() => {
+                let purged = lock(&leases).purge(SystemTime::now());
+                if purged {
+                    save(&leases, &metrics).await;
+                }
+                continue;
+            }
+        };
+        let (len, from) = match received {
             Ok(got) => {
                 consecutive_errors = 0;
                 got

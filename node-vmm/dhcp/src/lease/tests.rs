@@ -226,3 +226,59 @@ fn load_rejects_garbage_and_drops_conflicts() {
     assert_eq!(t.quarantined().count(), 1);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn dynamic_leases_are_limited_to_half_the_pool() {
+    // /28: 13 leasable addresses, at most 7 dynamic.
+    let mut t = Leases::empty(Path::new("x.json"), &cfg(28));
+    assert_eq!(t.max_dynamic(), 7);
+    for n in 0..7 {
+        t.offer([2, 0, 0, 0, 1, n], None, at(0)).unwrap();
+    }
+    let err = t.offer([2, 0, 0, 0, 1, 7], None, at(0)).unwrap_err();
+    assert!(
+        matches!(err, DhcpError::DynamicLimit { limit: 7, .. }),
+        "{err}"
+    );
+    // Holders ask again: still answered. Reservations still get addresses.
+    assert!(t.offer([2, 0, 0, 0, 1, 0], None, at(1)).is_ok());
+    for n in 0..6 {
+        t.reserve_at([2, 0, 0, 0, 2, n], "vm", "", at(1)).unwrap();
+    }
+    // Once the offers end, new unknown MACs are served again.
+    assert!(t
+        .offer([2, 0, 0, 0, 1, 7], None, at(0) + OFFER_HOLD)
+        .is_ok());
+    t.set_max_dynamic(0);
+    assert!(t
+        .offer([2, 0, 0, 0, 1, 8], None, at(0) + OFFER_HOLD)
+        .is_err());
+}
+
+#[test]
+fn purge_tidies_ended_offers_leases_and_quarantines() {
+    let mut t = Leases::empty(Path::new("x.json"), &cfg(24));
+    let vm = [2, 0, 0, 0, 0, 1];
+    let other = [2, 0, 0, 0, 0, 2];
+    let ip = t.reserve_at(vm, "ns/vm/net0", "", at(0)).unwrap();
+    t.offer(vm, None, at(0)).unwrap();
+    t.offer(other, None, at(0)).unwrap();
+    t.bind(other, at(0), Duration::from_secs(100));
+    assert!(!t.purge(at(1)), "nothing ended yet");
+    assert!(t.purge(at(0) + OFFER_HOLD));
+    let lease = t.get(vm).unwrap();
+    assert_eq!(
+        (lease.ip, lease.state, lease.expires),
+        (ip, LeaseState::Reserved, None)
+    );
+    assert!(t.get(other).is_some(), "bound, within its lease");
+    t.bind(vm, at(100), Duration::from_secs(100));
+    t.decline(other, t.get(other).unwrap().ip, at(100));
+    assert_eq!(t.quarantined().count(), 1);
+    let later = at(200) + EXPIRY_GRACE + DECLINE_QUARANTINE;
+    assert!(t.purge(later));
+    assert!(t.get(other).is_none());
+    assert_eq!(t.get(vm).unwrap().state, LeaseState::Reserved);
+    assert_eq!(t.quarantined().count(), 0);
+    assert!(!t.purge(later));
+}
