@@ -2,10 +2,12 @@
 //! pointed at a server the test starts, since nothing here reaches the
 //! internet): `examples/web-1.yaml`'s storage — kernel and initrd from
 //! images, a root overlay over a qcow2 image, a sparse scratch disk and a
-//! cloud-init seed — is prepared on a node and the VMM starts on it.
-//! Linux itself does not get far under software KVM (docs/guests.md); its
-//! `masquerade` network is left out until the node has a masquerade bridge.
+//! cloud-init seed — is prepared on a node and the VMM starts on it, with
+//! its `masquerade` NIC on the node bridge, an address reserved and the
+//! NAT and anti-spoofing rules in place. Linux itself does not get far
+//! under software KVM (docs/guests.md), so it never asks for its lease here.
 mod agent_env;
+mod net_env;
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -65,7 +67,12 @@ fn qemu_img_json(args: &[&str], file: &Path) -> serde_json::Value {
 #[test]
 #[allow(clippy::too_many_lines)] // one example, applied and inspected
 fn the_storage_of_web_1_is_prepared_from_its_images() {
-    let env = Env::with_args("web-1", &[], &["--cpu-overcommit", "4"]);
+    // The node's masquerade network is one this test makes (its own bridge,
+    // subnet and uplink), so nothing reaches the machine's real uplink.
+    let nets = net_env::Nets::new(3);
+    let args = nets.agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = Env::with_args("web-1", &args, &["--cpu-overcommit", "4"]);
     let served = env.state.join("served");
     std::fs::create_dir_all(&served).expect("dir");
     let root = served.join("debian-12.qcow2");
@@ -105,12 +112,11 @@ fn the_storage_of_web_1_is_prepared_from_its_images() {
                 .expect("source");
         apply(&env, &img);
     }
-    // examples/web-1.yaml, placed on this test's node, without its network.
+    // examples/web-1.yaml, placed on this test's node.
     let mut vm = docs(&examples.join("web-1.yaml")).remove(0);
     let Value::Mapping(spec) = &mut vm["spec"] else {
         panic!("spec")
     };
-    spec.remove("networks");
     spec.insert(
         "nodeSelector".into(),
         serde_yaml::from_str(&format!("{{kubevmm.io/test-node: {}}}", env.node)).expect("selector"),
@@ -120,6 +126,22 @@ fn the_storage_of_web_1_is_prepared_from_its_images() {
     env.wait_phase("web-1", "Running", 180);
     let ready = env.condition("web-1", "Ready").expect("Ready");
     assert_eq!(ready["reason"], "GuestRunning", "{ready}");
+
+    // The masquerade NIC: a tap on the node bridge, its address reserved,
+    // the guest held to its MAC and address.
+    let vmj: serde_json::Value =
+        serde_json::from_str(&env.kubectl(&["get", "vm", "web-1", "-o", "json"])).expect("json");
+    let tap = vmj
+        .pointer("/status/interfaces/0/tap")
+        .and_then(serde_json::Value::as_str)
+        .expect("tap in status")
+        .to_string();
+    let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).expect("master");
+    assert!(master.ends_with(&nets.bridge), "{master:?}");
+    let leases = std::fs::read_to_string(env.state.join("network/leases.json")).expect("leases");
+    assert!(leases.contains(&uid), "{leases}");
+    let rules = net_env::sh("nft", &["list", "table", "bridge", &nets.bridge]);
+    assert!(rules.contains(&format!("nic_{tap}")), "{rules}");
 
     // Root: a qcow2 overlay in the VM's disk directory over the cached base.
     let disks = env.state.join("disks").join(&uid);

@@ -5,150 +5,23 @@
 //! the "outside" is a namespace joined by a veth that the agent is told is
 //! its uplink, and traffic goes only to addresses inside them.
 mod agent_env;
-
-use std::process::Command;
+mod net_env;
 
 use agent_env::{start_agent_args, Env};
 use kubevmm_e2e::{run_with_input, wait_for};
+use net_env::{sh, try_sh, Nets};
 use serde_json::Value;
 
-/// Runs a command; its stdout, or a panic with its stderr.
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn try_sh(cmd: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(cmd).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The test's networks: bridge, subnet, an outside namespace behind a veth
-/// uplink, and a client namespace on the bridge; removed on drop.
-struct Nets {
-    id: String,
-    bridge: String,
-    uplink: String,
-    outside_ns: String,
-    client_ns: String,
-    third: u8,
-}
-
-impl Nets {
-    /// `tag` tells apart the tests of one run (they run in parallel).
-    fn new(tag: u8) -> Self {
-        let pid = std::process::id() % 10_000;
-        let id = format!("{pid}{tag}");
-        let third = u8::try_from(pid % 100 * 2 + 20).unwrap_or(20) + tag;
-        let n = Self {
-            id: id.clone(),
-            bridge: format!("kvmb{id}"),
-            uplink: format!("kvmu{id}"),
-            outside_ns: format!("kvm-out-{id}"),
-            client_ns: format!("kvm-cli-{id}"),
-            third,
-        };
-        n.cleanup();
-        // Outside: 10.251.T.2 in its namespace, 10.251.T.1 on the uplink.
-        sh("ip", &["netns", "add", &n.outside_ns]);
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &n.uplink,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "kvmp0",
-                "netns",
-                &n.outside_ns,
-            ],
-        );
-        sh(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("10.251.{third}.1/24"),
-                "dev",
-                &n.uplink,
-            ],
-        );
-        sh("ip", &["link", "set", &n.uplink, "up"]);
-        let inside = |args: &[&str]| {
-            let mut a = vec!["netns", "exec", &n.outside_ns];
-            a.extend_from_slice(args);
-            sh("ip", &a);
-        };
-        inside(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.251.{third}.2/24"),
-            "dev",
-            "kvmp0",
-        ]);
-        inside(&["ip", "link", "set", "kvmp0", "up"]);
-        inside(&["ip", "link", "set", "lo", "up"]);
-        n
-    }
-
-    fn subnet(&self) -> String {
-        format!("10.252.{}.0/24", self.third)
-    }
-
-    fn gateway(&self) -> String {
-        format!("10.252.{}.1", self.third)
-    }
-
-    fn peer(&self) -> String {
-        format!("10.251.{}.2", self.third)
-    }
-
-    fn agent_args(&self) -> Vec<String> {
-        vec![
-            "--masquerade-bridge".into(),
-            self.bridge.clone(),
-            "--masquerade-subnet".into(),
-            self.subnet(),
-            "--uplink".into(),
-            self.uplink.clone(),
-            "--dns".into(),
-            "10.251.0.53".into(),
-        ]
-    }
-
-    fn cleanup(&self) {
-        let _ = try_sh("ip", &["netns", "del", &self.outside_ns]);
-        let _ = try_sh("ip", &["netns", "del", &self.client_ns]);
-        let _ = try_sh("ip", &["link", "del", &self.uplink]);
-        let _ = try_sh("ip", &["link", "del", &format!("kvmc{}", self.id)]);
-        let _ = try_sh("ip", &["link", "del", &self.bridge]);
-    }
-}
-
-impl Drop for Nets {
-    fn drop(&mut self) {
-        self.cleanup();
-        let _ = try_sh("nft", &["delete", "table", "ip", &self.bridge]);
-        let _ = try_sh("nft", &["delete", "table", "bridge", &self.bridge]);
-    }
-}
-
 fn apply_vm(env: &Env, name: &str, cmdline: &str) {
+    apply_manifest(env, name, cmdline, "");
+}
+
+/// A dhcpnet VM with one masquerade NIC; `nic` adds lines to it.
+fn apply_manifest(env: &Env, name: &str, cmdline: &str, nic: &str) {
     let manifest = format!(
         "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: 1\n  memory: 64Mi\n  \
          terminationGracePeriodSeconds: 1\n  nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{path: {kernel}}}\n    \
-         cmdline: \"{cmdline}\"\n  networks:\n  - name: default\n    masquerade: {{}}\n",
+         cmdline: \"{cmdline}\"\n  networks:\n  - name: default\n    masquerade: {{}}\n{nic}",
         node = env.node,
         kernel = env.guests.join("dhcpnet.elf").display(),
     );
@@ -280,6 +153,46 @@ fn masquerade_guests_get_stable_addresses_talk_and_reach_the_outside_through_nat
     let ip2 = bound(&env, "g2", 0)[2].clone();
     assert_ne!(ip, ip2, "two VMs never share an address");
     console_has(&env, "g2", &format!("ping: reply from {ip}"));
+
+    // A MAC another VM on the node uses: refused, naming the holder.
+    let g1_mac = env
+        .vm("g1")
+        .and_then(|v| {
+            v.pointer("/status/interfaces/0/mac")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .expect("mac");
+    apply_manifest(
+        &env,
+        "dup",
+        "poweroff",
+        &format!("    macAddress: \"{g1_mac}\"\n"),
+    );
+    let dup = wait_for(
+        60,
+        "MacAddressInUse",
+        || {
+            env.condition("dup", "Ready")
+                .filter(|c| c["reason"] == "MacAddressInUse")
+        },
+        || env.describe("dup"),
+    );
+    assert!(
+        dup["message"].as_str().unwrap_or_default().contains("/g1/"),
+        "{dup}"
+    );
+    env.kubectl(&["delete", "vm", "dup", "--wait=true", "--timeout=60s"]);
+
+    // The bridge deleted behind the agent's back: made again, the tap
+    // re-attached, the guest reachable again.
+    sh("ip", &["link", "del", &nets.bridge]);
+    wait_for(
+        40,
+        "the bridge to be made again with the guest's tap",
+        || try_sh("busybox", &["ping", "-c", "1", "-W", "2", &ip]),
+        || try_sh("ip", &["-br", "link"]).unwrap_or_default(),
+    );
 
     // A standard client on the bridge (busybox udhcpc in a namespace joined
     // by a veth) gets a lease with the right options.
@@ -477,8 +390,9 @@ fn a_subnet_that_overlaps_the_hosts_is_refused_with_a_reason() {
     let clash = format!("10.251.{}.0/24", nets.third);
     let mut args = nets.agent_args();
     args[3].clone_from(&clash);
+    args.extend(["--allowed-bridge".to_string(), "kvmnobr0".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env = Env::with_args("net-overlap", &args, &[]);
+    let env = Env::with_args("net-overlap", &args, &["--cpu-overcommit", "4"]);
     apply_vm(&env, "o", "poweroff");
     let ready = wait_for(
         90,
@@ -498,4 +412,43 @@ fn a_subnet_that_overlaps_the_hosts_is_refused_with_a_reason() {
             .exists(),
         "nothing half-made"
     );
+    // An allow-listed bridge the node does not have.
+    env.apply(
+        "nobr",
+        "dhcpnet",
+        "    cmdline: poweroff\n  networks:\n  - name: lan\n    bridge: {name: kvmnobr0}\n",
+    );
+    let nobr = wait_for(
+        60,
+        "HostSetupFailed for a missing bridge",
+        || {
+            env.condition("nobr", "Ready")
+                .filter(|c| c["reason"] == "HostSetupFailed")
+        },
+        || env.describe("nobr"),
+    );
+    assert!(
+        nobr["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("bridge kvmnobr0 does not exist on this node"),
+        "{nobr}"
+    );
+    // The node says so too, for the administrator.
+    let cond = wait_for(
+        30,
+        "MasqueradeReady=False on the HypervisorNode",
+        || {
+            let n: Value =
+                serde_json::from_str(&env.kubectl(&["get", "hvnode", &env.node, "-o", "json"]))
+                    .ok()?;
+            n.pointer("/status/conditions")?
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "MasqueradeReady" && c["status"] == "False")
+                .cloned()
+        },
+        || env.kubectl(&["get", "hvnode", &env.node, "-o", "yaml"]),
+    );
+    assert_eq!(cond["reason"], "SubnetOverlap", "{cond}");
 }

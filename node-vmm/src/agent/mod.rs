@@ -281,7 +281,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     tokio::spawn(async move {
         loop {
             let running = hb_ctx.running_count();
-            if let Err(e) = reporter.heartbeat(running).await {
+            let masquerade = hb_ctx.network.condition();
+            if let Err(e) = reporter.heartbeat(running, &[masquerade]).await {
                 tracing::warn!("heartbeat failed: {e}");
             }
             tokio::time::sleep(reporter.interval()).await;

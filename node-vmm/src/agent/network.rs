@@ -179,6 +179,12 @@ impl Network {
             .server
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if made.created {
+            // A socket bound to the bridge that was deleted hears nothing.
+            if let Some(old) = server.take() {
+                old.abort();
+            }
+        }
         if server
             .as_ref()
             .is_none_or(tokio::task::JoinHandle::is_finished)
@@ -209,6 +215,35 @@ impl Network {
             }
         }
         Ok(())
+    }
+
+    /// Whether the masquerade network can be set up here (its subnet free
+    /// of the host's routes), for the `HypervisorNode`'s conditions.
+    pub fn condition(&self) -> super::node::NodeCondition {
+        let s = &self.settings;
+        let check = netlink::host_networks()
+            .map_err(NetworkError::from)
+            .and_then(|nets| Ok(masquerade::overlap(s.subnet, &nets, &s.bridge)?));
+        let (ok, reason, message) = match check {
+            Ok(()) => (
+                true,
+                "SubnetFree",
+                format!(
+                    "bridge {} on {} (gateway {})",
+                    s.bridge,
+                    s.subnet,
+                    s.subnet.gateway()
+                ),
+            ),
+            Err(NetworkError::Masquerade(e)) => (false, "SubnetOverlap", e.to_string()),
+            Err(e) => (false, "MasqueradeUnavailable", e.to_string()),
+        };
+        super::node::NodeCondition {
+            type_: "MasqueradeReady",
+            ok,
+            reason,
+            message,
+        }
     }
 
     /// The stable address of a masquerade NIC (made once, kept until the VM

@@ -97,6 +97,20 @@ pub fn build_status(
     }
 }
 
+/// A condition of the node as the agent sees it now (e.g. whether its
+/// masquerade network can be set up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCondition {
+    /// Condition type.
+    pub type_: &'static str,
+    /// `True` when fine.
+    pub ok: bool,
+    /// Reason.
+    pub reason: &'static str,
+    /// What the administrator should know.
+    pub message: String,
+}
+
 /// Registers the node and keeps its status and Lease current.
 #[derive(Clone)]
 pub struct NodeReporter {
@@ -104,6 +118,8 @@ pub struct NodeReporter {
     name: String,
     reserve: Reserve,
     lease_seconds: i32,
+    /// When each condition last changed (type -> (ok, time)).
+    since: std::sync::Arc<std::sync::Mutex<BTreeMap<&'static str, (bool, Timestamp)>>>,
 }
 
 impl std::fmt::Debug for NodeReporter {
@@ -122,6 +138,7 @@ impl NodeReporter {
             name,
             reserve,
             lease_seconds,
+            since: std::sync::Arc::default(),
         }
     }
 
@@ -187,13 +204,17 @@ impl NodeReporter {
 
     /// Renews the Lease and writes the status with `running_vms`
     /// (registering again if the `HypervisorNode` was deleted).
-    pub async fn heartbeat(&self, running_vms: i32) -> Result<(), NodeError> {
+    pub async fn heartbeat(
+        &self,
+        running_vms: i32,
+        conditions: &[NodeCondition],
+    ) -> Result<(), NodeError> {
         let now = Timestamp::now();
         // The Lease says this agent is alive: renewed whatever becomes of
         // the status write (the operator must not take a node whose
         // HypervisorNode was deleted for dead while its guests run).
         let lease = self.renew_lease(now).await;
-        let status = match self.write_status(running_vms, now).await {
+        let status = match self.write_status(running_vms, conditions, now).await {
             // Deleted under us: register again, as a kubelet re-creates its Node.
             Err(NodeError::Api {
                 source: kube::Error::Api(s),
@@ -201,7 +222,7 @@ impl NodeReporter {
             }) if s.code == 404 => {
                 tracing::warn!(node = %self.name, "HypervisorNode was deleted; registering again");
                 match self.register().await {
-                    Ok(()) => self.write_status(running_vms, now).await,
+                    Ok(()) => self.write_status(running_vms, conditions, now).await,
                     Err(e) => Err(e),
                 }
             }
@@ -210,8 +231,13 @@ impl NodeReporter {
         lease.and(status)
     }
 
-    async fn write_status(&self, running_vms: i32, now: Timestamp) -> Result<(), NodeError> {
-        let status = build_status(
+    async fn write_status(
+        &self,
+        running_vms: i32,
+        conditions: &[NodeCondition],
+        now: Timestamp,
+    ) -> Result<(), NodeError> {
+        let mut status = build_status(
             &host_check::probe(),
             host_check::cpu_model(),
             capacity(),
@@ -219,6 +245,29 @@ impl NodeReporter {
             running_vms,
             now,
         );
+        {
+            let mut since = self
+                .since
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            status.conditions = conditions
+                .iter()
+                .map(|c| {
+                    let t = since.entry(c.type_).or_insert((c.ok, now));
+                    if t.0 != c.ok {
+                        *t = (c.ok, now);
+                    }
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                        type_: c.type_.into(),
+                        status: if c.ok { "True" } else { "False" }.into(),
+                        reason: c.reason.into(),
+                        message: c.message.clone(),
+                        last_transition_time: Time(t.1),
+                        observed_generation: None,
+                    }
+                })
+                .collect();
+        }
         let body = serde_json::json!({
             "apiVersion": "kubevmm.io/v1alpha1",
             "kind": "HypervisorNode",
