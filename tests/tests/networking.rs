@@ -169,15 +169,7 @@ fn masquerade_guests_get_stable_addresses_talk_and_reach_the_outside_through_nat
         "poweroff",
         &format!("    macAddress: \"{g1_mac}\"\n"),
     );
-    let dup = wait_for(
-        60,
-        "MacAddressInUse",
-        || {
-            env.condition("dup", "Ready")
-                .filter(|c| c["reason"] == "MacAddressInUse")
-        },
-        || env.describe("dup"),
-    );
+    let dup = env.wait_ready_reason("dup", "MacAddressInUse", 60);
     assert!(
         dup["message"].as_str().unwrap_or_default().contains("/g1/"),
         "{dup}"
@@ -394,15 +386,7 @@ fn a_subnet_that_overlaps_the_hosts_is_refused_with_a_reason() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let env = Env::with_args("net-overlap", &args, &["--cpu-overcommit", "4"]);
     apply_vm(&env, "o", "poweroff");
-    let ready = wait_for(
-        90,
-        "SubnetOverlap",
-        || {
-            env.condition("o", "Ready")
-                .filter(|c| c["reason"] == "SubnetOverlap")
-        },
-        || env.describe("o"),
-    );
+    let ready = env.wait_ready_reason("o", "SubnetOverlap", 90);
     let msg = ready["message"].as_str().unwrap_or_default();
     assert!(msg.contains(&clash) && msg.contains(&nets.uplink), "{msg}");
     assert!(msg.contains("--masquerade-subnet"), "{msg}");
@@ -418,15 +402,7 @@ fn a_subnet_that_overlaps_the_hosts_is_refused_with_a_reason() {
         "dhcpnet",
         "    cmdline: poweroff\n  networks:\n  - name: lan\n    bridge: {name: kvmnobr0}\n",
     );
-    let nobr = wait_for(
-        60,
-        "HostSetupFailed for a missing bridge",
-        || {
-            env.condition("nobr", "Ready")
-                .filter(|c| c["reason"] == "HostSetupFailed")
-        },
-        || env.describe("nobr"),
-    );
+    let nobr = env.wait_ready_reason("nobr", "HostSetupFailed", 60);
     assert!(
         nobr["message"]
             .as_str()

@@ -289,15 +289,7 @@ fn local_disks_live_with_the_vm_across_stop_start_and_agent_restarts() {
     // A disk larger than the node's free space: refused before any file is made.
     apply(&env, &vm("big", "900Ti"));
     let big = env.uid("big");
-    let ready = wait_for(
-        60,
-        "InsufficientSpace on the VM that asks for too big a disk",
-        || {
-            env.condition("big", "Ready")
-                .filter(|c| c["reason"] == "InsufficientSpace")
-        },
-        || env.describe("big"),
-    );
+    let ready = env.wait_ready_reason("big", "InsufficientSpace", 60);
     let msg = ready["message"].as_str().unwrap_or_default();
     assert!(msg.contains("spec.disks[1].emptyDisk.size"), "{msg}");
     assert!(

@@ -257,6 +257,19 @@ impl Env {
         )
     }
 
+    /// Waits until `Ready=False` carries `reason`; returns the condition.
+    pub fn wait_ready_reason(&self, name: &str, reason: &str, seconds: u64) -> Value {
+        wait_for(
+            seconds,
+            &format!("{name}: Ready reason {reason}"),
+            || {
+                self.condition(name, "Ready")
+                    .filter(|c| c["reason"] == reason)
+            },
+            || self.describe(name),
+        )
+    }
+
     pub fn wait_phase(&self, name: &str, phase: &str, seconds: u64) {
         wait_for(
             seconds,
