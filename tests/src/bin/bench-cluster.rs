@@ -1,6 +1,7 @@
 //! `make bench` (cluster part): `kubectl apply` → phase Running latency for
 //! single VMs and for 20 applied at once, and the memory of the agent and
-//! the operator with 20 guests, on a private control plane with the real
+//! the operator with 20 guests, apply → DHCP address in status for a
+//! masquerade VM (the `dhcpnet` guest), on a private control plane with the real
 //! `kubevmm-operator` and `node-vmm agent` booting the `idle` test guest.
 //! Prints our figures beside `KubeVirt`'s published ones (DESIGN.md).
 
@@ -16,6 +17,8 @@ use kubevmm_e2e::{bin_path, build_guests, free_port, ControlPlane, Daemon};
 
 const SINGLE_RUNS: usize = 10;
 const BURST: usize = 20;
+const IP_RUNS: usize = 5;
+const BENCH_BRIDGE: &str = "kvmbench0";
 
 fn manifest(name: &str, kernel: &std::path::Path) -> VirtualMachine {
     with_disks(name, kernel, &serde_json::json!([]))
@@ -68,6 +71,24 @@ async fn until_running(api: &Api<VirtualMachine>, name: &str, start: Instant) ->
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "{name} not Running after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn until_ip(api: &Api<VirtualMachine>, name: &str, start: Instant) -> Duration {
+    loop {
+        if let Ok(vm) = api.get(name).await {
+            let ip = vm
+                .status
+                .and_then(|s| s.interfaces.first().and_then(|i| i.ip_address.clone()));
+            if ip.is_some() {
+                return start.elapsed();
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{name} has no address after 120 s"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -131,7 +152,17 @@ async fn main() {
         .arg("--allowed-dir")
         .arg(&guests)
         .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+        .arg(format!("127.0.0.1:{}", free_port().expect("port")))
+        // A masquerade network of the bench's own; NAT towards loopback
+        // only (the guests just take their leases).
+        .args([
+            "--masquerade-bridge",
+            BENCH_BRIDGE,
+            "--masquerade-subnet",
+            "10.253.0.0/24",
+            "--uplink",
+            "lo",
+        ]);
     let mut agent = Daemon::start(agent_cmd, state.join("agent.log"));
     let mut op_cmd = std::process::Command::new(bin_path("kubevmm-operator"));
     op_cmd
@@ -233,6 +264,30 @@ async fn main() {
     }
     cached.sort();
     let _ = std::fs::remove_file(&image_file);
+
+    // A masquerade VM: apply -> its DHCP address in status.
+    let dhcp_kernel = guests.join("dhcpnet.elf");
+    let mut to_ip = Vec::new();
+    for i in 0..IP_RUNS {
+        let name = format!("net-{i}");
+        let mut vm = manifest(&name, &dhcp_kernel);
+        vm.spec.networks = serde_json::from_value(serde_json::json!([{"name": "default", "masquerade": {}}]))
+            .expect("network");
+        let start = Instant::now();
+        api.create(&PostParams::default(), &vm)
+            .await
+            .expect("create");
+        to_ip.push(until_ip(&api, &name, start).await);
+        until_gone(&api, &name).await;
+    }
+    to_ip.sort();
+    for (cmd, args) in [
+        ("ip", vec!["link", "del", BENCH_BRIDGE]),
+        ("nft", vec!["delete", "table", "ip", BENCH_BRIDGE]),
+        ("nft", vec!["delete", "table", "bridge", BENCH_BRIDGE]),
+    ] {
+        let _ = std::process::Command::new(cmd).args(args).output();
+    }
     agent.kill();
     operator.kill();
     let _ = std::fs::remove_dir_all(&state);
@@ -272,6 +327,13 @@ async fn main() {
         format!("{} / {}", ms(pct(&cached, 50)), ms(pct(&cached, 95))),
         "KubeVirt clone: tens of s",
         "<= 250 ms"
+    );
+    println!(
+        "{:<44} {:>28} {:>22} {:>14}",
+        format!("apply -> IP in status (masquerade), {IP_RUNS} VMs p50/p95"),
+        format!("{} / {}", ms(pct(&to_ip, 50)), ms(pct(&to_ip, 95))),
+        "KubeVirt: tens of s",
+        "-"
     );
     println!(
         "{:<44} {:>28} {:>22} {:>14}",
