@@ -1,8 +1,8 @@
 //! `make bench` (hack/bench-net.sh): the DHCP server's DISCOVER → ACK for
 //! 100 clients, printed as markdown rows beside busybox `udhcpd`.
 //!
-//! Usage: `dhcp-bench WORK_DIR [TAG]` (as root: a network namespace, a veth pair,
-//! UDP port 67). `TAG` names what is created (`kvnb<TAG>d` for the
+//! Usage: `dhcp-bench WORK_DIR [TAG]` (as root: a network namespace, a veth
+//! pair, UDP port 67). `TAG` names what is created (`kvnb<TAG>d` for the
 //! namespace, `kvnbh<TAG>`/`kvnbc<TAG>` for the veth ends) so that the
 //! calling script can remove them if this process is killed; it defaults to
 //! our pid.
@@ -19,7 +19,9 @@
 //!    REQUEST (its own `chaddr`, the broadcast flag set so that every server
 //!    broadcasts its replies) and waits for the OFFER and the ACK. The 100
 //!    clients go one after another; p50 and p95 DISCOVER → ACK and the time
-//!    for all 100.
+//!    for all 100. Then the same with the table on tmpfs (`/dev/shm`): the
+//!    server without the disk's fsync latency, which swings with whatever
+//!    else the machine's disk is doing.
 //! 3. The anchor: the same client against busybox `udhcpd` on the same veth,
 //!    the same 100 MACs as `static_lease`s (so it does not ARP-probe the
 //!    addresses it offers, as it does for dynamic ones).
@@ -450,9 +452,11 @@ struct Real {
 }
 
 /// Our server on the host end, the clients in the namespace.
-fn ours(net: &Net, client: &mut Client, work: &Path) -> Result<Real, BenchError> {
+/// Our server on the host end, the clients in the namespace; the lease
+/// table saved in `dir`.
+fn ours(net: &Net, client: &mut Client, dir: &Path) -> Result<Real, BenchError> {
     let cfg = config()?;
-    let path = work.join("leases.json");
+    let path = dir.join("leases.json");
     let _ = std::fs::remove_file(&path);
     let mut table = Leases::load(&path, &cfg)?;
     reserve_all(&mut table, CLIENTS + 1)?;
@@ -572,7 +576,19 @@ fn run() -> Result<(), BenchError> {
         sock: net.client_socket()?,
         retransmits: 0,
     };
-    let mut real = ours(&net, &mut client, &work)?;
+    let mut disk = ours(&net, &mut client, &work)?;
+    // The same with the table on tmpfs: the server without the disk's
+    // fsync latency (which swings with the machine's other work).
+    let shm = PathBuf::from(format!("/dev/shm/kubevmm-dhcp-bench-{tag}"));
+    let mut tmpfs = if Path::new("/dev/shm").is_dir() {
+        let got = std::fs::create_dir_all(&shm)
+            .map_err(io(format!("create {}", shm.display())))
+            .and_then(|()| ours(&net, &mut client, &shm));
+        let _ = std::fs::remove_dir_all(&shm);
+        Some(got?)
+    } else {
+        None
+    };
     let anchor = match Command::new("busybox").arg("udhcpd").arg("--help").output() {
         Ok(o) if String::from_utf8_lossy(&o.stderr).contains("Usage: udhcpd") => {
             Some(udhcpd(&net, &mut client, &work))
@@ -589,29 +605,37 @@ fn run() -> Result<(), BenchError> {
     println!(
         "| DHCP DISCOVER → ACK, pure `handle()` ({CLIENTS} reserved MACs, encoded beforehand), median of {PURE_ROUNDS} rounds | {median:.1} µs per exchange, {round:.2} ms per {CLIENTS} [{round_min:.2}-{round_max:.2}] | - | - | - |"
     );
-    let ours_cell = real_cell(&mut real);
-    let (anchor_cell, ratio) = match anchor {
-        Some(Ok(mut a)) => {
-            let ratio = format!(
-                "{:.2}× udhcpd (p50), {:.2}× (all {CLIENTS})",
-                percentile(&mut real.exchanges, 50).as_secs_f64()
-                    / percentile(&mut a.exchanges, 50).as_secs_f64(),
-                real.total.as_secs_f64() / a.total.as_secs_f64()
-            );
-            (
-                format!("busybox udhcpd (static leases) {}", real_cell(&mut a)),
-                ratio,
-            )
-        }
-        Some(Err(e)) => (format!("busybox udhcpd failed: {e}"), "-".into()),
-        None => (
-            "no anchor on this machine (no busybox udhcpd)".into(),
-            "-".into(),
-        ),
+    let mut anchor = match anchor {
+        Some(Ok(a)) => Ok(a),
+        Some(Err(e)) => Err(format!("busybox udhcpd failed: {e}")),
+        None => Err("no anchor on this machine (no busybox udhcpd)".into()),
     };
-    println!(
-        "| DHCP DISCOVER → ACK over a veth, `serve()` (lease table saved after each change), {CLIENTS} clients one after another | {ours_cell} | {anchor_cell} | - | {ratio} |"
+    let anchor_cell = match &mut anchor {
+        Ok(a) => format!("busybox udhcpd (static leases) {}", real_cell(a)),
+        Err(e) => e.clone(),
+    };
+    let mut row = |what: &str, ours: &mut Real| {
+        let ratio = match &mut anchor {
+            Ok(a) => format!(
+                "{:.2}× udhcpd (p50), {:.2}× (all {CLIENTS})",
+                percentile(&mut ours.exchanges, 50).as_secs_f64()
+                    / percentile(&mut a.exchanges, 50).as_secs_f64(),
+                ours.total.as_secs_f64() / a.total.as_secs_f64()
+            ),
+            Err(_) => "-".into(),
+        };
+        println!(
+            "| DHCP DISCOVER → ACK over a veth, `serve()`, lease table {what}, {CLIENTS} clients one after another | {} | {anchor_cell} | - | {ratio} |",
+            real_cell(ours)
+        );
+    };
+    row(
+        "on disk, fsync after each change (as the agent runs it)",
+        &mut disk,
     );
+    if let Some(t) = &mut tmpfs {
+        row("on tmpfs (/dev/shm)", t);
+    }
     Ok(())
 }
 
