@@ -34,6 +34,7 @@ cleanup() {
 	ip netns del "kvnb${TAG}d" 2>/dev/null || true
 	ip link del "kvnbh${TAG}" 2>/dev/null || true
 	ip netns del "kvnb${TAG}v" 2>/dev/null || true
+	rm -rf "/dev/shm/kubevmm-dhcp-bench-${TAG}"
 	rm -rf "$WORK"
 }
 trap cleanup EXIT
