@@ -86,6 +86,7 @@ cluster-down:
 
 bench: build guests
 	hack/bench-vmm.sh
+	hack/bench-net.sh
 	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster --bin bench-import -p node-vmm -p kubevmm-operator -p kubevmm-vmm
 	$(RELEASE_BIN)/bench-cluster
 	$(RELEASE_BIN)/bench-import

@@ -41,19 +41,6 @@ static void ioloop(void)
 	puts("\n");
 }
 
-/* QEMU's microvm puts its virtio-mmio slots elsewhere ("qemu" on the
- * command line, with virtio-mmio.force-legacy=false for version 2). */
-static u64 qemu_virtio_find(u32 device_id)
-{
-	int i;
-	for (i = 0; i < 32; i++) {
-		u64 b = 0xfeb00000ULL + (u64)i * 0x200;
-		if (mmio_read32(b) == 0x74726976 && mmio_read32(b + 8) == device_id)
-			return b;
-	}
-	return 0;
-}
-
 static struct vq vq;
 static u64 blk_base, capacity;
 
@@ -62,7 +49,7 @@ static void blk_open(int qemu)
 {
 	if (blk_base)
 		return;
-	blk_base = qemu ? qemu_virtio_find(2) : virtio_find(2);
+	blk_base = qemu ? virtio_find_qemu(2) : virtio_find(2);
 	if (!blk_base)
 		fail("no disk");
 	virtio_init(blk_base, 0);

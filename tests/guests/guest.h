@@ -94,6 +94,9 @@ struct vring_used { u16 flags; u16 idx; struct vring_used_elem ring[]; };
 
 /* Finds the first virtio-mmio device of type id, 0 if none. */
 u64 virtio_find(u32 device_id);
+/* The same where QEMU's microvm puts its virtio-mmio slots (version 2 with
+ * -global virtio-mmio.force-legacy=false). */
+u64 virtio_find_qemu(u32 device_id);
 /* Resets and negotiates features (VERSION_1 plus wanted & offered); returns
  * the accepted low feature word. Sets up queue q at memory area. */
 u32 virtio_init(u64 base, u32 wanted_low);

@@ -183,6 +183,17 @@ u64 virtio_find(u32 device_id)
 	return 0;
 }
 
+u64 virtio_find_qemu(u32 device_id)
+{
+	int i;
+	for (i = 0; i < 32; i++) {
+		u64 b = 0xfeb00000ULL + (u64)i * 0x200;
+		if (mmio_read32(b + VM_MAGIC) == 0x74726976 && mmio_read32(b + VM_DEVICE_ID) == device_id)
+			return b;
+	}
+	return 0;
+}
+
 u32 virtio_init(u64 base, u32 wanted_low)
 {
 	u32 offered;

@@ -21,8 +21,13 @@ static void rx_post(struct net *n)
 
 int net_init(struct net *n)
 {
+	return net_init_at(n, virtio_find(1));
+}
+
+int net_init_at(struct net *n, u64 base)
+{
 	int i;
-	n->base = virtio_find(1);
+	n->base = base;
 	if (!n->base)
 		return 0;
 	virtio_init(n->base, 1u << 5 /* MAC */);
@@ -57,13 +62,13 @@ void net_recv_done(struct net *n)
 	rx_post(n);
 }
 
-void net_send(struct net *n, const u8 *frame, u32 len)
+/* Sends NET_HDR + len bytes of buf (its header zeroed here). */
+static void send_buf(struct net *n, u8 *buf, u32 len)
 {
-	if (len > sizeof(tx_buf) - NET_HDR)
-		fail("frame too big to send");
-	memset(tx_buf, 0, NET_HDR);
-	memcpy(tx_buf + NET_HDR, frame, len);
-	n->tx.desc[0].addr = (u64)tx_buf;
+	*(u32_ua *)buf = 0;
+	*(u32_ua *)(buf + 4) = 0;
+	*(u32_ua *)(buf + 8) = 0;
+	n->tx.desc[0].addr = (u64)buf;
 	n->tx.desc[0].len = NET_HDR + len;
 	n->tx.desc[0].flags = 0;
 	n->tx.avail->ring[n->tx.avail_idx % n->tx.size] = 0;
@@ -72,6 +77,21 @@ void net_send(struct net *n, const u8 *frame, u32 len)
 	n->tx.avail->idx = n->tx.avail_idx;
 	virtio_notify(n->base, 1);
 	vq_wait_used(&n->tx);
+}
+
+void net_send(struct net *n, const u8 *frame, u32 len)
+{
+	if (len > sizeof(tx_buf) - NET_HDR)
+		fail("frame too big to send");
+	memcpy(tx_buf + NET_HDR, frame, len);
+	send_buf(n, tx_buf, len);
+}
+
+void net_send_received(struct net *n, u32 len)
+{
+	if (len > sizeof(rx_buf) - NET_HDR)
+		fail("frame too big to send");
+	send_buf(n, rx_buf, len);
 }
 
 /* Ethernet type ARP, then Ethernet/IPv4 hardware and protocol, sizes 6, 4. */

@@ -14,6 +14,8 @@ struct net {
 };
 /* Returns 0 when there is no NIC. */
 int net_init(struct net *n);
+/* The same for the NIC at base (0: none). */
+int net_init_at(struct net *n, u64 base);
 /* Waits for one frame (without the virtio header); returns its length,
  * bounded by the receive buffer. */
 u32 net_recv(struct net *n, u8 **frame);
@@ -22,6 +24,10 @@ int net_poll(struct net *n, u8 **frame, u32 *len);
 /* Gives the last received buffer back to the device. */
 void net_recv_done(struct net *n);
 void net_send(struct net *n, const u8 *frame, u32 len);
+/* Sends the first len bytes of the last received frame (as changed by the
+ * caller) from the receive buffer itself, without a copy; call before
+ * net_recv_done. */
+void net_send_received(struct net *n, u32 len);
 /* Returns 1 when frame f is an Ethernet/IPv4 ARP packet (42 bytes or more). */
 int net_is_arp(const u8 *f, u32 len);
 /* Returns 1 when frame f is an ARP request for ip. */
@@ -30,6 +36,11 @@ int net_is_arp_request(const u8 *f, u32 len, const u8 ip[4]);
 void net_build_arp_reply(const struct net *n, const u8 *req, const u8 ip[4], u8 reply[42]);
 /* Answers ARP requests for ip; returns after the first answer. */
 void net_answer_arp(struct net *n, const u8 ip[4]);
+
+/* Unaligned 16- and 32-bit access (fine on x86): one instruction where a
+ * byte loop takes dozens, which matters under software KVM. */
+typedef u16 __attribute__((may_alias, aligned(1))) u16_ua;
+typedef u32 __attribute__((may_alias, aligned(1))) u32_ua;
 
 /* Byte order. */
 static inline u16 be16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
