@@ -9,10 +9,12 @@
 #   down   stop them, then the guests on this machine (ACPI shutdown, force
 #          stop after 10 s): nothing is left running. The VirtualMachines stay
 #          in the API; the next `up` starts them again per runStrategy.
+#          The guests' taps, the masquerade bridge and its nftables tables
+#          go too (leases stay, so addresses stay stable).
 #
 # Environment: KUBEVMM_CLUSTER_DIR [~/.cache/kubevmm/cluster], KUBEVMM_BIN
 # [<repo>/target/release], KUBEVMM_NODE_NAME [host name],
-# KUBEVMM_STATE_DIR [/var/lib/kubevmm-node].
+# KUBEVMM_STATE_DIR [/var/lib/kubevmm-node], KUBEVMM_MASQUERADE_BRIDGE [kubevmm0].
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,6 +23,7 @@ D="${KUBEVMM_CLUSTER_DIR:-$HOME/.cache/kubevmm/cluster}"
 BIN="${KUBEVMM_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release}"
 NODE="${KUBEVMM_NODE_NAME:-$(hostname)}"
 STATE="${KUBEVMM_STATE_DIR:-/var/lib/kubevmm-node}"
+MASQ_BRIDGE="${KUBEVMM_MASQUERADE_BRIDGE:-kubevmm0}"
 RUN="$D/run"
 LOGS="$D/logs"
 
@@ -63,7 +66,8 @@ up)
 		--id local-operator --metrics-addr 127.0.0.1:9100
 	start node-vmm env KUBECONFIG="$D/admin.kubeconfig" "$BIN/node-vmm" agent \
 		--node-name "$NODE" --state-dir "$STATE" --vmm-binary "$BIN/kubevmm-vmm" \
-		--allowed-dir /var/lib/kubevmm --metrics-addr 127.0.0.1:9101
+		--allowed-dir /var/lib/kubevmm --metrics-addr 127.0.0.1:9101 \
+		--masquerade-bridge "$MASQ_BRIDGE"
 	for _ in $(seq 100); do
 		KUBECONFIG="$D/admin.kubeconfig" kubectl get hvnode "$NODE" >/dev/null 2>&1 && break
 		sleep 0.1
@@ -90,6 +94,16 @@ down)
 		curl -s -m 2 -X PUT --unix-socket "$s" http://vmm/vm/stop >/dev/null 2>&1 || true
 	done
 	[ "${#socks[@]}" = 0 ] || log "stopped ${#socks[@]} guest(s)"
+	# The agent's network: taps of the guests, the masquerade bridge and its
+	# nftables tables (named after the bridge). Leases stay in the state
+	# directory, so the next `up` gives each VM its address again.
+	for tap in /sys/class/net/kvt*; do
+		if [ -e "$tap" ]; then ip link del "$(basename "$tap")" 2>/dev/null || true; fi
+	done
+	ip link del "$MASQ_BRIDGE" 2>/dev/null || true
+	nft delete table ip "$MASQ_BRIDGE" 2>/dev/null || true
+	nft delete table bridge "$MASQ_BRIDGE" 2>/dev/null || true
+	log "removed the guests' taps, bridge $MASQ_BRIDGE and its rules"
 	;;
 status)
 	for c in kubevmm-operator node-vmm; do
