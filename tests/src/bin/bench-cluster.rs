@@ -271,8 +271,9 @@ async fn main() {
     for i in 0..IP_RUNS {
         let name = format!("net-{i}");
         let mut vm = manifest(&name, &dhcp_kernel);
-        vm.spec.networks = serde_json::from_value(serde_json::json!([{"name": "default", "masquerade": {}}]))
-            .expect("network");
+        vm.spec.networks =
+            serde_json::from_value(serde_json::json!([{"name": "default", "masquerade": {}}]))
+                .expect("network");
         let start = Instant::now();
         api.create(&PostParams::default(), &vm)
             .await
