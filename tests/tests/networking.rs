@@ -142,6 +142,10 @@ fn masquerade_guests_get_stable_addresses_talk_and_reach_the_outside_through_nat
             )
         },
     );
+    assert!(
+        nets.peer_saw_from_uplink() >= 1,
+        "the peer sees the uplink address as the source"
+    );
     let nat = sh("nft", &["list", "table", "ip", &nets.bridge]);
     assert!(
         nat.contains(&format!("oifname \"{}\" masquerade", nets.uplink)),
@@ -308,46 +312,72 @@ fn masquerade_guests_get_stable_addresses_talk_and_reach_the_outside_through_nat
         "one rule per NIC after the restart:\n{rules}"
     );
 
-    // A guest that forges its source address is dropped and counted.
-    apply_vm(&env, "liar", "spoof=ip poweroff");
-    console_has(&env, "liar", "spoof: sent 3 genuine frames");
-    let liar_tap = env
-        .vm("liar")
-        .and_then(|v| {
-            v.pointer("/status/interfaces/0/tap")
-                .and_then(Value::as_str)
-                .map(String::from)
-        })
-        .expect("tap");
-    let counter = sh(
-        "nft",
-        &[
-            "list",
-            "counter",
-            "bridge",
-            &nets.bridge,
-            &format!("spoof_{liar_tap}"),
-        ],
+    // Guests that forge their source address or MAC are dropped and counted.
+    let mut liar_taps = Vec::new();
+    for (name, how) in [("liar", "ip"), ("liar-mac", "mac")] {
+        apply_vm(&env, name, &format!("spoof={how} poweroff"));
+        console_has(&env, name, "spoof: sent 3 genuine frames");
+        let tap = env
+            .vm(name)
+            .and_then(|v| {
+                v.pointer("/status/interfaces/0/tap")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
+            .expect("tap");
+        let counter = sh(
+            "nft",
+            &[
+                "list",
+                "counter",
+                "bridge",
+                &nets.bridge,
+                &format!("spoof_{tap}"),
+            ],
+        );
+        assert!(
+            net_env::packets(&counter) >= 20,
+            "{how}: forged frames dropped and counted: {counter}"
+        );
+        liar_taps.push(tap);
+    }
+
+    // An exhausted pool: every free address reserved (for VMs of another
+    // kind of owner), then a new VM.
+    env.agent.kill();
+    fill_pool(&env, &nets);
+    env.agent = start_agent_args(
+        env.cp,
+        &env.node,
+        &env.state,
+        &env.guests,
+        "agent3.log",
+        "1",
+        &args,
     );
-    let packets: u64 = counter
-        .split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    apply_vm(&env, "full", "poweroff");
+    let full = env.wait_ready_reason("full", "AddressPoolExhausted", 60);
     assert!(
-        packets >= 20,
-        "forged frames dropped and counted: {counter}"
+        full["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&nets.subnet()),
+        "{full}"
     );
 
     // Deleted: taps, leases and rules go.
-    let uids: Vec<String> = ["g1", "g2", "liar"].iter().map(|n| env.uid(n)).collect();
+    let uids: Vec<String> = ["g1", "g2", "liar", "liar-mac", "full"]
+        .iter()
+        .map(|n| env.uid(n))
+        .collect();
     env.kubectl(&[
         "delete",
         "vm",
         "g1",
         "g2",
         "liar",
+        "liar-mac",
+        "full",
         "--wait=true",
         "--timeout=90s",
     ]);
@@ -359,7 +389,7 @@ fn masquerade_guests_get_stable_addresses_talk_and_reach_the_outside_through_nat
                 try_sh("nft", &["list", "table", "bridge", &nets.bridge]).unwrap_or_default();
             let leases =
                 std::fs::read_to_string(env.state.join("network/leases.json")).unwrap_or_default();
-            let left = [&g1_tap, &liar_tap].iter().any(|t| {
+            let left = liar_taps.iter().chain([&g1_tap]).any(|t| {
                 std::path::Path::new("/sys/class/net").join(t).exists()
                     || rules.contains(t.as_str())
             }) || uids.iter().any(|u| leases.contains(u.as_str()));
@@ -373,6 +403,36 @@ fn masquerade_guests_get_stable_addresses_talk_and_reach_the_outside_through_nat
             )
         },
     );
+}
+
+/// Reserves every free address of the test's subnet in the agent's lease
+/// table (the agent is stopped meanwhile), for owners that are not VMs here.
+fn fill_pool(env: &Env, nets: &Nets) {
+    let third = nets.third;
+    let cfg = kubevmm_dhcp::Config::new(
+        std::net::Ipv4Addr::new(10, 252, third, 0),
+        24,
+        std::net::Ipv4Addr::new(10, 252, third, 1),
+        vec![std::net::Ipv4Addr::new(10, 251, 0, 53)],
+        std::time::Duration::from_secs(3600),
+        None,
+        None,
+    )
+    .expect("config");
+    let path = env.state.join("network/leases.json");
+    let mut t = kubevmm_dhcp::Leases::load(&path, &cfg).expect("leases");
+    let mut i = 0u16;
+    while t
+        .reserve(
+            [0x02, 0, 0, 0x77, (i >> 8) as u8, i as u8],
+            &format!("elsewhere/fill-{i}/fill-{i}/n"),
+            "fill",
+        )
+        .is_ok()
+    {
+        i += 1;
+    }
+    t.save().expect("save");
 }
 
 #[test]

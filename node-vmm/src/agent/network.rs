@@ -276,6 +276,28 @@ impl Network {
         }
     }
 
+    /// The uids of the VMs holding addresses.
+    pub fn owner_uids(&self) -> std::collections::BTreeSet<String> {
+        self.leases()
+            .entries()
+            .filter_map(|(_, l)| l.owner.as_deref()?.split('/').nth(2).map(String::from))
+            .collect()
+    }
+
+    /// Forgets the addresses of VMs `keep` says nothing on the node needs
+    /// any more (no binding, run state or disks here): leases a lost
+    /// release or a wiped state directory left behind.
+    pub fn forget_unowned(&self, keep: impl Fn(&str) -> bool) {
+        let mut leases = self.leases();
+        let dropped = leases.retain_reserved(|_, owner| owner.split('/').nth(2).is_none_or(&keep));
+        if dropped > 0 {
+            tracing::info!(dropped, "addresses of VMs gone from this node forgotten");
+            if let Err(e) = leases.save() {
+                tracing::warn!("lease table not saved: {e}");
+            }
+        }
+    }
+
     /// Applies the NAT and anti-spoofing rules for the guest NICs on the
     /// node now.
     pub fn sync_rules(&self) -> Result<(), NetworkError> {

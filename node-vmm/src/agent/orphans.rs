@@ -3,7 +3,7 @@
 //! they are no longer needed ([`super::retention`]); cgroups that outlived
 //! their state directory; and the per-phase VM counts for metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -36,6 +36,7 @@ pub async fn collect_orphans(ctx: Arc<Ctx>) {
     let node = ctx.cfg.node_name.as_str();
     // When each unbound VM was last looked up (at most every 30 s).
     let mut checked: HashMap<String, Instant> = HashMap::new();
+    let mut unowned_before: HashSet<String> = HashSet::new();
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let vms = match api.list(&lp).await {
@@ -84,6 +85,19 @@ pub async fn collect_orphans(ctx: Arc<Ctx>) {
             }
         }
         checked.retain(|uid, _| !bound.contains(uid));
+        // Addresses of VMs with nothing left on the node, two passes in a
+        // row (a VM bound after this pass's list is not mistaken for one).
+        let unowned: HashSet<String> = ctx
+            .network
+            .owner_uids()
+            .into_iter()
+            .filter(|uid| {
+                !bound.contains(uid) && !ctx.dir(uid).0.exists() && !ctx.disk_dir(uid).0.exists()
+            })
+            .collect();
+        ctx.network
+            .forget_unowned(|uid| !(unowned.contains(uid) && unowned_before.contains(uid)));
+        unowned_before = unowned;
         // The masquerade network as it should be (a deleted bridge made
         // again, the DHCP server restarted), and the rules for the taps
         // present now (gone VMs' chains removed).

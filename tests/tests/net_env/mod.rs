@@ -17,6 +17,16 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The `packets N` of an `nft list` output.
+pub fn packets(nft_list: &str) -> u64 {
+    nft_list
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn try_sh(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
     out.status
@@ -93,7 +103,53 @@ impl Nets {
         ]);
         inside(&["ip", "link", "set", "kvmp0", "up"]);
         inside(&["ip", "link", "set", "lo", "up"]);
+        // The peer counts the echo requests that arrive from the uplink's
+        // address: what NAT rewrote the guest's source to.
+        inside(&["nft", "add", "table", "ip", "seen"]);
+        inside(&[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "seen",
+            "input",
+            "{ type filter hook input priority 0; policy accept; }",
+        ]);
+        inside(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "seen",
+            "input",
+            "ip",
+            "saddr",
+            &format!("10.251.{third}.1"),
+            "icmp",
+            "type",
+            "echo-request",
+            "counter",
+        ]);
         n
+    }
+
+    /// Echo requests the outside peer received from the uplink's address.
+    pub fn peer_saw_from_uplink(&self) -> u64 {
+        let out = try_sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.outside_ns,
+                "nft",
+                "list",
+                "table",
+                "ip",
+                "seen",
+            ],
+        )
+        .unwrap_or_default();
+        packets(&out)
     }
 
     pub fn subnet(&self) -> String {
