@@ -34,7 +34,7 @@
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -163,78 +163,13 @@ impl Drop for Net {
     }
 }
 
-fn set_int_opt(fd: &OwnedFd, name: libc::c_int) -> Result<(), BenchError> {
-    let one: libc::c_int = 1;
-    // SAFETY: `fd` is an open socket; the value is a c_int on the stack whose
-    // size is passed along, as setsockopt(2) expects for SOL_SOCKET flags.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            name,
-            std::ptr::from_ref(&one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io("setsockopt")(std::io::Error::last_os_error()))
-    }
-}
-
-/// UDP `0.0.0.0:68` bound to `iface`, in this thread's network namespace.
+/// UDP `0.0.0.0:68` bound to `iface`, in this thread's network namespace
+/// (the server's own socket set-up, blocking).
 fn client_socket_here(iface: &str) -> Result<UdpSocket, BenchError> {
-    // SAFETY: socket(2) with constant arguments, no pointers.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_UDP,
-        )
-    };
-    if raw < 0 {
-        return Err(io("socket")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` was just returned by socket(2) and is owned by nothing
-    // else; OwnedFd closes it on every path from here.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int_opt(&fd, libc::SO_REUSEADDR)?;
-    set_int_opt(&fd, libc::SO_BROADCAST)?;
-    // SAFETY: the pointer and length describe `iface`'s bytes (a name
-    // shorter than IFNAMSIZ without NUL, made by `Net::new`), which outlive
-    // the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            iface.as_ptr().cast(),
-            iface.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io("SO_BINDTODEVICE")(std::io::Error::last_os_error()));
-    }
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 68u16.to_be(),
-        sin_addr: libc::in_addr { s_addr: 0 },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: `addr` is a fully initialized sockaddr_in on the stack and the
-    // length passed is its size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            std::ptr::from_ref(&addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io("bind 0.0.0.0:68")(std::io::Error::last_os_error()));
-    }
-    Ok(UdpSocket::from(fd))
+    let sock = kubevmm_dhcp::socket::bind_socket(iface, 68)
+        .map_err(|e| io("client socket")(std::io::Error::other(e.to_string())))?;
+    sock.set_nonblocking(false).map_err(io("blocking mode"))?;
+    Ok(sock)
 }
 
 fn config() -> Result<Config, BenchError> {

@@ -64,8 +64,9 @@ fn set_int_opt(fd: &OwnedFd, name: libc::c_int, value: libc::c_int) -> io::Resul
     }
 }
 
-/// A non-blocking UDP socket bound to `iface` and `0.0.0.0:port`.
-pub(crate) fn bind_socket(iface: &str, port: u16) -> Result<std::net::UdpSocket, DhcpError> {
+/// A non-blocking UDP socket bound to `iface` and `0.0.0.0:port`, with
+/// broadcast allowed: the server's (port 67), and a test client's (68).
+pub fn bind_socket(iface: &str, port: u16) -> Result<std::net::UdpSocket, DhcpError> {
     if iface.is_empty() || iface.len() >= IFNAMSIZ || iface.bytes().any(|b| b == 0 || b == b'/') {
         return Err(DhcpError::InvalidInterface(iface.to_string()));
     }
