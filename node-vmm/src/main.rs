@@ -287,7 +287,11 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(e.to_string()),
             },
-            uplink: args.uplink,
+            uplink: match args.uplink.as_deref().map(agent::masquerade::uplink_name) {
+                None => None,
+                Some(Ok(u)) => Some(u),
+                Some(Err(e)) => return fail(e.to_string()),
+            },
             dns: (!args.dns.is_empty()).then_some(args.dns),
             lease_time: std::time::Duration::from_secs(args.dhcp_lease_seconds),
             mtu: args.guest_mtu,

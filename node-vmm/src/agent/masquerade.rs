@@ -31,6 +31,11 @@ pub enum MasqueradeError {
     /// tables carry its name).
     #[error("--masquerade-bridge {0:?}: use 1 to 15 letters, digits and '_', starting with a letter (e.g. {DEFAULT_BRIDGE})")]
     BadBridge(String),
+    /// An uplink name that is not an interface name.
+    #[error(
+        "--uplink {0:?}: give an interface name (1 to 15 letters, digits, '_', '.', '-', '@')"
+    )]
+    BadUplink(String),
     /// The subnet collides with a network the host uses.
     #[error("masquerade subnet {subnet} overlaps {what}; choose another subnet with --masquerade-subnet (chart value nodeVmm.masqueradeSubnet)")]
     Overlap {
@@ -50,6 +55,18 @@ pub fn bridge_name(s: &str) -> Result<String, MasqueradeError> {
         Ok(s.to_string())
     } else {
         Err(MasqueradeError::BadBridge(s.into()))
+    }
+}
+
+/// Checks an `--uplink` interface name (it goes into the NAT rule).
+pub fn uplink_name(s: &str) -> Result<String, MasqueradeError> {
+    let ok = (1..=15).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-@".contains(c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(MasqueradeError::BadUplink(s.into()))
     }
 }
 
@@ -201,6 +218,10 @@ mod tests {
         assert_eq!(bridge_name("kubevmm0").as_deref(), Ok("kubevmm0"));
         for bad in ["", "0br", "br-0", "a.b", "abcdefghijklmnop"] {
             assert!(bridge_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(uplink_name("eth0.100").as_deref(), Ok("eth0.100"));
+        for bad in ["", "eth0\" accept", "a b", "abcdefghijklmnop"] {
+            assert!(uplink_name(bad).is_err(), "{bad}");
         }
     }
 

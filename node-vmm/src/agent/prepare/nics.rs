@@ -84,6 +84,22 @@ pub fn networks(
             .mac_address
             .clone()
             .unwrap_or_else(|| stable_mac(uid, &n.name));
+        // The API server checks it too; the MAC also goes into the node's
+        // nftables rules, so nothing but six hex pairs passes here.
+        let six_pairs = mac.len() == 17
+            && mac.bytes().enumerate().all(|(i, b)| {
+                if i % 3 == 2 {
+                    b == b':'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            });
+        if !six_pairs {
+            return Err(PrepareError::Invalid {
+                field: format!("spec.networks[{i}].macAddress"),
+                what: format!("{mac:?} is not a MAC address such as 52:54:00:12:34:56"),
+            });
+        }
         let tap = tap_name(uid, i);
         out.taps.push(Tap {
             name: tap.clone(),

@@ -135,6 +135,32 @@ fn refuses_bridges_and_empty_disks_beyond_the_node_limits() {
 }
 
 #[test]
+fn a_mac_that_is_not_six_hex_pairs_is_refused() {
+    for bad in [
+        "52:54:00:12:34",
+        "52:54:00:12:34:5g",
+        "52:54:00:12:34:56\" drop",
+        "52-54-00-12-34-56",
+    ] {
+        let s = spec(&format!(
+            "memory: 128Mi\nboot: {{kernel: {{path: /var/lib/kubevmm/k}}}}\nnetworks: [{{name: lan, bridge: {{name: br0}}, macAddress: '{bad}'}}]\n"
+        ));
+        let e = plan(
+            &s,
+            id("u"),
+            &VmDir(PathBuf::from("/x")),
+            &disk_dir(),
+            &ctx(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("spec.networks[0].macAddress"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
 fn masquerade_nics_go_on_the_node_bridge_with_an_address_to_reserve() {
     let s = spec("memory: 128Mi\nboot: {kernel: {path: /var/lib/kubevmm/k}}\nnetworks: [{name: default, masquerade: {}}, {name: lan, bridge: {name: br0}}]\n");
     let p = plan(
