@@ -79,6 +79,10 @@ pub struct Network {
     rt: tokio::runtime::Handle,
     server: Mutex<Option<tokio::task::JoinHandle<()>>>,
     forwarding_checked: AtomicBool,
+    /// The rules last applied, and when: the same rules are not applied
+    /// again (two `nft` runs) on every sweep, only once a minute, which is
+    /// also how soon a table flushed by hand comes back.
+    applied: Mutex<Option<(Rules, std::time::Instant)>>,
     /// `--uplink`, or the default route's interface at the last check.
     uplink: Mutex<Option<String>>,
     state_dir: PathBuf,
@@ -133,6 +137,7 @@ impl Network {
             server: Mutex::new(None),
             forwarding_checked: AtomicBool::new(false),
             uplink: Mutex::new(None),
+            applied: Mutex::new(None),
             state_dir: state_dir.to_path_buf(),
         })
     }
@@ -313,11 +318,23 @@ impl Network {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
         });
-        nft::apply(&Rules {
+        let rules = Rules {
             table: s.bridge.clone(),
             nat,
             nics,
-        })?;
+        };
+        let mut applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = applied
+            .as_ref()
+            .is_some_and(|(r, at)| *r == rules && at.elapsed() < Duration::from_secs(60));
+        if !fresh {
+            *applied = None;
+            nft::apply(&rules)?;
+            *applied = Some((rules, std::time::Instant::now()));
+        }
         Ok(())
     }
 
