@@ -56,3 +56,59 @@ pub mod condition {
     /// Operator: the node's heartbeat Lease expired; the guest's fate is unknown.
     pub const NODE_LOST: &str = "NodeLost";
 }
+
+/// Condition reasons that decide `status.printableStatus`
+/// ([`crate::printable::printable_status`]); every reason is documented in
+/// docs/api.md with what to do about it.
+pub mod reason {
+    /// `Scheduled=False`: no node has room or matches (the message says what is short).
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// `Scheduled=False` or `Ready=False`: the spec cannot be run as written.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// `Ready=False`: an image the VM needs is being imported on its node.
+    pub const IMAGE_IMPORTING: &str = "ImageImporting";
+    /// `Ready=False`: the guest crashed (triple fault, guest panic, ...).
+    pub const GUEST_CRASHED: &str = "GuestCrashed";
+    /// `Ready=False`: the VMM failed to start or died.
+    pub const VMM_FAILED: &str = "VmmFailed";
+}
+
+/// The status of a condition, as `metav1.Condition` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConditionStatus {
+    /// `"True"`.
+    True,
+    /// `"False"`.
+    False,
+    /// `"Unknown"`.
+    Unknown,
+}
+
+impl ConditionStatus {
+    /// The string in `status.conditions[].status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+
+    /// Parses a condition's status; anything else is `Unknown`.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "True" => Self::True,
+            "False" => Self::False,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// `True` when `b`, else `False`.
+    pub fn from_bool(b: bool) -> Self {
+        if b {
+            Self::True
+        } else {
+            Self::False
+        }
+    }
+}

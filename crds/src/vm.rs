@@ -18,6 +18,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::printable::{FailureRecord, PhaseTransition, PrintableStatus};
+
 /// CEL: a string that is an absolute path with no `..` component.
 pub(crate) const ABSOLUTE_PATH_RULE: &str =
     "self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')";
@@ -64,10 +66,14 @@ pub enum RunStrategy {
     category = "kubevmm",
     namespaced,
     status = "VirtualMachineStatus",
-    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.printableStatus","description":"What the VM is doing, for people (docs/api.md)"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type=='Ready')].status"}"#,
+    printcolumn = r#"{"name":"Restarts","type":"integer","jsonPath":".status.restartCount"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
     printcolumn = r#"{"name":"IP","type":"string","jsonPath":".status.interfaces[0].ipAddress"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"vCPUs","type":"integer","jsonPath":".spec.cpus","priority":1}"#,
+    printcolumn = r#"{"name":"Memory","type":"string","jsonPath":".spec.memory","priority":1}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("self.disks.all(d, self.disks.exists_one(e, e.name == d.name))").message("disk names must be unique").field_path(".disks"))]
@@ -359,6 +365,20 @@ pub struct VirtualMachineStatus {
     /// Lifecycle phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<VmPhase>,
+    /// The phase refined by the conditions, for people: the STATUS column
+    /// (`Running`, `CrashLoopBackOff`, `ErrorUnschedulable`, ...; see
+    /// [`crate::printable::printable_status`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub printable_status: Option<PrintableStatus>,
+    /// When the VM entered each of its latest phases, oldest first (at most
+    /// [`crate::printable::MAX_PHASE_TRANSITIONS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub phase_transition_timestamps: Vec<PhaseTransition>,
+    /// The latest failure of a run or of its preparation, with how many
+    /// times in a row it happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<FailureRecord>,
     /// The hypervisor node the VM is bound to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,

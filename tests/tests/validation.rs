@@ -193,7 +193,7 @@ fn examples_are_accepted_and_listed_with_printer_columns() {
     let cols: Vec<&str> = header.split_whitespace().collect();
     assert_eq!(
         cols,
-        ["NAME", "PHASE", "NODE", "IP", "AGE"],
+        ["NAME", "STATUS", "READY", "RESTARTS", "NODE", "IP", "AGE"],
         "printer columns of `kubectl get vm`"
     );
     let out = cp
