@@ -206,6 +206,11 @@ struct AgentArgs {
     /// MTU handed to masquerade guests by DHCP (default: none sent).
     #[arg(long)]
     guest_mtu: Option<u16>,
+    /// A start step (image import, disk and network preparation, VMM
+    /// start) slower than this many milliseconds gets a `SlowStartStep`
+    /// Event naming the step and its duration.
+    #[arg(long, default_value_t = 2000)]
+    slow_start_step_ms: u64,
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
@@ -278,6 +283,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         cgroups,
         lease_seconds: args.lease_seconds.max(3),
         image_grace: std::time::Duration::from_secs(args.image_cache_grace_seconds),
+        slow_start_step: std::time::Duration::from_millis(args.slow_start_step_ms),
         masquerade: agent::network::Settings {
             bridge: match agent::masquerade::bridge_name(&args.masquerade_bridge) {
                 Ok(b) => b,

@@ -239,6 +239,11 @@ pub fn run(manifest: &Path, console_log: Option<&Path>) -> Result<i32, Standalon
             std::io::Error::last_os_error()
         );
     }
+    let name = vm.metadata.name.clone().unwrap_or_else(|| "vm".into());
+    eprintln!(
+        "node-vmm: {name}: {}",
+        kubevmm_crds::PrintableStatus::Starting
+    );
     // SAFETY: this process has one thread, so the child may run anything.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -262,7 +267,15 @@ pub fn run(manifest: &Path, console_log: Option<&Path>) -> Result<i32, Standalon
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        if libc::WIFEXITED(status) {
+        let exited = libc::WIFEXITED(status);
+        let record = crate::agent::supervisor::ExitRecord {
+            code: exited.then(|| libc::WEXITSTATUS(status)),
+            signal: (!exited).then(|| libc::WTERMSIG(status)),
+            message: String::new(),
+        };
+        let stopped = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+        eprintln!("node-vmm: {name}: {}", final_status(&record, stopped));
+        if exited {
             libc::WEXITSTATUS(status)
         } else {
             eprintln!(
@@ -275,6 +288,26 @@ pub fn run(manifest: &Path, console_log: Option<&Path>) -> Result<i32, Standalon
     crate::agent::taps::release_taps(&uid, prepared.plan.taps.len());
     let _ = std::fs::remove_dir_all(&prepared.dir.0);
     Ok(code)
+}
+
+/// The status word a cluster would show for a run that ended so (a
+/// standalone run is `runStrategy: Once`): `Succeeded` after a power-off,
+/// `Stopped` after Ctrl-C, `Failed` after a crash.
+fn final_status(
+    record: &crate::agent::supervisor::ExitRecord,
+    stopped: bool,
+) -> kubevmm_crds::PrintableStatus {
+    use crate::agent::lifecycle::{after_exit, AfterExit};
+    let phase = match after_exit(
+        kubevmm_crds::RunStrategy::Once,
+        &record.ended(stopped),
+        0,
+        std::time::Duration::ZERO,
+    ) {
+        AfterExit::Stay(phase) => phase,
+        AfterExit::Restart(_) => kubevmm_crds::VmPhase::Starting,
+    };
+    kubevmm_crds::PrintableStatus::of_phase(phase)
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -294,6 +327,44 @@ fn interrupt_handlers() {
         libc::sigemptyset(&raw mut sa.sa_mask);
         for sig in [libc::SIGINT, libc::SIGTERM] {
             libc::sigaction(sig, &raw const sa, std::ptr::null_mut());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::final_status;
+    use crate::agent::supervisor::ExitRecord;
+    use kubevmm_crds::PrintableStatus;
+    use kubevmm_vmm::exit::code;
+
+    #[test]
+    fn a_run_ends_in_the_words_a_cluster_shows() {
+        let rec = |code, signal| ExitRecord {
+            code,
+            signal,
+            message: String::new(),
+        };
+        let cases = [
+            (
+                rec(Some(code::POWER_OFF), None),
+                false,
+                PrintableStatus::Succeeded,
+            ),
+            (
+                rec(Some(code::GUEST_CRASH), None),
+                false,
+                PrintableStatus::Failed,
+            ),
+            (
+                rec(Some(code::VMM_ERROR), None),
+                false,
+                PrintableStatus::Failed,
+            ),
+            (rec(None, Some(9)), true, PrintableStatus::Stopped),
+        ];
+        for (r, stopped, want) in cases {
+            assert_eq!(final_status(&r, stopped), want, "{:?}", r.code);
         }
     }
 }

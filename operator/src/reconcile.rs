@@ -51,7 +51,9 @@ use crate::retry::{self, Retries};
 use crate::scheduling::{self, BoundVm, NodeInfo, Overcommit, Request};
 
 mod decide;
-use decide::{decide, object_ref, owned_by_operator, status_apply};
+mod status;
+use decide::{decide, object_ref, owned_by_operator};
+use status::status_apply;
 
 /// What can fail in a pass. Every error is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -361,10 +363,6 @@ fn binding_of(obj: &DynamicObject, owned: &Owned) -> Option<String> {
 
 fn vm_resource() -> ApiResource {
     ApiResource::erase::<VirtualMachine>(&())
-}
-
-fn now_time(now: Timestamp) -> Value {
-    serde_json::to_value(Time(now)).unwrap_or(Value::Null)
 }
 
 /// Runs one pass. `Err` only when nothing could be read; per-VM failures are

@@ -29,6 +29,7 @@ pub mod opener;
 pub mod orphans;
 pub mod prepare;
 pub mod reconcile;
+pub mod report;
 pub mod retention;
 pub mod seed;
 pub mod server;
@@ -85,6 +86,8 @@ pub struct AgentConfig {
     pub image_grace: std::time::Duration,
     /// The masquerade network.
     pub masquerade: network::Settings,
+    /// Start steps slower than this get a `SlowStartStep` Event.
+    pub slow_start_step: std::time::Duration,
 }
 
 /// Errors that stop the agent (anything per VM is a status condition instead).
@@ -270,24 +273,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         metrics: metrics.clone(),
         vms: Mutex::new(HashMap::<String, LocalVm>::new()),
         trigger: trigger_tx,
+        running_changed: tokio::sync::Notify::new(),
     });
 
     let vm_api: Api<VirtualMachine> = Api::all(client.clone());
     let selector = format!("{LABEL_NODE}={}", cfg.node_name);
     let controller = Controller::new(vm_api, watcher::Config::default().labels(&selector));
 
-    // Heartbeat: HypervisorNode status and Lease, every third of the Lease.
-    let hb_ctx = ctx.clone();
-    tokio::spawn(async move {
-        loop {
-            let running = hb_ctx.running_count();
-            let masquerade = hb_ctx.network.condition();
-            if let Err(e) = reporter.heartbeat(running, &[masquerade]).await {
-                tracing::warn!("heartbeat failed: {e}");
-            }
-            tokio::time::sleep(reporter.interval()).await;
-        }
-    });
+    tokio::spawn(heartbeat(ctx.clone(), reporter));
     // Garbage collection of VMMs whose VM is no longer bound here.
     tokio::spawn(orphans::collect_orphans(ctx.clone()));
 
@@ -303,4 +296,34 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         })
         .await;
     Ok(())
+}
+
+/// Heartbeat: the `HypervisorNode` status and the Lease every third of the
+/// Lease; the status also as soon as the number of running VMMs changes.
+async fn heartbeat(hb_ctx: Arc<Ctx>, reporter: NodeReporter) {
+    loop {
+        let mut written = hb_ctx.running_count();
+        let masquerade = hb_ctx.network.condition();
+        if let Err(e) = reporter.heartbeat(written, &[masquerade]).await {
+            tracing::warn!("heartbeat failed: {e}");
+        }
+        let next = tokio::time::Instant::now() + reporter.interval();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => break,
+                () = hb_ctx.running_changed.notified() => {
+                    // A burst of starts is one write.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let running = hb_ctx.running_count();
+                    if running != written {
+                        let masquerade = hb_ctx.network.condition();
+                        match reporter.update_status(running, &[masquerade]).await {
+                            Ok(()) => written = running,
+                            Err(e) => tracing::warn!("node status update failed: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

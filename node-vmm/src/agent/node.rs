@@ -231,6 +231,16 @@ impl NodeReporter {
         lease.and(status)
     }
 
+    /// Writes the status only (the running-VM count changed between heartbeats).
+    pub async fn update_status(
+        &self,
+        running_vms: i32,
+        conditions: &[NodeCondition],
+    ) -> Result<(), NodeError> {
+        self.write_status(running_vms, conditions, Timestamp::now())
+            .await
+    }
+
     async fn write_status(
         &self,
         running_vms: i32,
@@ -269,7 +279,7 @@ impl NodeReporter {
                 .collect();
         }
         let body = serde_json::json!({
-            "apiVersion": "kubevmm.io/v1alpha1",
+            "apiVersion": kubevmm_crds::API_VERSION,
             "kind": "HypervisorNode",
             "status": status,
         });

@@ -7,23 +7,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::UnboundedSender;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, Resource as _, ResourceExt as _};
+use kube::{Client, ResourceExt as _};
 use kubevmm_crds::contract::{
-    condition, ANNOTATION_RESTART, ANNOTATION_RESTART_DONE, FINALIZER, MANAGER_NODE,
+    condition, reason, ConditionStatus, ANNOTATION_RESTART, ANNOTATION_RESTART_DONE, FINALIZER,
 };
+use kubevmm_crds::printable::{FailureRecord, PhaseTransition};
 use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::{VirtualMachine, VmPhase};
 use serde_json::json;
 
 use super::host::prepare_host;
 use super::lifecycle::{self, AfterExit, Ended};
-use super::status_body::{condition_json, live_matches};
+use super::report::{event, timed_step, write_status, StartStep};
 use super::supervisor::{self, ProcessId, VmDir};
 use super::{prepare, vmm_client, AgentConfig};
 
@@ -63,6 +63,9 @@ pub struct Ctx {
     pub vms: Mutex<HashMap<String, LocalVm>>,
     /// Wakes the controller for a VM whose VMM ended.
     pub trigger: UnboundedSender<ObjectRef<VirtualMachine>>,
+    /// Signalled when a VMM starts or ends here, so `HypervisorNode`'s
+    /// running-VM count follows at once rather than at the next heartbeat.
+    pub running_changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -90,6 +93,19 @@ impl Ctx {
     }
 }
 
+/// The agent's `Ready` condition.
+#[derive(Debug, Clone)]
+pub struct ReadyCond {
+    /// True only while the vCPUs run.
+    pub status: ConditionStatus,
+    /// Why (docs/api.md lists every reason).
+    pub reason: String,
+    /// What happened, for people.
+    pub message: String,
+    /// When `status` last changed.
+    pub since: Timestamp,
+}
+
 /// What the agent knows about one VM between reconciles.
 #[derive(Debug, Clone, Default)]
 pub struct LocalVm {
@@ -98,14 +114,21 @@ pub struct LocalVm {
     /// When it was spawned (boot-time metric).
     spawned: Option<Instant>,
     /// When the current run started.
-    started_at: Option<Timestamp>,
+    pub started_at: Option<Timestamp>,
     /// Phase last reported.
-    phase: Option<VmPhase>,
-    /// Ready condition (status, reason, message, since).
-    ready: Option<(String, String, String, Timestamp)>,
-    /// Paused condition (status, since).
-    paused: Option<(String, Timestamp)>,
-    restarts: i32,
+    pub phase: Option<VmPhase>,
+    /// Ready condition.
+    pub ready: Option<ReadyCond>,
+    /// Paused condition (paused, since).
+    pub paused: Option<(bool, Timestamp)>,
+    /// `status.restartCount`.
+    pub restarts: i32,
+    /// `status.phaseTransitionTimestamps`.
+    pub transitions: Vec<PhaseTransition>,
+    /// `status.lastFailure`.
+    pub failure: Option<FailureRecord>,
+    /// Since when the VM waits for an image import.
+    importing_since: Option<Instant>,
     /// Stop deadline and whether the force stop was sent.
     stopping: Option<(Instant, bool)>,
     next_start: Option<Instant>,
@@ -115,7 +138,8 @@ pub struct LocalVm {
     /// The spec generation last acted on.
     generation: Option<i64>,
     ever_ran: bool,
-    interfaces: Vec<InterfaceStatus>,
+    /// `status.interfaces`.
+    pub interfaces: Vec<InterfaceStatus>,
     last_stats: Option<Instant>,
     loaded: bool,
 }
@@ -145,7 +169,11 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Ctx>) -> Result<Action,
     if !local.loaded {
         adopt(&vm, &ctx, &uid, &mut local);
     }
+    let had_vmm = local.proc.is_some();
     let result = step(&vm, &ctx, &uid, &mut local).await;
+    if had_vmm != local.proc.is_some() {
+        ctx.running_changed.notify_one();
+    }
     match &result {
         Ok(Some(_)) | Err(_) => {
             ctx.lock().insert(uid, local);
@@ -164,15 +192,25 @@ fn adopt(vm: &VirtualMachine, ctx: &Ctx, uid: &str, local: &mut LocalVm) {
     local.started_at = status.started_at.map(|t| t.0);
     local.phase = status.phase;
     local.interfaces = status.interfaces;
+    local.transitions = status.phase_transition_timestamps;
+    local.failure = status.last_failure;
     local.ever_ran = local.started_at.is_some();
     if let Some(phase @ (VmPhase::Stopped | VmPhase::Succeeded | VmPhase::Failed)) = status.phase {
         local.held = Some(phase);
     }
     for c in status.conditions {
         if c.type_ == condition::READY {
-            local.ready = Some((c.status, c.reason, c.message, c.last_transition_time.0));
+            local.ready = Some(ReadyCond {
+                status: ConditionStatus::parse(&c.status),
+                reason: c.reason,
+                message: c.message,
+                since: c.last_transition_time.0,
+            });
         } else if c.type_ == condition::PAUSED {
-            local.paused = Some((c.status, c.last_transition_time.0));
+            local.paused = Some((
+                ConditionStatus::parse(&c.status) == ConditionStatus::True,
+                c.last_transition_time.0,
+            ));
         }
     }
     let dir = ctx.dir(uid);
@@ -196,29 +234,35 @@ fn watch_exit(ctx: &Ctx, vm: &VirtualMachine, pid: ProcessId) {
     });
 }
 
-async fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
-    let ev = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(note),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
-        tracing::debug!("event {reason} not recorded: {e}");
-    }
-}
-
-fn set_ready(local: &mut LocalVm, status: &str, reason: &str, message: String) {
+fn set_ready(local: &mut LocalVm, status: ConditionStatus, reason: &str, message: String) {
     let since = match &local.ready {
-        Some((s, _, _, t)) if s == status => *t,
+        Some(r) if r.status == status => r.since,
         _ => Timestamp::now(),
     };
-    local.ready = Some((status.into(), reason.into(), message, since));
+    local.ready = Some(ReadyCond {
+        status,
+        reason: reason.into(),
+        message,
+        since,
+    });
+}
+
+/// Records a failure (counted when it repeats the last one) and reports it
+/// once in `Ready`, with when the next attempt is due.
+fn set_failed(local: &mut LocalVm, reason: &str, message: &str, next_in: Option<Duration>) {
+    let now = Timestamp::now();
+    let rec = FailureRecord::after(local.failure.as_ref(), reason, message, now);
+    let mut text = rec.summary();
+    if let Some(delay) = next_in {
+        let at = SignedDuration::try_from(delay)
+            .ok()
+            .and_then(|d| now.checked_add(d).ok())
+            .and_then(|t| t.round(Unit::Second).ok())
+            .unwrap_or(now);
+        text = format!("{text}; next start at {at} (in {}s)", delay.as_secs());
+    }
+    local.failure = Some(rec);
+    set_ready(local, ConditionStatus::False, reason, text);
 }
 
 fn restart_requested(vm: &VirtualMachine) -> Option<String> {
@@ -310,8 +354,17 @@ async fn step(
             let phase = local.held.unwrap_or(VmPhase::Stopped);
             local.held = Some(phase);
             local.phase = Some(phase);
-            if local.ready.as_ref().is_none_or(|r| r.0 != "False") {
-                set_ready(local, "False", "Stopped", "the guest is not running".into());
+            if local
+                .ready
+                .as_ref()
+                .is_none_or(|r| r.status != ConditionStatus::False)
+            {
+                set_ready(
+                    local,
+                    ConditionStatus::False,
+                    "Stopped",
+                    "the guest is not running".into(),
+                );
             }
         }
     }
@@ -359,18 +412,31 @@ async fn handle_exit(
             local.next_start = Some(Instant::now() + delay);
             local.held = None;
             local.phase = Some(VmPhase::Starting);
-            set_ready(
-                local,
-                "False",
-                ended.reason(),
-                format!("{}; restarting in {}s", ended.message(), delay.as_secs()),
-            );
+            if ended.is_failure() {
+                set_failed(local, ended.reason(), &ended.message(), Some(delay));
+            } else {
+                set_ready(
+                    local,
+                    ConditionStatus::False,
+                    ended.reason(),
+                    format!("{}; next start in {}s", ended.message(), delay.as_secs()),
+                );
+            }
         }
         AfterExit::Restart(_) => {}
         AfterExit::Stay(phase) => {
             local.held = Some(phase);
             local.phase = Some(phase);
-            set_ready(local, "False", ended.reason(), ended.message());
+            if ended.is_failure() {
+                set_failed(local, ended.reason(), &ended.message(), None);
+            } else {
+                set_ready(
+                    local,
+                    ConditionStatus::False,
+                    ended.reason(),
+                    ended.message(),
+                );
+            }
         }
     }
     let _ = std::fs::remove_file(dir.api_socket());
@@ -384,21 +450,30 @@ async fn boot_images(
     local: &mut LocalVm,
 ) -> Option<std::collections::BTreeMap<String, super::images::CachedImage>> {
     match super::images::boot_images(&ctx.importer, vm).await {
-        super::images::BootImages::Ready(images) => Some(images),
+        super::images::BootImages::Ready(images) => {
+            if let Some(since) = local.importing_since.take() {
+                timed_step(ctx, vm, StartStep::ImageImport, since.elapsed()).await;
+            }
+            Some(images)
+        }
         super::images::BootImages::Waiting(msg) => {
-            // The import wakes this VM when it ends; the poll is a fallback.
-            local.next_start = Some(Instant::now() + Duration::from_secs(5));
+            // The import wakes this VM when it ends; the poll refreshes the
+            // progress in the message.
+            local.importing_since.get_or_insert_with(Instant::now);
+            local.next_start = Some(Instant::now() + Duration::from_secs(2));
             local.phase = Some(VmPhase::Scheduled);
-            set_ready(local, "False", "ImageImporting", msg);
+            set_ready(local, ConditionStatus::False, reason::IMAGE_IMPORTING, msg);
             None
         }
         super::images::BootImages::Failed(field, f) => {
             let msg = format!("{field}: {}: {}", f.reason, f.message);
-            local.next_start = Some(Instant::now() + lifecycle::backoff(local.prepare_failures));
+            let delay = lifecycle::backoff(local.prepare_failures);
+            local.importing_since = None;
+            local.next_start = Some(Instant::now() + delay);
             local.prepare_failures = local.prepare_failures.saturating_add(1);
             local.phase = Some(VmPhase::Failed);
             // Not held: a server error or a full disk may pass; retried with backoff.
-            set_ready(local, "False", "ImageFailed", msg.clone());
+            set_failed(local, "ImageFailed", &msg, Some(delay));
             event(ctx, vm, true, "ImageFailed", msg).await;
             None
         }
@@ -419,7 +494,9 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
         masquerade_bridge: Some(ctx.network.settings.bridge.clone()),
     };
     let cg = ctx.cgroups(uid, Some(vm));
+    let began = Instant::now();
     let prepared = prepare_host(ctx, vm, uid, dir, &ctx_node, &cg);
+    timed_step(ctx, vm, StartStep::HostPreparation, began.elapsed()).await;
     let (plan, fds) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -427,15 +504,16 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
                 prepare::PrepareError::Host { .. } => "HostSetupFailed",
                 prepare::PrepareError::NoSpace { .. } => "InsufficientSpace",
                 prepare::PrepareError::Network { reason, .. } => reason,
-                _ => "InvalidSpec",
+                _ => reason::INVALID_SPEC,
             };
             // Retried with backoff (a missing bridge may appear; a spec
             // edit triggers a reconcile at once), never in a tight loop.
-            local.next_start = Some(Instant::now() + lifecycle::backoff(local.prepare_failures));
+            let delay = lifecycle::backoff(local.prepare_failures);
+            local.next_start = Some(Instant::now() + delay);
             local.prepare_failures = local.prepare_failures.saturating_add(1);
             local.held = Some(VmPhase::Failed);
             local.phase = Some(VmPhase::Failed);
-            set_ready(local, "False", reason, e.to_string());
+            set_failed(local, reason, &e.to_string(), Some(delay));
             event(ctx, vm, true, reason, e.to_string()).await;
             return;
         }
@@ -475,37 +553,46 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
                     tap: Some(i.tap.clone()),
                 })
                 .collect();
-            set_ready(local, "False", "Starting", "the VMM is starting".into());
+            set_ready(
+                local,
+                ConditionStatus::False,
+                "Starting",
+                "the VMM is starting".into(),
+            );
             watch_exit(ctx, vm, pid);
         }
-        Ok(Err(e)) => {
-            let ended = Ended::VmmFailure(e.to_string());
-            let after = lifecycle::after_exit(
-                vm.spec.run_strategy,
-                &ended,
-                local.restarts.max(0) as u32,
-                Duration::ZERO,
-            );
-            if let AfterExit::Restart(d) = after {
-                local.next_start = Some(Instant::now() + d);
-            } else {
-                local.held = Some(VmPhase::Failed);
-            }
-            local.phase = Some(if local.next_start.is_some() {
-                VmPhase::Starting
-            } else {
-                VmPhase::Failed
-            });
-            set_ready(local, "False", "VmmFailed", e.to_string());
-            event(ctx, vm, true, "VmmFailed", e.to_string()).await;
-        }
-        Err(e) => set_ready(
-            local,
-            "False",
-            "VmmFailed",
-            format!("spawn task failed: {e}"),
-        ),
+        Ok(Err(e)) => spawn_failed(ctx, vm, local, e.to_string()).await,
+        Err(e) => spawn_failed(ctx, vm, local, format!("spawn task failed: {e}")).await,
     }
+}
+
+/// The VMM could not be spawned: a VMM failure, restarted as the run
+/// strategy says.
+async fn spawn_failed(ctx: &Ctx, vm: &VirtualMachine, local: &mut LocalVm, why: String) {
+    let ended = Ended::VmmFailure(why);
+    let after = lifecycle::after_exit(
+        vm.spec.run_strategy,
+        &ended,
+        local.restarts.max(0) as u32,
+        Duration::ZERO,
+    );
+    let next_in = match after {
+        AfterExit::Restart(d) => {
+            local.next_start = Some(Instant::now() + d);
+            Some(d)
+        }
+        AfterExit::Stay(_) => {
+            local.held = Some(VmPhase::Failed);
+            None
+        }
+    };
+    local.phase = Some(if next_in.is_some() {
+        VmPhase::Starting
+    } else {
+        VmPhase::Failed
+    });
+    set_failed(local, reason::VMM_FAILED, &ended.message(), next_in);
+    event(ctx, vm, true, reason::VMM_FAILED, ended.message()).await;
 }
 
 /// Reads the VMM's state; applies `spec.paused`; polls stats for metrics.
@@ -538,6 +625,7 @@ async fn observe_running(
     let paused = state == "paused";
     if let Some(spawned) = local.spawned.take() {
         ctx.metrics.booted(spawned.elapsed().as_secs_f64());
+        timed_step(ctx, vm, StartStep::VmmStart, spawned.elapsed()).await;
     }
     local.phase = Some(if paused {
         VmPhase::Paused
@@ -547,23 +635,23 @@ async fn observe_running(
     if paused {
         set_ready(
             local,
-            "False",
+            ConditionStatus::False,
             "Paused",
             "the vCPUs are paused (spec.paused)".into(),
         );
     } else {
         set_ready(
             local,
-            "True",
+            ConditionStatus::True,
             "GuestRunning",
             "the VMM is up and the vCPUs run".into(),
         );
     }
-    let since = match &local.paused {
-        Some((s, t)) if (s == "True") == paused => *t,
+    let since = match local.paused {
+        Some((was, t)) if was == paused => t,
         _ => Timestamp::now(),
     };
-    local.paused = Some((if paused { "True" } else { "False" }.into(), since));
+    local.paused = Some((paused, since));
     if local
         .last_stats
         .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
@@ -627,7 +715,7 @@ async fn stop_step(
     local.phase = Some(VmPhase::Stopping);
     set_ready(
         local,
-        "False",
+        ConditionStatus::False,
         "Stopping",
         "the guest is shutting down".into(),
     );
@@ -682,80 +770,5 @@ async fn mark_restart_handled(
     )
     .await
     .map_err(api_err("record the handled restart request"))?;
-    Ok(())
-}
-
-/// Writes this agent's part of the status when it differs from the live one.
-async fn write_status(
-    ctx: &Ctx,
-    vm: &VirtualMachine,
-    local: &mut LocalVm,
-) -> Result<(), ReconcileError> {
-    let generation = vm.metadata.generation;
-    for i in &mut local.interfaces {
-        let bound = i.mac.as_deref().and_then(|m| ctx.network.bound_ip(m));
-        i.ip_address = bound.map(|ip| ip.to_string()).or(i.ip_address.take());
-    }
-    let mut conditions = Vec::new();
-    if let Some((s, r, m, t)) = &local.ready {
-        conditions.push(condition_json(condition::READY, s, r, m, *t, generation));
-    }
-    if let Some((s, t)) = &local.paused {
-        let reason = if s == "True" {
-            "PausedByUser"
-        } else {
-            "NotPaused"
-        };
-        conditions.push(condition_json(
-            condition::PAUSED,
-            s,
-            reason,
-            "spec.paused",
-            *t,
-            generation,
-        ));
-    }
-    let body = json!({
-        "apiVersion": "kubevmm.io/v1alpha1",
-        "kind": "VirtualMachine",
-        "status": {
-            "phase": local.phase,
-            "interfaces": local.interfaces,
-            "startedAt": local.started_at.map(Time),
-            "restartCount": local.restarts,
-            "observedGeneration": generation,
-            "conditions": conditions,
-        }
-    });
-    if live_matches(vm, &body) {
-        return Ok(());
-    }
-    let previous_phase = vm.status.as_ref().and_then(|s| s.phase);
-    let api: Api<VirtualMachine> =
-        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    api.patch_status(
-        &vm.name_any(),
-        &PatchParams::apply(MANAGER_NODE).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(api_err(format!("write status of {}", vm.name_any())))?;
-    if let Some(phase) = local.phase.filter(|p| Some(*p) != previous_phase) {
-        let created = vm
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map_or(0.0, |t| Timestamp::now().duration_since(t.0).as_secs_f64());
-        let name = phase.as_str();
-        ctx.metrics.transition(name, created);
-        event(
-            ctx,
-            vm,
-            phase == VmPhase::Failed,
-            name,
-            format!("phase {name} on node {}", ctx.cfg.node_name),
-        )
-        .await;
-    }
     Ok(())
 }

@@ -295,13 +295,14 @@ fn trim_log(path: &Path, limit: u64) {
     }
 }
 
-/// The last `n` non-empty lines of `path`, reading at most its last 8 KiB.
-fn last_lines(path: &Path, n: usize) -> String {
+/// The last `n` non-empty lines of `path` written at or after offset
+/// `from`, reading at most its last 8 KiB.
+fn last_lines(path: &Path, from: u64, n: usize) -> String {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let mut tail = Vec::new();
     if let Ok(mut f) = fs::File::open(path) {
         let len = f.metadata().map_or(0, |m| m.len());
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192).max(from)));
         let _ = f.take(8192).read_to_end(&mut tail);
     }
     let text = String::from_utf8_lossy(&tail);
@@ -370,6 +371,9 @@ pub fn shim_main(dir: &Path, vmm: &Path, cgroups: &[PathBuf], fds: usize) -> Exi
         Ok(f) => f,
         Err(e) => return fail(format!("cannot open {}: {e}", dir.vmm_log().display())),
     };
+    // This run's output starts here: an exit message never quotes an
+    // earlier run's (a crash loop would repeat the same lines).
+    let run_start = log.metadata().map_or(0, |m| m.len());
     if let Some(note) = cgroup_note {
         let _ = (&log).write_all(note.as_bytes());
     }
@@ -418,7 +422,7 @@ pub fn shim_main(dir: &Path, vmm: &Path, cgroups: &[PathBuf], fds: usize) -> Exi
             ExitRecord {
                 code: st.code(),
                 signal: st.signal(),
-                message: last_lines(&dir.vmm_log(), 3),
+                message: last_lines(&dir.vmm_log(), run_start, 3),
             }
         }
         Err(e) => ExitRecord {
@@ -447,6 +451,20 @@ mod tests {
             start_time: me.start_time + 1,
         };
         assert!(!other.alive(), "a reused pid is not the same process");
+    }
+
+    #[test]
+    fn exit_message_quotes_only_this_runs_output() {
+        let p = std::env::temp_dir().join(format!("kubevmm-lastlines-{}", std::process::id()));
+        fs::write(&p, "vmm: triple fault\n").unwrap();
+        let start = fs::metadata(&p).unwrap().len();
+        assert_eq!(last_lines(&p, start, 3), "", "nothing from this run yet");
+        let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"\nvmm: triple fault\n").unwrap();
+        assert_eq!(last_lines(&p, start, 3), "vmm: triple fault");
+        f.write_all(b"a\nb\nc\nd\n").unwrap();
+        assert_eq!(last_lines(&p, 0, 3), "b | c | d");
+        let _ = fs::remove_file(&p);
     }
 
     #[test]

@@ -407,91 +407,6 @@ pub(super) fn disk_node(w: &Work) -> Option<String> {
         .or_else(|| w.bind.clone().filter(|_| local))
 }
 
-/// The operator's status, complete (owned fields it did not decide carry
-/// their current value), and whether it differs from what is there.
-pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
-    let current = w.current_status();
-    let mut changed = current.node_name != w.bind;
-    let mut status = serde_json::Map::new();
-    if let Some(n) = &w.bind {
-        status.insert("nodeName".into(), json!(n));
-    }
-    let disk_node = disk_node(w);
-    changed |= current.disk_node != disk_node;
-    if let Some(n) = disk_node {
-        status.insert("diskNode".into(), json!(n));
-    }
-    let phase = match w.phase {
-        Some(p) => {
-            changed |= current.phase != Some(p);
-            Some(p)
-        }
-        None if w.owned.phase => current.phase,
-        None => None,
-    };
-    if let Some(p) = phase {
-        status.insert("phase".into(), json!(p.as_str()));
-    }
-    match w.restart_count {
-        Some(r) => {
-            changed |= current.restart_count != r;
-            status.insert("restartCount".into(), json!(r));
-        }
-        None if w.owned.restart_count => {
-            status.insert("restartCount".into(), json!(current.restart_count));
-        }
-        None => {}
-    }
-    let generation = w.obj.metadata.generation;
-    let mut conditions = Vec::new();
-    let mut types: BTreeSet<String> = w.owned.conditions.clone();
-    types.extend(w.conditions.keys().map(|k| (*k).to_string()));
-    for ty in types {
-        let existing = w.current_condition(&ty);
-        if let Some(want) = w.conditions.get(ty.as_str()) {
-            let same = existing.as_ref().is_some_and(|c| {
-                c.status == want.status && c.reason == want.reason && c.message == want.message
-            });
-            changed |= !same;
-            let transition = existing
-                .as_ref()
-                .filter(|c| c.status == want.status)
-                .map_or_else(|| now_time(now), |c| json!(c.last_transition_time));
-            let mut c = json!({
-                "type": ty,
-                "status": want.status,
-                "reason": want.reason,
-                "message": want.message,
-                "lastTransitionTime": transition,
-            });
-            if let Some(g) = generation {
-                c["observedGeneration"] = json!(g);
-            }
-            conditions.push(c);
-        } else if w.drop_conditions.contains(ty.as_str()) {
-            // Owned but no longer wanted: omitting it removes it.
-            changed |= existing.is_some();
-        } else if let Some(c) = existing {
-            conditions.push(serde_json::to_value(&c).unwrap_or(Value::Null));
-        }
-    }
-    if !conditions.is_empty() {
-        status.insert("conditions".into(), Value::Array(conditions));
-    }
-    changed.then(|| {
-        json!({
-            "apiVersion": format!("{}/{}", kubevmm_crds::GROUP, kubevmm_crds::VERSION),
-            "kind": "VirtualMachine",
-            "metadata": {
-                "name": w.name,
-                "namespace": w.namespace,
-                "resourceVersion": w.obj.metadata.resource_version,
-            },
-            "status": status,
-        })
-    })
-}
-
 pub(super) fn object_ref(w: &Work) -> ObjectReference {
     ObjectReference {
         api_version: Some(format!("{}/{}", kubevmm_crds::GROUP, kubevmm_crds::VERSION)),
@@ -505,7 +420,7 @@ pub(super) fn object_ref(w: &Work) -> ObjectReference {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
@@ -556,7 +471,8 @@ mod tests {
     }
 
     /// A VM bound to `node` by the operator (status.nodeName it owns).
-    fn bound_vm(node: &str, strategy: &str) -> DynamicObject {
+    /// A VM bound by the operator to `node`, phase Running.
+    pub(in crate::reconcile) fn bound_vm(node: &str, strategy: &str) -> DynamicObject {
         let mut obj = DynamicObject::new("vm", &vm_resource()).within("ns");
         obj.metadata.finalizers = Some(vec![contract::FINALIZER.into()]);
         obj.metadata.labels = Some([(contract::LABEL_NODE.to_string(), node.to_string())].into());
@@ -690,7 +606,8 @@ mod tests {
                 pinned,
                 "{now:?} {strategy}"
             );
-            let applied = status_apply(&w, Timestamp::UNIX_EPOCH).unwrap_or_default();
+            let applied =
+                super::super::status::status_apply(&w, Timestamp::UNIX_EPOCH).unwrap_or_default();
             assert_eq!(
                 applied.pointer("/status/diskNode").and_then(Value::as_str),
                 after.filter(|_| !applied.is_null()),

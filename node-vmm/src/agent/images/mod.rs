@@ -131,6 +131,15 @@ fn mib(b: u64) -> String {
     format!("{m:.1} MiB")
 }
 
+/// "3.0 MiB of 6.0 MiB (50%)", or "3.0 MiB of unknown" before the size is known.
+fn progress_text(done: u64, total: u64) -> String {
+    if total == 0 {
+        return format!("{} of unknown", mib(done));
+    }
+    let pct = done.min(total).saturating_mul(100) / total;
+    format!("{} of {} ({pct}%)", mib(done), mib(total))
+}
+
 impl Importer {
     /// The importer of this node; creates the cache directory.
     pub fn new(
@@ -222,10 +231,9 @@ impl Importer {
                         job.progress.total.load(Ordering::Relaxed),
                     );
                     return Resolved::Importing(format!(
-                        "VirtualMachineImage {ns}/{name} is being imported on node {}: {} of {}",
+                        "VirtualMachineImage {ns}/{name} is being imported on node {}: {}",
                         self.node,
-                        mib(d),
-                        if t == 0 { "unknown".into() } else { mib(t) }
+                        progress_text(d, t)
                     ));
                 }
                 JobState::Failed(f, retry_at) if Instant::now() < *retry_at => {
@@ -274,15 +282,7 @@ impl Importer {
                 );
                 if now != last {
                     last = now;
-                    let msg = format!(
-                        "importing {what}: {} of {}",
-                        mib(now.0),
-                        if now.1 == 0 {
-                            "unknown".into()
-                        } else {
-                            mib(now.1)
-                        }
-                    );
+                    let msg = format!("importing {what}: {}", progress_text(now.0, now.1));
                     self.publish(&key, ImagePhase::Importing, "Importing", &msg, None)
                         .await;
                 }
@@ -519,7 +519,7 @@ impl Importer {
                 st["virtualSize"] = json!(Quantity(e.virtual_size.to_string()));
             }
             let body = json!({
-                "apiVersion": "kubevmm.io/v1alpha1",
+                "apiVersion": kubevmm_crds::API_VERSION,
                 "kind": "VirtualMachineImage",
                 "metadata": {"name": name, "resourceVersion": live.resource_version()},
                 "status": st,
@@ -763,5 +763,21 @@ pub async fn boot_images(importer: &Arc<Importer>, vm: &VirtualMachine) -> BootI
         BootImages::Ready(out)
     } else {
         BootImages::Waiting(waiting.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_reads_in_mib_and_percent() {
+        assert_eq!(
+            super::progress_text(3 << 20, 6 << 20),
+            "3.0 MiB of 6.0 MiB (50%)"
+        );
+        assert_eq!(super::progress_text(1 << 20, 0), "1.0 MiB of unknown");
+        assert_eq!(
+            super::progress_text(7 << 20, 6 << 20),
+            "7.0 MiB of 6.0 MiB (100%)"
+        );
     }
 }

@@ -1,0 +1,201 @@
+//! What the agent tells about a VM: its part of the status (built by
+//! [`super::status_body`]), Events, and the `SlowStartStep` Event for a
+//! start step that took longer than the configured threshold.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource as _, ResourceExt as _};
+use kubevmm_crds::contract::{condition, ConditionStatus, MANAGER_NODE};
+use kubevmm_crds::printable::record_transition;
+use kubevmm_crds::{VirtualMachine, VmPhase};
+
+use super::reconcile::{Ctx, LocalVm, ReconcileError};
+use super::status_body::{self, condition_json, live_matches, AgentPart};
+
+/// Records an Event about `vm`; a failure is logged, never fatal.
+pub async fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
+    event_action(ctx, vm, warning, reason, reason, note).await;
+}
+
+/// [`event`] with its own action: the recorder counts Events with the same
+/// reason and action as one series (keeping the first note), so a reason
+/// with several meanings needs one action per meaning.
+async fn event_action(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    warning: bool,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
+        tracing::debug!("event {reason} not recorded: {e}");
+    }
+}
+
+/// A step of starting a VM whose duration is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartStep {
+    /// Waiting for the images the VM needs to be imported on this node.
+    ImageImport,
+    /// Disks, seeds, taps, addresses and cgroups.
+    HostPreparation,
+    /// From spawning the VMM to its vCPUs running.
+    VmmStart,
+}
+
+impl StartStep {
+    /// The Event's action (one series per step).
+    pub fn action(self) -> &'static str {
+        match self {
+            Self::ImageImport => "ImageImport",
+            Self::HostPreparation => "HostPreparation",
+            Self::VmmStart => "VmmStart",
+        }
+    }
+
+    /// The step as people read it in the Event.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::ImageImport => "image import",
+            Self::HostPreparation => "disk and network preparation",
+            Self::VmmStart => "VMM start (spawn to running vCPUs)",
+        }
+    }
+}
+
+/// The note of a `SlowStartStep` Event, or `None` within the threshold.
+pub fn slow_step_note(step: StartStep, took: Duration, threshold: Duration) -> Option<String> {
+    (took > threshold).then(|| {
+        format!(
+            "start step {} took {:.3}s (threshold {:.3}s)",
+            step.describe(),
+            took.as_secs_f64(),
+            threshold.as_secs_f64()
+        )
+    })
+}
+
+/// Publishes `SlowStartStep` when `step` took longer than the threshold.
+pub async fn timed_step(ctx: &Ctx, vm: &VirtualMachine, step: StartStep, took: Duration) {
+    if let Some(note) = slow_step_note(step, took, ctx.cfg.slow_start_step) {
+        tracing::info!(vm = %vm.name_any(), "{note}");
+        event_action(ctx, vm, false, "SlowStartStep", step.action(), note).await;
+    }
+}
+
+/// Writes this agent's part of the status when it differs from the live one.
+pub async fn write_status(
+    ctx: &Ctx,
+    vm: &VirtualMachine,
+    local: &mut LocalVm,
+) -> Result<(), ReconcileError> {
+    let generation = vm.metadata.generation;
+    for i in &mut local.interfaces {
+        let bound = i.mac.as_deref().and_then(|m| ctx.network.bound_ip(m));
+        i.ip_address = bound.map(|ip| ip.to_string()).or(i.ip_address.take());
+    }
+    let live = vm.status.clone().unwrap_or_default();
+    let created = vm.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    local.transitions = record_transition(
+        &status_body::newest_transitions(&local.transitions, &live.phase_transition_timestamps),
+        local.phase,
+        created,
+        Timestamp::now(),
+    );
+    let mut conditions = Vec::new();
+    if let Some(r) = &local.ready {
+        conditions.push(condition_json(
+            condition::READY,
+            r.status.as_str(),
+            &r.reason,
+            &r.message,
+            r.since,
+            generation,
+        ));
+    }
+    if let Some((paused, since)) = local.paused {
+        conditions.push(condition_json(
+            condition::PAUSED,
+            ConditionStatus::from_bool(paused).as_str(),
+            if paused { "PausedByUser" } else { "NotPaused" },
+            "spec.paused",
+            since,
+            generation,
+        ));
+    }
+    let body = status_body::body(
+        vm,
+        &AgentPart {
+            phase: local.phase,
+            interfaces: &local.interfaces,
+            started_at: local.started_at,
+            restart_count: local.restarts,
+            conditions,
+            transitions: &local.transitions,
+            last_failure: local.failure.as_ref(),
+        },
+    );
+    if live_matches(vm, &body) {
+        return Ok(());
+    }
+    let api: Api<VirtualMachine> =
+        Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
+    api.patch_status(
+        &vm.name_any(),
+        &PatchParams::apply(MANAGER_NODE).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| ReconcileError::Api {
+        what: format!("write status of {}", vm.name_any()),
+        source,
+    })?;
+    if let Some(phase) = local.phase.filter(|p| Some(*p) != live.phase) {
+        let age = created.map_or(0.0, |t| Timestamp::now().duration_since(t).as_secs_f64());
+        let name = phase.as_str();
+        ctx.metrics.transition(name, age);
+        event(
+            ctx,
+            vm,
+            phase == VmPhase::Failed,
+            name,
+            format!("phase {name} on node {}", ctx.cfg.node_name),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_steps_over_the_threshold_are_reported() {
+        let t = Duration::from_secs(2);
+        assert_eq!(
+            slow_step_note(StartStep::HostPreparation, Duration::from_millis(1999), t),
+            None
+        );
+        assert_eq!(slow_step_note(StartStep::VmmStart, t, t), None);
+        assert_eq!(
+            slow_step_note(StartStep::ImageImport, Duration::from_millis(12_345), t).as_deref(),
+            Some("start step image import took 12.345s (threshold 2.000s)")
+        );
+    }
+}
