@@ -134,13 +134,13 @@ fn a_vm_boots_its_kernel_from_an_imported_image_and_qcow2_kernels_are_refused() 
 #[test]
 fn progress_is_reported_and_a_broken_transfer_resumes() {
     let w = World::new("img-progress");
-    // 6 MiB at 1.5 MiB/s: several progress updates.
+    // 6 MiB at 1 MiB/s: several progress updates.
     let slow = random_file(&w.dir, "slow.img", 6 << 20);
     w.srv.serve(
         "slow.img",
         Served {
             file: slow,
-            rate: Some(3 << 19),
+            rate: Some(1 << 20),
             ..Served::default()
         },
     );
@@ -163,6 +163,19 @@ fn progress_is_reported_and_a_broken_transfer_resumes() {
     let c = w.env.condition("slow", "Ready").expect("Ready");
     assert_eq!(c["reason"], "ImageImporting", "{c}");
     assert_eq!(w.image_json("slow")["status"]["phase"], "Importing");
+    // `kubectl get vm` says Importing; describe gives the percent.
+    let vm = w.env.vm("slow").expect("vm");
+    assert_eq!(vm["status"]["printableStatus"], "Importing", "{vm}");
+    wait_for(
+        30,
+        "the VM's Ready message to give the import's percent",
+        || {
+            let c = w.env.condition("slow", "Ready")?;
+            let m = c["message"].as_str()?.to_string();
+            (m.contains("MiB of 6.0 MiB (") && m.contains("%)")).then_some(())
+        },
+        || w.env.describe("slow"),
+    );
     w.wait_entry("slow", "Ready", |e| {
         e["phase"] == "Ready" && e["bytesDone"] == 6 << 20
     });

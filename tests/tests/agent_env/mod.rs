@@ -167,8 +167,13 @@ impl Env {
     }
 
     pub fn apply_kernel(&self, name: &str, kernel: &std::path::Path, extra: &str) {
+        self.apply_sized(name, kernel, 1, extra);
+    }
+
+    /// A VM of `cpus` vCPUs booting `kernel`.
+    pub fn apply_sized(&self, name: &str, kernel: &std::path::Path, cpus: u32, extra: &str) {
         let manifest = format!(
-            "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: 1\n  memory: 64Mi\n  \
+            "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: {name}\nspec:\n  cpus: {cpus}\n  memory: 64Mi\n  \
              terminationGracePeriodSeconds: 60\n  nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{path: {kernel}}}\n{extra}",
             node = self.node,
             kernel = kernel.display(),
