@@ -251,3 +251,35 @@ fn deleting_shows_terminating(env: &Env) {
     assert_eq!(printable(env, "running").as_deref(), Some("Terminating"));
     patch(env, "running", r#"{"metadata":{"finalizers":[]}}"#);
 }
+
+fn running_vms(env: &Env) -> Option<i64> {
+    let out = env.kubectl(&[
+        "get",
+        "hvnode",
+        &env.node,
+        "-o",
+        "jsonpath={.status.runningVms}",
+    ]);
+    out.trim().parse().ok()
+}
+
+#[test]
+fn the_node_counts_its_running_vms_as_they_change_not_at_the_next_heartbeat() {
+    // Heartbeats every 20 s; the count must follow within 10 s.
+    let env = Env::with_args("nodecount", &["--lease-seconds", "60"], &[]);
+    env.apply("one", "idle", "");
+    env.wait_phase("one", "Running", 90);
+    wait_for(
+        10,
+        "runningVms 1 soon after the VMM started",
+        || (running_vms(&env) == Some(1)).then_some(()),
+        || env.describe("one"),
+    );
+    env.kubectl(&["delete", "vm", "one", "--wait=true", "--timeout=60s"]);
+    wait_for(
+        10,
+        "runningVms 0 soon after the VMM ended",
+        || (running_vms(&env) == Some(0)).then_some(()),
+        || env.describe("one"),
+    );
+}

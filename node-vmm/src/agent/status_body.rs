@@ -58,21 +58,25 @@ pub fn body(vm: &VirtualMachine, part: &AgentPart) -> Value {
         .retain(|c| !part.conditions.iter().any(|p| p.type_ == c.type_));
     merged.conditions.extend(part.conditions.iter().cloned());
     let printable = printable_status(vm.metadata.deletion_timestamp.is_some(), &merged);
-    json!({
+    let mut body = json!({
         "apiVersion": kubevmm_crds::API_VERSION,
         "kind": "VirtualMachine",
         "status": {
             "phase": part.phase,
             "printableStatus": printable,
             "phaseTransitionTimestamps": part.transitions,
-            "lastFailure": part.last_failure,
             "interfaces": part.interfaces,
             "startedAt": part.started_at.map(Time),
             "restartCount": part.restart_count,
             "observedGeneration": vm.metadata.generation,
             "conditions": part.conditions,
         }
-    })
+    });
+    // Absent rather than null: no failure yet.
+    if let Some(f) = part.last_failure {
+        body["status"]["lastFailure"] = json!(f);
+    }
+    body
 }
 
 /// Of the agent's own list of transitions and the live one, the one that

@@ -87,13 +87,15 @@ pub fn start_agent_env(
         .arg(state)
         .arg("--allowed-dir")
         .arg(guests)
-        .args([
-            "--reserved-cpus",
-            reserved_cpus,
-            "--lease-seconds",
-            "6",
-            "--metrics-addr",
-        ])
+        .args(["--reserved-cpus", reserved_cpus])
+        // Short Leases make node loss quick to test, unless a test sets its own.
+        .args(
+            (!extra.contains(&"--lease-seconds"))
+                .then_some(["--lease-seconds", "6"])
+                .into_iter()
+                .flatten(),
+        )
+        .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{}", free_port().expect("port")))
         .args(extra);
     Daemon::start(cmd, state.join(log))
