@@ -44,8 +44,9 @@ struct Flags {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:8080")]
     metrics_addr: String,
-    /// vCPU overcommit ratio (allocatable vCPUs × ratio may be bound).
-    #[arg(long, default_value_t = 1.0)]
+    /// vCPU overcommit ratio (allocatable vCPUs × ratio may be bound); 10
+    /// as `KubeVirt`'s `cpuAllocationRatio`: idle guests cost little CPU.
+    #[arg(long, default_value_t = 10.0)]
     cpu_overcommit: f64,
     /// Memory overcommit ratio (allocatable memory × ratio may be bound).
     #[arg(long, default_value_t = 1.0)]

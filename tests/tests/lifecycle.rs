@@ -187,8 +187,8 @@ fn delete_shuts_the_guest_down_and_releases_everything() {
 
 #[test]
 fn vm_that_fits_nowhere_waits_then_runs_when_room_appears() {
-    let env = Env::new("fit");
-    // The agent reserves 1 of the 2 host CPUs: room for one 1-vCPU guest.
+    // The agent reserves 1 of the 2 host CPUs: at 1:1, room for one 1-vCPU guest.
+    let env = Env::with_args("fit", &[], &["--cpu-overcommit", "1"]);
     env.apply("first", "counter", "");
     env.wait_phase("first", "Running", 60);
     env.apply("second", "counter", "");
@@ -383,4 +383,18 @@ fn node_paths_outside_the_allow_list_fail_with_a_reason() {
     // The agent keeps serving other VMs: no crash, no crash loop.
     env.apply("inside", "counter", "");
     env.wait_phase("inside", "Running", 60);
+}
+
+#[test]
+fn a_new_users_five_small_vms_all_run_on_a_two_core_node() {
+    // The defaults a new user meets: the operator's vCPU overcommit (10, as
+    // KubeVirt's cpuAllocationRatio) on a node with one vCPU allocatable.
+    let env = Env::new("defaults");
+    let names = ["a", "b", "c", "d", "e"];
+    for name in names {
+        env.apply(name, "idle", "");
+    }
+    for name in names {
+        env.wait_phase(name, "Running", 90);
+    }
 }

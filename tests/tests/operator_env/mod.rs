@@ -73,6 +73,9 @@ impl Operator {
                 &format!("127.0.0.1:{port}"),
                 "--log-level",
                 "info",
+                // These tests count capacity one vCPU to one vCPU.
+                "--cpu-overcommit",
+                "1",
             ])
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log fd"))
