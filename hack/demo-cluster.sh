@@ -17,7 +17,7 @@ kubectl apply -f "$REPO/examples/demo-cluster.yaml"
 kubectl wait --for=jsonpath='{.status.phase}'=Running vm/demo --timeout=60s >/dev/null
 ms=$((($(date +%s%N) - start) / 1000000))
 say "\$ kubectl get vm,hvnode   (apply -> Running took ${ms} ms)"
-kubectl get vm demo
+kubectl get vm demo -o wide
 kubectl get hvnode
 uid=$(kubectl get vm demo -o jsonpath='{.metadata.uid}')
 console="$STATE/vms/$uid/console.log"

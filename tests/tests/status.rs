@@ -177,6 +177,11 @@ fn a_repeated_crash_is_counted(env: &Env) {
     );
     let once = failure["message"].as_str().unwrap_or_default();
     assert_eq!(once.matches("triple fault").count(), 1, "{failure}");
+    assert_eq!(
+        once.matches("crashed").count(),
+        1,
+        "the cause once: {failure}"
+    );
     assert_eq!(msg.matches("triple fault").count(), 1, "{msg}");
 }
 

@@ -54,7 +54,13 @@ impl Ended {
         match self {
             Self::PowerOff => "the guest powered off".into(),
             Self::Reboot => "the guest rebooted".into(),
-            Self::Crash(why) => format!("the guest crashed: {why}"),
+            Self::Crash(why) => {
+                // The VMM says it in its own words ("kubevmm-vmm: guest
+                // crashed: triple fault ..."): keep only the cause.
+                let why = why.strip_prefix("kubevmm-vmm: ").unwrap_or(why);
+                let why = why.strip_prefix("guest crashed: ").unwrap_or(why);
+                format!("the guest crashed: {why}")
+            }
             Self::VmmFailure(why) => format!("the VMM failed: {why}"),
             Self::ShutDownByUs => "the guest powered off after an ACPI shutdown request".into(),
             Self::StoppedByUs => "the guest was stopped by force".into(),
@@ -136,6 +142,14 @@ mod tests {
 
     /// A run long enough not to count as a reboot loop.
     const LONG: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_crash_message_names_the_cause_once() {
+        let vmm = Ended::Crash("kubevmm-vmm: guest crashed: triple fault on vCPU 0".into());
+        assert_eq!(vmm.message(), "the guest crashed: triple fault on vCPU 0");
+        let other = Ended::Crash("guest panic requested".into());
+        assert_eq!(other.message(), "the guest crashed: guest panic requested");
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
