@@ -57,10 +57,28 @@ pub mod condition {
     pub const NODE_LOST: &str = "NodeLost";
 }
 
-/// Condition reasons that decide `status.printableStatus`
-/// ([`crate::printable::printable_status`]); every reason is documented in
+/// Condition reasons: the words both binaries write and
+/// [`crate::printable::printable_status`] reads; every one is documented in
 /// docs/api.md with what to do about it.
 pub mod reason {
+    /// `Scheduled=True`: bound to a node.
+    pub const SCHEDULED: &str = "Scheduled";
+    /// `Scheduled=False`: released from its node (terminal, not to run again).
+    pub const RELEASED: &str = "Released";
+    /// `Scheduled=False`: `runStrategy: Halted`, not placed.
+    pub const HALTED: &str = "Halted";
+    /// `Scheduled=False`: finished, not placed again.
+    pub const FINISHED: &str = "Finished";
+    /// `NodeLost=True` / `Scheduled=False`: the node is confirmed gone (fenced).
+    pub const NODE_GONE: &str = "NodeGone";
+    /// `NodeLost=True`: the node's heartbeat Lease expired.
+    pub const HEARTBEAT_EXPIRED: &str = "HeartbeatExpired";
+    /// `NodeLost=False`: the heartbeat is back.
+    pub const HEARTBEAT_RESUMED: &str = "HeartbeatResumed";
+    /// `NodeLost=False`: the VM was placed anew after its node was lost.
+    pub const RESCHEDULED: &str = "Rescheduled";
+    /// `Ready=Unknown` (operator): the node stopped heartbeating.
+    pub const NODE_LOST: &str = "NodeLost";
     /// `Scheduled=False`: no node has room or matches (the message says what is short).
     pub const UNSCHEDULABLE: &str = "Unschedulable";
     /// `Scheduled=False` or `Ready=False`: the spec cannot be run as written.
@@ -71,6 +89,32 @@ pub mod reason {
     pub const GUEST_CRASHED: &str = "GuestCrashed";
     /// `Ready=False`: the VMM failed to start or died.
     pub const VMM_FAILED: &str = "VmmFailed";
+    /// `Ready=False`: the VMM is starting.
+    pub const STARTING: &str = "Starting";
+    /// `Ready=True`: the VMM is up and the vCPUs run.
+    pub const GUEST_RUNNING: &str = "GuestRunning";
+    /// `Ready=False`: the vCPUs are paused (`spec.paused`).
+    pub const PAUSED: &str = "Paused";
+    /// `Ready=False`: an ACPI shutdown is under way.
+    pub const STOPPING: &str = "Stopping";
+    /// `Ready=False`: not running, by request, or stopped by force.
+    pub const STOPPED: &str = "Stopped";
+    /// `Ready=False`: an image could not be imported (retried with backoff).
+    pub const IMAGE_FAILED: &str = "ImageFailed";
+    /// `Ready=False`: disks, taps or cgroups could not be set up.
+    pub const HOST_SETUP_FAILED: &str = "HostSetupFailed";
+    /// `Ready=False`: a new `emptyDisk` does not fit on the node.
+    pub const INSUFFICIENT_SPACE: &str = "InsufficientSpace";
+    /// `Ready=False`: the guest powered off by itself.
+    pub const GUEST_POWERED_OFF: &str = "GuestPoweredOff";
+    /// `Ready=False`: the guest rebooted (the VMM restarts it).
+    pub const GUEST_REBOOTED: &str = "GuestRebooted";
+    /// `Ready=False`: the guest powered off after an ACPI shutdown request.
+    pub const SHUT_DOWN: &str = "ShutDown";
+    /// `Paused=True`: `spec.paused` is true.
+    pub const PAUSED_BY_USER: &str = "PausedByUser";
+    /// `Paused=False`.
+    pub const NOT_PAUSED: &str = "NotPaused";
 }
 
 /// The status of a condition, as `metav1.Condition` spells it.
@@ -101,6 +145,11 @@ impl ConditionStatus {
             "False" => Self::False,
             _ => Self::Unknown,
         }
+    }
+
+    /// The status of condition `c`.
+    pub fn of(c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) -> Self {
+        Self::parse(&c.status)
     }
 
     /// `True` when `b`, else `False`.

@@ -10,7 +10,7 @@ use k8s_openapi::jiff::{Timestamp, Unit};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::contract::{condition, reason};
+use crate::contract::{condition, reason, ConditionStatus};
 use crate::vm::{VirtualMachineStatus, VmPhase};
 
 /// The one-word state of a VM for people, as `KubeVirt`'s `printableStatus`:
@@ -119,14 +119,14 @@ pub fn printable_status(deleting: bool, status: &VirtualMachineStatus) -> Printa
         return P::Terminating;
     }
     let cond = |ty| find(&status.conditions, ty);
-    if cond(condition::NODE_LOST).is_some_and(|c| c.status == "True") {
+    if cond(condition::NODE_LOST).is_some_and(|c| ConditionStatus::of(c) == ConditionStatus::True) {
         return P::NodeLost;
     }
     let ready_reason = cond(condition::READY)
-        .filter(|c| c.status == "False")
+        .filter(|c| ConditionStatus::of(c) == ConditionStatus::False)
         .map(|c| c.reason.as_str());
     let sched_reason = cond(condition::SCHEDULED)
-        .filter(|c| c.status == "False")
+        .filter(|c| ConditionStatus::of(c) == ConditionStatus::False)
         .map(|c| c.reason.as_str());
     let invalid =
         ready_reason == Some(reason::INVALID_SPEC) || sched_reason == Some(reason::INVALID_SPEC);

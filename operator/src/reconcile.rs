@@ -39,7 +39,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::ResourceExt;
-use kubevmm_crds::contract::{self, condition};
+use kubevmm_crds::contract::{self, condition, reason, ConditionStatus};
 use kubevmm_crds::quantity::parse_bytes;
 use kubevmm_crds::{HypervisorNode, RunStrategy, VirtualMachine, VmPhase};
 use serde_json::{json, Value};
@@ -259,13 +259,13 @@ struct Owned {
 /// A condition the operator wants, without its transition time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Want {
-    status: &'static str,
+    status: ConditionStatus,
     reason: String,
     message: String,
 }
 
 impl Want {
-    fn new(status: &'static str, reason: &str, message: impl Into<String>) -> Self {
+    fn new(status: ConditionStatus, reason: &str, message: impl Into<String>) -> Self {
         Self {
             status,
             reason: reason.to_string(),
@@ -528,7 +528,11 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
                 w.phase = Some(VmPhase::Scheduled);
                 w.conditions.insert(
                     condition::SCHEDULED,
-                    Want::new("True", "Scheduled", format!("bound to node {node}")),
+                    Want::new(
+                        ConditionStatus::True,
+                        reason::SCHEDULED,
+                        format!("bound to node {node}"),
+                    ),
                 );
                 w.events.push(Ev {
                     warning: false,
@@ -539,9 +543,9 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
             }
             Err(u) => {
                 w.phase = Some(VmPhase::Pending);
-                let changed = w
-                    .current_condition(condition::SCHEDULED)
-                    .is_none_or(|c| c.message != u.message || c.status != "False");
+                let changed = w.current_condition(condition::SCHEDULED).is_none_or(|c| {
+                    c.message != u.message || ConditionStatus::of(&c) != ConditionStatus::False
+                });
                 if changed {
                     w.failure_reason = Some(u.reason);
                     w.events.push(Ev {
@@ -552,7 +556,7 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
                 }
                 w.conditions.insert(
                     condition::SCHEDULED,
-                    Want::new("False", "Unschedulable", u.message),
+                    Want::new(ConditionStatus::False, reason::UNSCHEDULABLE, u.message),
                 );
             }
         }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use kubevmm_crds::contract::reason;
 use kubevmm_crds::{RunStrategy, VmPhase};
 
 /// First restart delay of the capped exponential backoff.
@@ -40,12 +41,12 @@ impl Ended {
     /// Condition reason for `Ready=False` after this ending.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::PowerOff => "GuestPoweredOff",
-            Self::Reboot => "GuestRebooted",
-            Self::Crash(_) => "GuestCrashed",
-            Self::VmmFailure(_) => "VmmFailed",
-            Self::ShutDownByUs => "ShutDown",
-            Self::StoppedByUs => "Stopped",
+            Self::PowerOff => reason::GUEST_POWERED_OFF,
+            Self::Reboot => reason::GUEST_REBOOTED,
+            Self::Crash(_) => reason::GUEST_CRASHED,
+            Self::VmmFailure(_) => reason::VMM_FAILED,
+            Self::ShutDownByUs => reason::SHUT_DOWN,
+            Self::StoppedByUs => reason::STOPPED,
         }
     }
 

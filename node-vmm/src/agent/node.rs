@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
-use kubevmm_crds::contract::{node_lease_name, LEASE_NAMESPACE, MANAGER_NODE};
+use kubevmm_crds::contract::{node_lease_name, ConditionStatus, LEASE_NAMESPACE, MANAGER_NODE};
 use kubevmm_crds::node::{KvmInfo, NodeResources};
 use kubevmm_crds::quantity::format_bytes;
 use kubevmm_crds::{HypervisorNode, HypervisorNodeSpec, HypervisorNodeStatus};
@@ -269,7 +269,7 @@ impl NodeReporter {
                     }
                     k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
                         type_: c.type_.into(),
-                        status: if c.ok { "True" } else { "False" }.into(),
+                        status: ConditionStatus::from_bool(c.ok).as_str().into(),
                         reason: c.reason.into(),
                         message: c.message.clone(),
                         last_transition_time: Time(t.1),

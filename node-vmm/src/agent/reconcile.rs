@@ -362,7 +362,7 @@ async fn step(
                 set_ready(
                     local,
                     ConditionStatus::False,
-                    "Stopped",
+                    reason::STOPPED,
                     "the guest is not running".into(),
                 );
             }
@@ -473,8 +473,8 @@ async fn boot_images(
             local.prepare_failures = local.prepare_failures.saturating_add(1);
             local.phase = Some(VmPhase::Failed);
             // Not held: a server error or a full disk may pass; retried with backoff.
-            set_failed(local, "ImageFailed", &msg, Some(delay));
-            event(ctx, vm, true, "ImageFailed", msg).await;
+            set_failed(local, reason::IMAGE_FAILED, &msg, Some(delay));
+            event(ctx, vm, true, reason::IMAGE_FAILED, msg).await;
             None
         }
     }
@@ -501,8 +501,8 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
         Ok(p) => p,
         Err(e) => {
             let reason = match e {
-                prepare::PrepareError::Host { .. } => "HostSetupFailed",
-                prepare::PrepareError::NoSpace { .. } => "InsufficientSpace",
+                prepare::PrepareError::Host { .. } => reason::HOST_SETUP_FAILED,
+                prepare::PrepareError::NoSpace { .. } => reason::INSUFFICIENT_SPACE,
                 prepare::PrepareError::Network { reason, .. } => reason,
                 _ => reason::INVALID_SPEC,
             };
@@ -556,7 +556,7 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
             set_ready(
                 local,
                 ConditionStatus::False,
-                "Starting",
+                reason::STARTING,
                 "the VMM is starting".into(),
             );
             watch_exit(ctx, vm, pid);
@@ -636,14 +636,14 @@ async fn observe_running(
         set_ready(
             local,
             ConditionStatus::False,
-            "Paused",
+            reason::PAUSED,
             "the vCPUs are paused (spec.paused)".into(),
         );
     } else {
         set_ready(
             local,
             ConditionStatus::True,
-            "GuestRunning",
+            reason::GUEST_RUNNING,
             "the VMM is up and the vCPUs run".into(),
         );
     }
@@ -716,7 +716,7 @@ async fn stop_step(
     set_ready(
         local,
         ConditionStatus::False,
-        "Stopping",
+        reason::STOPPING,
         "the guest is shutting down".into(),
     );
 }

@@ -8,7 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource as _, ResourceExt as _};
-use kubevmm_crds::contract::{condition, ConditionStatus, MANAGER_NODE};
+use kubevmm_crds::contract::{condition, reason, ConditionStatus, MANAGER_NODE};
 use kubevmm_crds::printable::record_transition;
 use kubevmm_crds::{VirtualMachine, VmPhase};
 
@@ -132,7 +132,11 @@ pub async fn write_status(
         conditions.push(condition_json(
             condition::PAUSED,
             ConditionStatus::from_bool(paused).as_str(),
-            if paused { "PausedByUser" } else { "NotPaused" },
+            if paused {
+                reason::PAUSED_BY_USER
+            } else {
+                reason::NOT_PAUSED
+            },
             "spec.paused",
             since,
             generation,

@@ -127,8 +127,8 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
             w.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
-                    "False",
-                    "InvalidSpec",
+                    ConditionStatus::False,
+                    reason::INVALID_SPEC,
                     format!("the operator cannot read this VirtualMachine: {e}"),
                 ),
             );
@@ -163,8 +163,8 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
                 w.conditions.insert(
                     condition::NODE_LOST,
                     Want::new(
-                        "False",
-                        "Rescheduled",
+                        ConditionStatus::False,
+                        reason::RESCHEDULED,
                         format!("{why}; the guest is gone and the VM is placed anew"),
                     ),
                 );
@@ -188,14 +188,18 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
                 }
                 w.conditions.insert(
                     condition::NODE_LOST,
-                    Want::new("True", "NodeGone", format!("{why}; the guest is gone")),
+                    Want::new(
+                        ConditionStatus::True,
+                        reason::NODE_GONE,
+                        format!("{why}; the guest is gone"),
+                    ),
                 );
                 w.drop_conditions.insert(condition::READY);
                 w.conditions.insert(
                     condition::SCHEDULED,
                     Want::new(
-                        "False",
-                        "NodeGone",
+                        ConditionStatus::False,
+                        reason::NODE_GONE,
                         format!(
                             "{why}; runStrategy {strategy:?} does not restart the VM elsewhere"
                         ),
@@ -213,8 +217,8 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
             w.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
-                    "False",
-                    "Released",
+                    ConditionStatus::False,
+                    reason::RELEASED,
                     format!("released from node {node}: phase {p}, runStrategy {strategy:?}"),
                 ),
             );
@@ -225,13 +229,18 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
             });
         } else {
             node_health(&mut w, node, states.get(node));
-            let keep = w
-                .current_condition(condition::SCHEDULED)
-                .filter(|c| c.status == "True" && c.message.ends_with(&format!("node {node}")));
+            let keep = w.current_condition(condition::SCHEDULED).filter(|c| {
+                ConditionStatus::of(c) == ConditionStatus::True
+                    && c.message.ends_with(&format!("node {node}"))
+            });
             if keep.is_none() {
                 w.conditions.insert(
                     condition::SCHEDULED,
-                    Want::new("True", "Scheduled", format!("bound to node {node}")),
+                    Want::new(
+                        ConditionStatus::True,
+                        reason::SCHEDULED,
+                        format!("bound to node {node}"),
+                    ),
                 );
             }
             if matches!(phase, None | Some(VmPhase::Pending)) {
@@ -245,7 +254,8 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
     if !scheduling::wants_to_run(strategy, phase) {
         // Keep saying why it was let go (Released, NodeGone) while it stays down.
         let explained = w.current_condition(condition::SCHEDULED).is_some_and(|c| {
-            c.status == "False" && (c.reason == "Released" || c.reason == "NodeGone")
+            ConditionStatus::of(&c) == ConditionStatus::False
+                && (c.reason == reason::RELEASED || c.reason == reason::NODE_GONE)
         });
         if explained {
             if strategy == RunStrategy::Halted && !scheduling::is_terminal(phase) {
@@ -258,8 +268,8 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
             w.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
-                    "False",
-                    "Halted",
+                    ConditionStatus::False,
+                    reason::HALTED,
                     "runStrategy Halted: not placed on a node",
                 ),
             );
@@ -267,8 +277,8 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
             w.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
-                    "False",
-                    "Finished",
+                    ConditionStatus::False,
+                    reason::FINISHED,
                     format!(
                         "phase {}, runStrategy {strategy:?}: not placed again",
                         phase.map_or("unknown", VmPhase::as_str)
@@ -282,8 +292,10 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
         Ok(_) => w.candidate = true,
         Err(msg) => {
             w.phase = Some(VmPhase::Pending);
-            w.conditions
-                .insert(condition::SCHEDULED, Want::new("False", "InvalidSpec", msg));
+            w.conditions.insert(
+                condition::SCHEDULED,
+                Want::new(ConditionStatus::False, reason::INVALID_SPEC, msg),
+            );
             w.failure_reason = Some("InvalidSpec");
         }
     }
@@ -333,8 +345,11 @@ pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
         };
         // Keep the first message (with the time of the last heartbeat) while lost.
         let want = match current {
-            Some(c) if c.status == "True" && c.reason == "HeartbeatExpired" => {
-                Want::new("True", "HeartbeatExpired", c.message)
+            Some(c)
+                if ConditionStatus::of(&c) == ConditionStatus::True
+                    && c.reason == reason::HEARTBEAT_EXPIRED =>
+            {
+                Want::new(ConditionStatus::True, reason::HEARTBEAT_EXPIRED, c.message)
             }
             _ => {
                 w.events.push(Ev {
@@ -342,25 +357,28 @@ pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
                     reason: "NodeLost",
                     note: message.clone(),
                 });
-                Want::new("True", "HeartbeatExpired", message)
+                Want::new(ConditionStatus::True, reason::HEARTBEAT_EXPIRED, message)
             }
         };
         w.conditions.insert(condition::NODE_LOST, want);
         w.conditions.insert(
             condition::READY,
             Want::new(
-                "Unknown",
-                "NodeLost",
+                ConditionStatus::Unknown,
+                reason::NODE_LOST,
                 format!("node {node} is not heartbeating; the guest's state is unknown"),
             ),
         );
     } else {
-        if current.as_ref().is_some_and(|c| c.status == "True") {
+        if current
+            .as_ref()
+            .is_some_and(|c| ConditionStatus::of(c) == ConditionStatus::True)
+        {
             w.conditions.insert(
                 condition::NODE_LOST,
                 Want::new(
-                    "False",
-                    "HeartbeatResumed",
+                    ConditionStatus::False,
+                    reason::HEARTBEAT_RESUMED,
                     format!("node {node} is heartbeating again"),
                 ),
             );
@@ -529,7 +547,9 @@ pub(super) mod tests {
             assert_eq!(w.bind.is_none(), moved, "{liveness:?}");
             assert_eq!(w.candidate, moved, "{liveness:?}");
             assert_eq!(
-                w.conditions.get(condition::NODE_LOST).map(|c| c.status),
+                w.conditions
+                    .get(condition::NODE_LOST)
+                    .map(|c| c.status.as_str()),
                 lost,
                 "{liveness:?}"
             );

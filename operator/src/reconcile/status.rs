@@ -55,16 +55,18 @@ pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
         merged.conditions.retain(|c| c.type_ != ty);
         if let Some(want) = w.conditions.get(ty.as_str()) {
             let same = existing.as_ref().is_some_and(|c| {
-                c.status == want.status && c.reason == want.reason && c.message == want.message
+                c.status == want.status.as_str()
+                    && c.reason == want.reason
+                    && c.message == want.message
             });
             changed |= !same;
             let transition = existing
                 .as_ref()
-                .filter(|c| c.status == want.status)
+                .filter(|c| c.status == want.status.as_str())
                 .map_or(Time(now), |c| c.last_transition_time.clone());
             let c = Condition {
                 type_: ty,
-                status: want.status.into(),
+                status: want.status.as_str().into(),
                 reason: want.reason.clone(),
                 message: want.message.clone(),
                 last_transition_time: transition,

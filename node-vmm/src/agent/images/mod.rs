@@ -26,6 +26,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource as _, ResourceExt as _};
+use kubevmm_crds::contract::ConditionStatus;
 use kubevmm_crds::image::{
     aggregate_phase, node_condition, ImageFormat, ImagePhase, NodeImageStatus, VirtualMachineImage,
 };
@@ -497,7 +498,8 @@ impl Importer {
                     .conditions
                     .iter()
                     .find(|c| {
-                        c.type_ == node_condition(&self.node) && (c.status == "True") == ready
+                        c.type_ == node_condition(&self.node)
+                            && (ConditionStatus::of(c) == ConditionStatus::True) == ready
                     })
                     .map_or_else(
                         || Time(Timestamp::now()),
@@ -505,7 +507,7 @@ impl Importer {
                     );
                 let cond = Condition {
                     type_: node_condition(&self.node),
-                    status: if ready { "True" } else { "False" }.into(),
+                    status: ConditionStatus::from_bool(ready).as_str().into(),
                     reason: mine.reason.clone().unwrap_or_default(),
                     message: mine.message.clone().unwrap_or_default(),
                     last_transition_time: since,
