@@ -1,0 +1,91 @@
+/* echo: a console guest for the console tests and the demo. Prints
+ * "echo guest ready", then answers every line it reads on its serial port
+ * with "echo: <line>"; the line "poweroff" (or the ACPI power button) powers
+ * it off. Sleeps in HLT between 100 Hz local APIC timer ticks and drains the
+ * UART's receive register at each, so it costs (almost) no host CPU. Lines
+ * longer than its buffer are cut, never overflow it. */
+#include "guest.h"
+#include "apic.h"
+#include "idt.h"
+
+#define VEC_TICK 0x40
+#define PWRBTN (1u << 8)
+#define LSR_DATA_READY 0x01
+#define LINE_MAX 120
+
+__attribute__((interrupt)) static void on_tick(struct interrupt_frame *f)
+{
+	(void)f;
+	lapic_write(LAPIC_EOI, 0);
+}
+
+__attribute__((interrupt)) static void on_spurious(struct interrupt_frame *f)
+{
+	(void)f;
+}
+
+__attribute__((interrupt)) static void on_other(struct interrupt_frame *f)
+{
+	(void)f;
+	fail("unexpected exception or interrupt vector");
+}
+
+static char line[LINE_MAX + 1];
+static usize len;
+
+/* One received byte; returns 1 when the guest should power off. */
+static int take(u8 c)
+{
+	if (c == '\r' || c == '\n') {
+		if (len == 0)
+			return 0;
+		line[len] = 0;
+		if (len == 8 && !memcmp(line, "poweroff", 8)) {
+			puts("powering off\n");
+			return 1;
+		}
+		puts("echo: ");
+		puts(line);
+		puts("\n");
+		len = 0;
+		return 0;
+	}
+	if (len < LINE_MAX)
+		line[len++] = (char)c;
+	return 0;
+}
+
+void guest_main(struct hvm_start_info *si)
+{
+	(void)si;
+	idt_load(on_other);
+	set_gate(VEC_TICK, on_tick);
+	set_gate(0xff, on_spurious);
+	outb(0x21, 0xff);
+	outb(0xa1, 0xff);
+	outw(PM1_EN, PWRBTN);
+	lapic_write(LAPIC_SVR, 0x100 | 0xff);
+	lapic_write(LAPIC_TPR, 0);
+	/* Divide by 1 on KVM's 1 GHz APIC bus: 10000000 counts = 100 Hz. */
+	lapic_write(LAPIC_TIMER_DIV, 0xb);
+	lapic_write(LAPIC_LVT_TIMER, VEC_TICK | (1u << 17));
+	lapic_write(LAPIC_TIMER_INIT, 10000000);
+	puts("echo guest ready\n");
+	__asm__ volatile("sti");
+	for (;;) {
+		__asm__ volatile("hlt");
+		if (inw(PM1_STS) & PWRBTN) {
+			outw(PM1_STS, PWRBTN);
+			puts("power button pressed, powering off\n");
+			break;
+		}
+		/* At most a FIFO's worth per tick: the loop is bounded. */
+		int off = 0;
+		for (int i = 0; i < 64 && (inb(COM1 + 5) & LSR_DATA_READY); i++)
+			if (take(inb(COM1)))
+				off = 1;
+		if (off)
+			break;
+	}
+	__asm__ volatile("cli");
+}
