@@ -106,6 +106,15 @@ pub struct ReadyCond {
     pub since: Timestamp,
 }
 
+/// How far a stop has gone: ACPI shutdown → force stop → SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The ACPI shutdown was requested; the grace period ends at `deadline`.
+    Graceful { deadline: Instant },
+    /// The VMM was told to stop the vCPUs; SIGKILL at `deadline`.
+    Forced { deadline: Instant },
+}
+
 /// What the agent knows about one VM between reconciles.
 #[derive(Debug, Clone, Default)]
 pub struct LocalVm {
@@ -130,7 +139,7 @@ pub struct LocalVm {
     /// Since when the VM waits for an image import.
     importing_since: Option<Instant>,
     /// Stop deadline and whether the force stop was sent.
-    stopping: Option<(Instant, bool)>,
+    stopping: Option<Stop>,
     next_start: Option<Instant>,
     held: Option<VmPhase>,
     /// Consecutive failures to prepare the VM (backoff between retries).
@@ -687,7 +696,9 @@ async fn stop_step(
             if let Err(e) = vmm_client::request(&sock, "PUT", "/vm/shutdown").await {
                 tracing::warn!(vm = %vm.name_any(), "ACPI shutdown request failed: {e}");
             }
-            local.stopping = Some((now + grace, false));
+            local.stopping = Some(Stop::Graceful {
+                deadline: now + grace,
+            });
             event(
                 ctx,
                 vm,
@@ -697,9 +708,11 @@ async fn stop_step(
             )
             .await;
         }
-        Some((deadline, false)) if now >= deadline => {
+        Some(Stop::Graceful { deadline }) if now >= deadline => {
             let _ = vmm_client::request(&sock, "PUT", "/vm/stop").await;
-            local.stopping = Some((now + Duration::from_secs(5), true));
+            local.stopping = Some(Stop::Forced {
+                deadline: now + Duration::from_secs(5),
+            });
             event(
                 ctx,
                 vm,
@@ -709,7 +722,7 @@ async fn stop_step(
             )
             .await;
         }
-        Some((deadline, true)) if now >= deadline => supervisor::kill(pid),
+        Some(Stop::Forced { deadline }) if now >= deadline => supervisor::kill(pid),
         Some(_) => {}
     }
     local.phase = Some(VmPhase::Stopping);
