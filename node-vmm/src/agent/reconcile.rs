@@ -138,7 +138,7 @@ pub struct LocalVm {
     pub failure: Option<FailureRecord>,
     /// Since when the VM waits for an image import.
     importing_since: Option<Instant>,
-    /// Stop deadline and whether the force stop was sent.
+    /// How far a stop requested by the agent has gone.
     stopping: Option<Stop>,
     next_start: Option<Instant>,
     held: Option<VmPhase>,
