@@ -40,14 +40,19 @@ crds:
 	cp crds/*.yaml charts/kubevmm/crds/
 
 lint:
-	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	shellcheck hack/*.sh .ci/run
+	start=$$(date +%s); \
+	$(CARGO) fmt --all -- --check; \
+	$(CARGO) clippy --workspace --all-targets -- -D warnings; \
+	shellcheck hack/*.sh .ci/run; \
+	echo "lint: took $$(($$(date +%s) - start))s"
 
 ## The end-to-end tests run the workspace's binaries: build them first.
 test-rust:
-	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace --no-fail-fast
+	start=$$(date +%s); \
+	$(CARGO) build --workspace --bins; \
+	echo "test-rust: binaries built in $$(($$(date +%s) - start))s"; \
+	$(CARGO) test --workspace --no-fail-fast; \
+	echo "test-rust: took $$(($$(date +%s) - start))s"
 
 ## Full Linux boot to the initramfs with disk and NIC: VT-x/AMD-V hosts only
 ## (ignored by `make test`, which says so; needs hack/fixtures-linux.sh).
