@@ -106,7 +106,20 @@ fn every_status_a_person_reads_in_one_listing() {
 
 /// The columns, as a person sees them.
 fn columns_read_at_a_glance(env: &Env) {
-    let (rows, out) = listing(env);
+    // The crash loop restarts its guest now and then (Starting for a moment):
+    // take a listing where every VM shows its lasting status.
+    let (rows, out) = wait_for(
+        60,
+        "a listing with every VM in its lasting status",
+        || {
+            let (rows, out) = listing(env);
+            let crashing = rows.iter().any(|(n, c)| {
+                n == "crashy" && c.first().map(String::as_str) == Some("CrashLoopBackOff")
+            });
+            crashing.then_some((rows, out))
+        },
+        || listing(env).1,
+    );
     let header: Vec<&str> = out
         .lines()
         .next()
@@ -159,7 +172,8 @@ fn columns_read_at_a_glance(env: &Env) {
 
 /// A repeated crash is one message with a count, not copies.
 fn a_repeated_crash_is_counted(env: &Env) {
-    let ready = env.condition("crashy", "Ready").expect("Ready");
+    // Read between two restarts, as a person running describe would.
+    let ready = env.wait_ready_reason("crashy", "GuestCrashed", 60);
     let msg = ready["message"].as_str().unwrap_or_default();
     assert_eq!(ready["reason"], "GuestCrashed", "{ready}");
     assert_eq!(msg.matches("the guest crashed").count(), 1, "{msg}");
