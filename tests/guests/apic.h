@@ -28,6 +28,22 @@ static inline void ioapic_write(u32 reg, u32 v)
 	mmio_write32(IOAPIC + 0x10, v);
 }
 
+/* For guests that sleep in HLT: the 8259s masked, the ACPI power button
+ * enabled (PM1_EN), and the local APIC timer firing `vector` periodically
+ * every `count` bus cycles (divide by 1 on KVM's 1 GHz APIC bus:
+ * 10000000 = 100 Hz). The caller installs the IDT and enables interrupts. */
+static inline void hlt_timer_start(u8 vector, u32 count)
+{
+	outb(0x21, 0xff);
+	outb(0xa1, 0xff);
+	outw(PM1_EN, 1u << 8);
+	lapic_write(LAPIC_SVR, 0x100 | 0xff);
+	lapic_write(LAPIC_TPR, 0);
+	lapic_write(LAPIC_TIMER_DIV, 0xb);
+	lapic_write(LAPIC_LVT_TIMER, vector | (1u << 17));
+	lapic_write(LAPIC_TIMER_INIT, count);
+}
+
 static inline u32 cpuid_apic_id(void)
 {
 	u32 a = 1, b, c = 0, d;

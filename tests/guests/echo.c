@@ -61,15 +61,7 @@ void guest_main(struct hvm_start_info *si)
 	idt_load(on_other);
 	set_gate(VEC_TICK, on_tick);
 	set_gate(0xff, on_spurious);
-	outb(0x21, 0xff);
-	outb(0xa1, 0xff);
-	outw(PM1_EN, PWRBTN);
-	lapic_write(LAPIC_SVR, 0x100 | 0xff);
-	lapic_write(LAPIC_TPR, 0);
-	/* Divide by 1 on KVM's 1 GHz APIC bus: 10000000 counts = 100 Hz. */
-	lapic_write(LAPIC_TIMER_DIV, 0xb);
-	lapic_write(LAPIC_LVT_TIMER, VEC_TICK | (1u << 17));
-	lapic_write(LAPIC_TIMER_INIT, 10000000);
+	hlt_timer_start(VEC_TICK, 10000000); /* 100 Hz */
 	puts("echo guest ready\n");
 	__asm__ volatile("sti");
 	for (;;) {

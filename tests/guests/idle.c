@@ -36,16 +36,8 @@ void guest_main(struct hvm_start_info *si)
 	idt_load(on_other);
 	set_gate(VEC_TICK, on_tick);
 	set_gate(0xff, on_spurious);
-	/* Mask the 8259s: only the local APIC timer wakes us. */
-	outb(0x21, 0xff);
-	outb(0xa1, 0xff);
-	outw(PM1_EN, PWRBTN);
-	lapic_write(LAPIC_SVR, 0x100 | 0xff);
-	lapic_write(LAPIC_TPR, 0);
-	/* Divide by 1 on KVM's 1 GHz APIC bus: 100000000 counts = 10 Hz. */
-	lapic_write(LAPIC_TIMER_DIV, 0xb);
-	lapic_write(LAPIC_LVT_TIMER, VEC_TICK | (1u << 17));
-	lapic_write(LAPIC_TIMER_INIT, 100000000);
+	/* Only the local APIC timer wakes us. */
+	hlt_timer_start(VEC_TICK, 100000000); /* 10 Hz */
 	puts("idle guest running\n");
 	__asm__ volatile("sti");
 	for (;;) {

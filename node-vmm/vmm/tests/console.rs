@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -47,9 +47,9 @@ impl Client {
     }
 }
 
-#[test]
-fn two_clients_share_the_console_and_a_typed_command_powers_the_guest_off() {
-    let dir = scratch("console-socket");
+/// The `echo` guest with its console on a socket and a log beside it.
+fn echo_guest(tag: &str) -> (PathBuf, PathBuf, Vmm) {
+    let dir = scratch(tag);
     let sock = dir.join("console.sock");
     let mut c = config("echo", &dir);
     c.serial = SerialConfig {
@@ -59,6 +59,12 @@ fn two_clients_share_the_console_and_a_typed_command_powers_the_guest_off() {
         ..SerialConfig::default()
     };
     let child = spawn(&c, &dir);
+    (dir, sock, child)
+}
+
+#[test]
+fn two_clients_share_the_console_and_a_typed_command_powers_the_guest_off() {
+    let (dir, sock, child) = echo_guest("console-socket");
     let mut a = Client::attach(&sock);
     let mut b = Client::attach(&sock);
     // The log has everything from the start, attached or not.
@@ -92,16 +98,7 @@ fn two_clients_share_the_console_and_a_typed_command_powers_the_guest_off() {
 
 #[test]
 fn a_line_longer_than_the_guests_buffer_is_cut_not_overflowed() {
-    let dir = scratch("console-long");
-    let sock = dir.join("console.sock");
-    let mut c = config("echo", &dir);
-    c.serial = SerialConfig {
-        mode: SerialMode::Socket,
-        path: Some(sock.clone()),
-        log: Some(dir.join("serial.log")),
-        ..SerialConfig::default()
-    };
-    let child = spawn(&c, &dir);
+    let (dir, sock, child) = echo_guest("console-long");
     let mut a = Client::attach(&sock);
     wait_for("the banner", || {
         serial_log(&dir).contains("echo guest ready").then_some(())
