@@ -134,8 +134,9 @@ fn a_vm_boots_its_kernel_from_an_imported_image_and_qcow2_kernels_are_refused() 
 #[test]
 fn progress_is_reported_and_a_broken_transfer_resumes() {
     let w = World::new("img-progress");
-    // 6 MiB at 1 MiB/s: several progress updates.
-    let slow = random_file(&w.dir, "slow.img", 6 << 20);
+    // 12 MiB at 1 MiB/s: several progress updates, on the image and (every
+    // 5 s) in the VM's Ready message.
+    let slow = random_file(&w.dir, "slow.img", 12 << 20);
     w.srv.serve(
         "slow.img",
         Served {
@@ -150,14 +151,14 @@ fn progress_is_reported_and_a_broken_transfer_resumes() {
         e["phase"] == "Importing"
             && e["bytesDone"]
                 .as_i64()
-                .is_some_and(|d| d > 0 && d < 6 << 20)
-            && e["bytesTotal"] == 6 << 20
+                .is_some_and(|d| d > 0 && d < 12 << 20)
+            && e["bytesTotal"] == 12 << 20
     });
     assert!(
         e["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("MiB of 6.0 MiB"),
+            .contains("MiB of 12.0 MiB"),
         "{e}"
     );
     let c = w.env.condition("slow", "Ready").expect("Ready");
@@ -172,12 +173,12 @@ fn progress_is_reported_and_a_broken_transfer_resumes() {
         || {
             let c = w.env.condition("slow", "Ready")?;
             let m = c["message"].as_str()?.to_string();
-            (m.contains("MiB of 6.0 MiB (") && m.contains("%)")).then_some(())
+            (m.contains("MiB of 12.0 MiB (") && m.contains("%)")).then_some(())
         },
         || w.env.describe("slow"),
     );
     w.wait_entry("slow", "Ready", |e| {
-        e["phase"] == "Ready" && e["bytesDone"] == 6 << 20
+        e["phase"] == "Ready" && e["bytesDone"] == 12 << 20
     });
 
     // The server closes the connection after 1.5 MiB of 4 MiB, twice.

@@ -466,10 +466,10 @@ async fn boot_images(
             Some(images)
         }
         super::images::BootImages::Waiting(msg) => {
-            // The import wakes this VM when it ends; the poll refreshes the
-            // progress in the message.
+            // The import wakes this VM when it ends; the poll (one GET of
+            // each image) refreshes the progress in the message.
             local.importing_since.get_or_insert_with(Instant::now);
-            local.next_start = Some(Instant::now() + Duration::from_secs(2));
+            local.next_start = Some(Instant::now() + Duration::from_secs(5));
             local.phase = Some(VmPhase::Scheduled);
             set_ready(local, ConditionStatus::False, reason::IMAGE_IMPORTING, msg);
             None
