@@ -109,10 +109,11 @@ pub async fn write_status(
         let bound = i.mac.as_deref().and_then(|m| ctx.network.bound_ip(m));
         i.ip_address = bound.map(|ip| ip.to_string()).or(i.ip_address.take());
     }
-    let live = vm.status.clone().unwrap_or_default();
+    let live = vm.status.as_ref();
     let created = vm.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let live_transitions = live.map_or(&[][..], |s| &s.phase_transition_timestamps[..]);
     local.transitions = record_transition(
-        &status_body::newest_transitions(&local.transitions, &live.phase_transition_timestamps),
+        &status_body::newest_transitions(&local.transitions, live_transitions),
         local.phase,
         created,
         Timestamp::now(),
@@ -169,7 +170,10 @@ pub async fn write_status(
         what: format!("write status of {}", vm.name_any()),
         source,
     })?;
-    if let Some(phase) = local.phase.filter(|p| Some(*p) != live.phase) {
+    if let Some(phase) = local
+        .phase
+        .filter(|p| Some(*p) != live.and_then(|s| s.phase))
+    {
         let age = created.map_or(0.0, |t| Timestamp::now().duration_since(t).as_secs_f64());
         let name = phase.as_str();
         ctx.metrics.transition(name, age);
