@@ -3,6 +3,9 @@
 //! field managers and condition types. Both sides import these names; the
 //! meaning of each is documented in docs/architecture.md ("The contract").
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 /// Label the operator sets on a bound `VirtualMachine`: the node that runs it.
 /// node-vmm watches only VMs carrying its own node name here.
 pub const LABEL_NODE: &str = "kubevmm.io/node";
@@ -20,6 +23,38 @@ pub const ANNOTATION_RESTART: &str = "kubevmm.io/restart-requested";
 /// Annotation node-vmm writes back with the value of
 /// [`ANNOTATION_RESTART`] it has carried out.
 pub const ANNOTATION_RESTART_DONE: &str = "kubevmm.io/restart-handled";
+
+/// Annotation on a VM: the grace period, in seconds (0 to 3600), of the
+/// stop under way or the next one, instead of
+/// `spec.terminationGracePeriodSeconds`; `0` stops the guest by force at
+/// once. Written by `kubectl vm stop --grace-period N` / `--force`, removed
+/// by `kubectl vm start`.
+pub const ANNOTATION_STOP_GRACE: &str = "kubevmm.io/stop-grace-period-seconds";
+
+/// Annotation on a VM: the `runStrategy` it had before `kubectl vm stop`
+/// set `Halted`, restored by `kubectl vm start`.
+pub const ANNOTATION_STRATEGY_BEFORE_STOP: &str = "kubevmm.io/run-strategy-before-stop";
+
+/// The restart (or start) request not yet carried out: the value of
+/// [`ANNOTATION_RESTART`] when it differs from [`ANNOTATION_RESTART_DONE`].
+/// A pending request also asks a stopped `Manual` or `Once` VM to run
+/// again, so the operator places it and node-vmm starts it.
+pub fn pending_restart(annotations: &BTreeMap<String, String>) -> Option<&str> {
+    let want = annotations.get(ANNOTATION_RESTART)?;
+    (annotations.get(ANNOTATION_RESTART_DONE) != Some(want)).then_some(want.as_str())
+}
+
+/// The grace period of a stop: [`ANNOTATION_STOP_GRACE`] when it holds a
+/// number of seconds from 0 to 3600, else `spec_seconds` (negative counts
+/// as 0).
+pub fn stop_grace(annotations: &BTreeMap<String, String>, spec_seconds: i64) -> Duration {
+    let secs = annotations
+        .get(ANNOTATION_STOP_GRACE)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| *s <= 3600)
+        .unwrap_or(spec_seconds.max(0) as u64);
+    Duration::from_secs(secs)
+}
 
 /// Annotation on a `HypervisorNode`: `"true"` confirms that the node is
 /// powered off or isolated (fenced), so its guests are certainly dead and
@@ -158,6 +193,61 @@ impl ConditionStatus {
             Self::True
         } else {
             Self::False
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+
+    fn annotations(pairs: Pairs) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_restart_is_pending_until_its_value_is_recorded_as_handled() {
+        let cases: &[(Pairs, Option<&str>)] = &[
+            (&[], None),
+            (&[(ANNOTATION_RESTART, "t1")], Some("t1")),
+            (
+                &[(ANNOTATION_RESTART, "t1"), (ANNOTATION_RESTART_DONE, "t1")],
+                None,
+            ),
+            (
+                &[(ANNOTATION_RESTART, "t2"), (ANNOTATION_RESTART_DONE, "t1")],
+                Some("t2"),
+            ),
+            (&[(ANNOTATION_RESTART_DONE, "t1")], None),
+        ];
+        for (pairs, want) in cases {
+            assert_eq!(pending_restart(&annotations(pairs)), *want, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn the_stop_grace_annotation_overrides_the_spec_only_when_valid() {
+        let cases: &[(Pairs, i64, u64)] = &[
+            (&[], 30, 30),
+            (&[], -5, 0),
+            (&[(ANNOTATION_STOP_GRACE, "0")], 30, 0),
+            (&[(ANNOTATION_STOP_GRACE, "120")], 30, 120),
+            (&[(ANNOTATION_STOP_GRACE, " 7 ")], 30, 7),
+            (&[(ANNOTATION_STOP_GRACE, "3601")], 30, 30),
+            (&[(ANNOTATION_STOP_GRACE, "-1")], 30, 30),
+            (&[(ANNOTATION_STOP_GRACE, "soon")], 30, 30),
+        ];
+        for (pairs, spec, want) in cases {
+            assert_eq!(
+                stop_grace(&annotations(pairs), *spec),
+                Duration::from_secs(*want),
+                "{pairs:?} spec {spec}"
+            );
         }
     }
 }

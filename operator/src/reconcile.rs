@@ -505,6 +505,10 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
                 memory: req.map_or(0, |r| r.memory),
                 phase: w.phase.or(w.phase_now()),
                 strategy: w.vm.as_ref().map(|v| v.spec.run_strategy),
+                start_requested: w
+                    .vm
+                    .as_ref()
+                    .is_some_and(|v| contract::pending_restart(v.annotations()).is_some()),
             })
         })
         .collect();

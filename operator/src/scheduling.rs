@@ -131,13 +131,16 @@ pub fn is_terminal(phase: Option<VmPhase>) -> bool {
 ///
 /// `Always` always runs (node-vmm restarts it with backoff); `RerunOnFailure`
 /// runs until it succeeds; `Manual` and `Once` run until their first
-/// terminal phase; `Halted` never runs.
-pub fn wants_to_run(strategy: RunStrategy, phase: Option<VmPhase>) -> bool {
+/// terminal phase; `Halted` never runs. A pending start or restart request
+/// (`kubevmm.io/restart-requested`, e.g. from `kubectl vm start`) makes any
+/// strategy but `Halted` run again.
+pub fn wants_to_run(strategy: RunStrategy, phase: Option<VmPhase>, start_requested: bool) -> bool {
     match strategy {
+        RunStrategy::Halted => false,
+        _ if start_requested => true,
         RunStrategy::Always => true,
         RunStrategy::RerunOnFailure => phase != Some(VmPhase::Succeeded),
         RunStrategy::Manual | RunStrategy::Once => !is_terminal(phase),
-        RunStrategy::Halted => false,
     }
 }
 
@@ -154,6 +157,8 @@ pub struct BoundVm {
     pub phase: Option<VmPhase>,
     /// Its run strategy (`None` when the spec cannot be read).
     pub strategy: Option<RunStrategy>,
+    /// Whether a start or restart request is pending.
+    pub start_requested: bool,
 }
 
 /// Whether a bound VM counts against its node's capacity.
@@ -165,15 +170,19 @@ pub struct BoundVm {
 /// be handed to another VM meanwhile. Only a terminal VM that will not run
 /// again (it is being released) frees its share; a VM whose strategy is
 /// unknown keeps it.
-pub fn holds_capacity(phase: Option<VmPhase>, strategy: Option<RunStrategy>) -> bool {
-    !is_terminal(phase) || strategy.is_none_or(|s| wants_to_run(s, phase))
+pub fn holds_capacity(
+    phase: Option<VmPhase>,
+    strategy: Option<RunStrategy>,
+    start_requested: bool,
+) -> bool {
+    !is_terminal(phase) || strategy.is_none_or(|s| wants_to_run(s, phase, start_requested))
 }
 
 /// What the bound VMs that hold capacity take on each node.
 pub fn usage_by_node<'a>(vms: impl IntoIterator<Item = &'a BoundVm>) -> BTreeMap<String, Usage> {
     let mut used: BTreeMap<String, Usage> = BTreeMap::new();
     for vm in vms {
-        if holds_capacity(vm.phase, vm.strategy) {
+        if holds_capacity(vm.phase, vm.strategy, vm.start_requested) {
             used.entry(vm.node.clone())
                 .or_default()
                 .add(vm.cpus, vm.memory);
@@ -610,7 +619,7 @@ mod tests {
         ];
         for &(phase, strategy, want) in table {
             assert_eq!(
-                holds_capacity(phase, strategy),
+                holds_capacity(phase, strategy, false),
                 want,
                 "{phase:?} under {strategy:?}"
             );
@@ -625,6 +634,7 @@ mod tests {
             memory: GI,
             phase,
             strategy: Some(strategy),
+            start_requested: false,
         };
         let vms = [
             bound("n", 2, Some(VmPhase::Running), RunStrategy::Once),
@@ -665,6 +675,7 @@ mod tests {
             memory: 2 * GI,
             phase: Some(VmPhase::Failed),
             strategy: Some(RunStrategy::Always),
+            start_requested: false,
         };
         let used = usage_by_node([&failed]);
         assert_eq!(
@@ -682,14 +693,24 @@ mod tests {
     #[test]
     fn run_strategies() {
         use RunStrategy::{Always, Halted, Manual, Once, RerunOnFailure};
-        assert!(wants_to_run(Always, Some(VmPhase::Stopped)));
-        assert!(wants_to_run(Always, None));
-        assert!(!wants_to_run(Halted, None));
-        assert!(wants_to_run(RerunOnFailure, Some(VmPhase::Failed)));
-        assert!(!wants_to_run(RerunOnFailure, Some(VmPhase::Succeeded)));
-        assert!(wants_to_run(Once, Some(VmPhase::Pending)));
-        assert!(!wants_to_run(Once, Some(VmPhase::Failed)));
-        assert!(!wants_to_run(Manual, Some(VmPhase::Stopped)));
+        assert!(wants_to_run(Always, Some(VmPhase::Stopped), false));
+        assert!(wants_to_run(Always, None, false));
+        assert!(!wants_to_run(Halted, None, false));
+        assert!(wants_to_run(RerunOnFailure, Some(VmPhase::Failed), false));
+        assert!(!wants_to_run(
+            RerunOnFailure,
+            Some(VmPhase::Succeeded),
+            false
+        ));
+        assert!(wants_to_run(Once, Some(VmPhase::Pending), false));
+        assert!(!wants_to_run(Once, Some(VmPhase::Failed), false));
+        assert!(!wants_to_run(Manual, Some(VmPhase::Stopped), false));
+        // A start request (`kubectl vm start`) runs any strategy but Halted.
+        assert!(wants_to_run(Manual, Some(VmPhase::Stopped), true));
+        assert!(wants_to_run(Once, Some(VmPhase::Succeeded), true));
+        assert!(wants_to_run(RerunOnFailure, Some(VmPhase::Succeeded), true));
+        assert!(!wants_to_run(Halted, Some(VmPhase::Stopped), true));
+        assert!(holds_capacity(Some(VmPhase::Stopped), Some(Manual), true));
     }
 
     #[test]

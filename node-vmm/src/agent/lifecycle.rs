@@ -2,7 +2,7 @@
 //! happened to its VMM, what should happen next and which phase to report.
 //! No I/O here, so every rule is unit-tested.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kubevmm_crds::contract::reason;
 use kubevmm_crds::{RunStrategy, VmPhase};
@@ -134,6 +134,61 @@ pub fn should_start(
         }
         (_, Some(_)) => false,
         (RunStrategy::Manual | RunStrategy::Once, None) => !ever_ran,
+    }
+}
+
+/// How long a force-stopped VMM gets to exit before SIGKILL.
+pub const FORCE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How far a stop has gone: ACPI shutdown → force stop → SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The ACPI shutdown was requested at `since`; the grace period runs
+    /// from there (it is read anew on every pass, so a shorter one asked
+    /// for meanwhile, e.g. `kubectl vm stop --force`, takes effect).
+    Graceful { since: Instant },
+    /// The VMM was told to stop the vCPUs; SIGKILL at `deadline`.
+    Forced { deadline: Instant },
+}
+
+/// What a stop pass does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopAction {
+    /// Ask the guest to power off (ACPI).
+    RequestShutdown,
+    /// Stop the vCPUs and the VMM now; `grace_over` tells whether the
+    /// grace period ran out (else it was zero).
+    ForceStop { grace_over: bool },
+    /// The VMM did not exit after the force stop: SIGKILL.
+    Kill,
+}
+
+/// The next step of a stop with grace period `grace`: the action to take
+/// now, if any, and how far the stop has then gone.
+pub fn stop_step(
+    current: Option<Stop>,
+    grace: Duration,
+    now: Instant,
+) -> (Option<StopAction>, Stop) {
+    let forced = Stop::Forced {
+        deadline: now + FORCE_STOP_TIMEOUT,
+    };
+    match current {
+        None if grace.is_zero() => (Some(StopAction::ForceStop { grace_over: false }), forced),
+        None => (
+            Some(StopAction::RequestShutdown),
+            Stop::Graceful { since: now },
+        ),
+        Some(Stop::Graceful { since }) if now >= since + grace => (
+            Some(StopAction::ForceStop {
+                grace_over: !grace.is_zero(),
+            }),
+            forced,
+        ),
+        Some(Stop::Forced { deadline }) if now >= deadline => {
+            (Some(StopAction::Kill), Stop::Forced { deadline })
+        }
+        Some(s) => (None, s),
     }
 }
 
@@ -270,5 +325,62 @@ mod tests {
             Some(VmPhase::Stopped),
             false
         ));
+    }
+
+    #[test]
+    fn a_stop_escalates_from_acpi_to_force_to_kill() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let g30 = Duration::from_secs(30);
+        let graceful = Stop::Graceful { since: t0 };
+        let forced_at = |n: u64| Stop::Forced {
+            deadline: s(n) + FORCE_STOP_TIMEOUT,
+        };
+        let cases = [
+            // (now, current, grace) -> (action, next)
+            (t0, None, g30, Some(StopAction::RequestShutdown), graceful),
+            (s(10), Some(graceful), g30, None, graceful),
+            (
+                s(30),
+                Some(graceful),
+                g30,
+                Some(StopAction::ForceStop { grace_over: true }),
+                forced_at(30),
+            ),
+            // `stop --force` during a graceful stop: at once.
+            (
+                s(3),
+                Some(graceful),
+                Duration::ZERO,
+                Some(StopAction::ForceStop { grace_over: false }),
+                forced_at(3),
+            ),
+            // A shorter grace asked for meanwhile counts from the start.
+            (
+                s(12),
+                Some(graceful),
+                Duration::from_secs(10),
+                Some(StopAction::ForceStop { grace_over: true }),
+                forced_at(12),
+            ),
+            (
+                t0,
+                None,
+                Duration::ZERO,
+                Some(StopAction::ForceStop { grace_over: false }),
+                forced_at(0),
+            ),
+            (s(33), Some(forced_at(30)), g30, None, forced_at(30)),
+            (
+                s(35),
+                Some(forced_at(30)),
+                g30,
+                Some(StopAction::Kill),
+                forced_at(30),
+            ),
+        ];
+        for (i, (now, current, grace, action, next)) in cases.into_iter().enumerate() {
+            assert_eq!(stop_step(current, grace, now), (action, next), "case {i}");
+        }
     }
 }

@@ -14,7 +14,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt as _};
 use kubevmm_crds::contract::{
-    condition, reason, ConditionStatus, ANNOTATION_RESTART, ANNOTATION_RESTART_DONE, FINALIZER,
+    self, condition, reason, ConditionStatus, ANNOTATION_RESTART_DONE, FINALIZER,
 };
 use kubevmm_crds::printable::{FailureRecord, PhaseTransition};
 use kubevmm_crds::vm::InterfaceStatus;
@@ -22,7 +22,7 @@ use kubevmm_crds::{VirtualMachine, VmPhase};
 use serde_json::json;
 
 use super::host::prepare_host;
-use super::lifecycle::{self, AfterExit, Ended};
+use super::lifecycle::{self, AfterExit, Ended, Stop, StopAction};
 use super::report::{event, timed_step, write_status, StartStep};
 use super::supervisor::{self, ProcessId, VmDir};
 use super::{prepare, vmm_client, AgentConfig};
@@ -104,15 +104,6 @@ pub struct ReadyCond {
     pub message: String,
     /// When `status` last changed.
     pub since: Timestamp,
-}
-
-/// How far a stop has gone: ACPI shutdown → force stop → SIGKILL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// The ACPI shutdown was requested; the grace period ends at `deadline`.
-    Graceful { deadline: Instant },
-    /// The VMM was told to stop the vCPUs; SIGKILL at `deadline`.
-    Forced { deadline: Instant },
 }
 
 /// What the agent knows about one VM between reconciles.
@@ -274,12 +265,6 @@ fn set_failed(local: &mut LocalVm, reason: &str, message: &str, next_in: Option<
     set_ready(local, ConditionStatus::False, reason, text);
 }
 
-fn restart_requested(vm: &VirtualMachine) -> Option<String> {
-    let a = vm.annotations();
-    let want = a.get(ANNOTATION_RESTART)?;
-    (a.get(ANNOTATION_RESTART_DONE) != Some(want)).then(|| want.clone())
-}
-
 /// One pass; `Ok(None)` when the VM is gone from this node for good.
 async fn step(
     vm: &VirtualMachine,
@@ -289,7 +274,7 @@ async fn step(
 ) -> Result<Option<Action>, ReconcileError> {
     let dir = ctx.dir(uid);
     let spec = &vm.spec;
-    let restart = restart_requested(vm);
+    let restart = contract::pending_restart(vm.annotations()).map(str::to_string);
     let deleting = vm.metadata.deletion_timestamp.is_some();
     let mut requeue = Duration::from_secs(30);
 
@@ -350,7 +335,10 @@ async fn step(
         );
         if want && due {
             start(ctx, vm, uid, &dir, local).await;
+            // The new phase first: a stopped Manual VM whose request looked
+            // handled while its phase still read Stopped would be released.
             if let Some(done) = &restart {
+                write_status(ctx, vm, local).await?;
                 mark_restart_handled(ctx, vm, done).await?;
             }
             requeue = Duration::from_millis(100);
@@ -689,41 +677,28 @@ async fn stop_step(
     pid: ProcessId,
 ) {
     let sock = dir.api_socket();
-    let now = Instant::now();
-    match local.stopping {
-        None => {
-            let grace = Duration::from_secs(vm.spec.termination_grace_period_seconds.max(0) as u64);
+    let grace = contract::stop_grace(vm.annotations(), vm.spec.termination_grace_period_seconds);
+    let (action, next) = lifecycle::stop_step(local.stopping, grace, Instant::now());
+    local.stopping = Some(next);
+    match action {
+        Some(StopAction::RequestShutdown) => {
             if let Err(e) = vmm_client::request(&sock, "PUT", "/vm/shutdown").await {
                 tracing::warn!(vm = %vm.name_any(), "ACPI shutdown request failed: {e}");
             }
-            local.stopping = Some(Stop::Graceful {
-                deadline: now + grace,
-            });
-            event(
-                ctx,
-                vm,
-                false,
-                "Stopping",
-                format!("ACPI shutdown requested; {}s grace period", grace.as_secs()),
-            )
-            .await;
+            let note = format!("ACPI shutdown requested; {}s grace period", grace.as_secs());
+            event(ctx, vm, false, "Stopping", note).await;
         }
-        Some(Stop::Graceful { deadline }) if now >= deadline => {
+        Some(StopAction::ForceStop { grace_over }) => {
             let _ = vmm_client::request(&sock, "PUT", "/vm/stop").await;
-            local.stopping = Some(Stop::Forced {
-                deadline: now + Duration::from_secs(5),
-            });
-            event(
-                ctx,
-                vm,
-                true,
-                "ForceStopped",
-                "the guest did not power off within its grace period".into(),
-            )
-            .await;
+            let note = if grace_over {
+                "the guest did not power off within its grace period"
+            } else {
+                "stopped by force at once (grace period 0)"
+            };
+            event(ctx, vm, true, "ForceStopped", note.into()).await;
         }
-        Some(Stop::Forced { deadline }) if now >= deadline => supervisor::kill(pid),
-        Some(_) => {}
+        Some(StopAction::Kill) => supervisor::kill(pid),
+        None => {}
     }
     local.phase = Some(VmPhase::Stopping);
     set_ready(

@@ -151,11 +151,12 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
     w.request = request.as_ref().ok().cloned();
     let phase = w.phase_now();
     let strategy = vm.spec.run_strategy;
+    let start_requested = contract::pending_restart(vm.annotations()).is_some();
 
     if let Some(node) = &bound {
         if let Some(why) = gone_reason(node, states.get(node)) {
             w.bind = None;
-            if scheduling::wants_to_run(strategy, phase)
+            if scheduling::wants_to_run(strategy, phase, start_requested)
                 && matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure)
             {
                 w.phase = Some(VmPhase::Pending);
@@ -211,7 +212,9 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
                     note: format!("{why}; runStrategy {strategy:?}: not restarted elsewhere"),
                 });
             }
-        } else if scheduling::is_terminal(phase) && !scheduling::wants_to_run(strategy, phase) {
+        } else if scheduling::is_terminal(phase)
+            && !scheduling::wants_to_run(strategy, phase, start_requested)
+        {
             w.bind = None;
             let p = phase.map_or("unknown", VmPhase::as_str);
             w.conditions.insert(
@@ -251,7 +254,7 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
     }
 
     // Unbound.
-    if !scheduling::wants_to_run(strategy, phase) {
+    if !scheduling::wants_to_run(strategy, phase, start_requested) {
         // Keep saying why it was let go (Released, NodeGone) while it stays down.
         let explained = w.current_condition(condition::SCHEDULED).is_some_and(|c| {
             ConditionStatus::of(&c) == ConditionStatus::False
