@@ -16,8 +16,22 @@ use super::reconcile::{Ctx, LocalVm, ReconcileError};
 use super::status_body::{self, condition_json, live_matches, AgentPart};
 
 /// Records an Event about `vm`; a failure is logged, never fatal.
+///
+/// The recorder folds Events with the same reason and action into one
+/// series that keeps the first note, so the action names the note too:
+/// a repeat of the same message is counted, a different one (a second
+/// stop with another grace period) is shown as written.
 pub async fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
-    event_action(ctx, vm, warning, reason, reason, note).await;
+    let action = note_action(reason, &note);
+    event_action(ctx, vm, warning, reason, &action, note).await;
+}
+
+/// `reason` and a digest of `note` (FNV-1a), as an Event action.
+fn note_action(reason: &str, note: &str) -> String {
+    let digest = note.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{reason}-{digest:08x}")
 }
 
 /// [`event`] with its own action: the recorder counts Events with the same
@@ -192,6 +206,20 @@ pub async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_fold_only_when_their_note_repeats() {
+        let a = note_action("Stopping", "ACPI shutdown requested; 60s grace period");
+        assert_eq!(
+            a,
+            note_action("Stopping", "ACPI shutdown requested; 60s grace period")
+        );
+        assert_ne!(
+            a,
+            note_action("Stopping", "ACPI shutdown requested; 20s grace period")
+        );
+        assert!(a.starts_with("Stopping-") && a.len() <= 128, "{a}");
+    }
 
     #[test]
     fn only_steps_over_the_threshold_are_reported() {
