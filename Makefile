@@ -5,19 +5,27 @@
 #   make cluster-down  stop it, free its ports
 #   make bench         benchmarks beside their anchors
 #   make doctor        what this machine has and lacks for guests
+#   make install       kubectl-vm (the `kubectl vm` plugin) and node-vmm into $(PREFIX)/bin
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 RELEASE_BIN := $(TARGET_DIR)/release
 
-.PHONY: all build deps guests fixtures crds lint test test-rust test-linux-hw demo demo-standalone demo-cluster \
+.PHONY: all build install deps guests fixtures crds lint test test-rust test-linux-hw demo demo-standalone demo-cluster \
 	cluster-up cluster-down bench doctor clean
 
 all: build
 
 build:
-	$(CARGO) build --release -p node-vmm -p kubevmm-vmm -p kubevmm-operator
+	$(CARGO) build --release -p node-vmm -p kubevmm-vmm -p kubevmm-operator -p kubectl-vm
+
+## kubectl-vm (so `kubectl vm` works) and node-vmm on PATH, with bash completion.
+PREFIX ?= /usr/local
+install: build
+	install -d $(PREFIX)/bin $(PREFIX)/share/bash-completion/completions
+	install -m 0755 $(RELEASE_BIN)/kubectl-vm $(RELEASE_BIN)/node-vmm $(PREFIX)/bin/
+	$(RELEASE_BIN)/kubectl-vm completion bash > $(PREFIX)/share/bash-completion/completions/kubectl-vm
 
 ## Debian packages, Go-built control plane, Linux guest fixtures (cached under ~/.cache/kubevmm).
 deps:

@@ -7,6 +7,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 export KUBECONFIG="${KUBEVMM_CLUSTER_DIR:-$HOME/.cache/kubevmm/cluster}/admin.kubeconfig"
 STATE="${KUBEVMM_STATE_DIR:-/var/lib/kubevmm-node}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+PATH="$TARGET_DIR/release:$PATH"   # kubectl finds our plugin, kubectl-vm
 
 say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 
@@ -24,6 +26,19 @@ console="$STATE/vms/$uid/console.log"
 for _ in $(seq 50); do grep -q 'waiting for ACPI' "$console" 2>/dev/null && break; sleep 0.1; done
 say "guest console ($console):"
 cat "$console"
+wait_status() {
+	kubectl wait --for=jsonpath='{.status.printableStatus}'="$1" vm/demo --timeout=60s >/dev/null
+}
+say "\$ kubectl vm list; kubectl vm info demo   (the kubectl plugin, virsh-style)"
+kubectl vm list
+kubectl vm info demo
+say "\$ kubectl vm pause demo; kubectl vm resume demo"
+kubectl vm pause demo && wait_status Paused && kubectl vm list
+kubectl vm resume demo && wait_status Running && kubectl vm list
+say "\$ kubectl vm stop demo   (ACPI shutdown; runStrategy Halted until started)"
+kubectl vm stop demo && wait_status Stopped && kubectl vm list
+say "\$ kubectl vm start demo"
+kubectl vm start demo && wait_status Running && kubectl vm list
 say "\$ kubectl delete vm demo   (ACPI shutdown, then the finalizer is released)"
 kubectl delete vm demo --wait=true
 kubectl get events --field-selector involvedObject.name=demo --sort-by=.lastTimestamp \
