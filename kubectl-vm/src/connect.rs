@@ -94,8 +94,8 @@ pub fn explain(e: &kube::Error, a: Attempt<'_>) -> String {
             None => format!("{} not found {place}: {}", a.resource, s.message),
         },
         kube::Error::Api(s) if s.code == 403 => format!(
-            "forbidden: you may not {} {}.kubevmm.io {place}; ask an administrator for the \
-             kubevmm-vm-user role (or edit) there. The API server said: {}",
+            "forbidden: you may not {} {}.kubevmm.io {place}; ask an administrator to bind \
+             you the edit role there (or the chart's kubevmm-vm-user). The API server said: {}",
             a.verb, a.resource, s.message
         ),
         kube::Error::Api(s) if s.code == 401 => format!(
