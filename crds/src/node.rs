@@ -86,6 +86,11 @@ pub struct HypervisorNodeStatus {
     /// node-vmm version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// `address:port` of node-vmm's access server (console, logs and
+    /// port-forward streams over mutual TLS), dialled by the operator only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262))]
+    pub access_endpoint: Option<String>,
     /// Last time node-vmm wrote this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,

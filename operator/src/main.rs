@@ -3,6 +3,7 @@
 //! heartbeating and re-places them once their node is confirmed gone.
 //! Leader-elected: any number of replicas, one acts.
 
+mod access;
 mod heartbeat;
 mod leader;
 mod metrics;
@@ -66,6 +67,26 @@ struct Flags {
     /// Full pass at least this often even when nothing changes, in seconds.
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
+    /// Serve the subresource API (console, logs, port-forward) on this
+    /// address, e.g. `0.0.0.0:8443`; kube-apiserver dials it, so not a
+    /// loopback address for a host process. Needs the five flags below.
+    #[arg(long, value_name = "ADDR:PORT")]
+    access_listen: Option<String>,
+    /// Serving certificate of the subresource API (PEM).
+    #[arg(long, value_name = "FILE", requires = "access_listen")]
+    access_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "access_listen")]
+    access_key: Option<std::path::PathBuf>,
+    /// Client certificate presented to node-vmm's access servers (PEM).
+    #[arg(long, value_name = "FILE", requires = "access_listen")]
+    node_client_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "access_listen")]
+    node_client_key: Option<std::path::PathBuf>,
+    /// CA of node-vmm's serving certificates (PEM).
+    #[arg(long, value_name = "FILE", requires = "access_listen")]
+    node_ca: Option<std::path::PathBuf>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -91,6 +112,28 @@ enum MainError {
     },
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
+    #[error("--access-listen needs {0} too")]
+    AccessFlag(&'static str),
+}
+
+/// The subresource API's settings, when `--access-listen` is given.
+fn access_config(flags: &Flags) -> Result<Option<access::AccessConfig>, MainError> {
+    let Some(listen) = flags.access_listen.clone() else {
+        return Ok(None);
+    };
+    let need = |v: &Option<std::path::PathBuf>, name| v.clone().ok_or(MainError::AccessFlag(name));
+    Ok(Some(access::AccessConfig {
+        listen,
+        serving_cert: need(&flags.access_cert, "--access-cert")?,
+        serving_key: need(&flags.access_key, "--access-key")?,
+        nodes: kubevmm_access::tls::Files {
+            cert: need(&flags.node_client_cert, "--node-client-cert")?,
+            key: need(&flags.node_client_key, "--node-client-key")?,
+            ca: need(&flags.node_ca, "--node-ca")?,
+        },
+    }))
 }
 
 fn default_identity() -> String {
@@ -310,6 +353,10 @@ async fn run(flags: Flags) -> Result<(), MainError> {
     let client = client(&flags).await?;
     tracing::info!(%identity, metrics = %flags.metrics_addr, cpu_overcommit = overcommit.cpu, memory_overcommit = overcommit.memory, "kubevmm-operator starting");
     ensure_namespace(&client).await?;
+    // Every replica serves the subresource API, leader or not.
+    if let Some(cfg) = access_config(&flags)? {
+        tokio::spawn(access::start(client.clone(), cfg).await?);
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (elector, leadership) = Elector::new(

@@ -92,6 +92,7 @@ pub fn build_status(
         }),
         running_vms,
         agent_version: Some(env!("CARGO_PKG_VERSION").into()),
+        access_endpoint: None,
         last_heartbeat_time: Some(Time(now)),
         conditions: Vec::new(),
     }
