@@ -334,6 +334,7 @@ start_apiserver() {
 		--requestheader-extra-headers-prefix=X-Remote-Extra- \
 		--proxy-client-cert-file="$PKI/front-proxy-client.crt" \
 		--proxy-client-key-file="$PKI/front-proxy-client.key" \
+		--enable-aggregator-routing=true \
 		--profiling=false \
 		${KUBEVMM_APISERVER_ARGS:-}
 	wait_until kube-apiserver apiserver_ready

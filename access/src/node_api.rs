@@ -15,6 +15,11 @@
 /// The `Upgrade` protocol token of the raw streams.
 pub const UPGRADE: &str = "kubevmm-stream";
 
+/// The name node-vmm's serving certificate is issued for and the operator
+/// checks, whatever address it dials: one certificate (one CA) for every
+/// node, as nodes are equally trusted, and no per-node IP SANs to manage.
+pub const SERVER_NAME: &str = "node-vmm.kubevmm.internal";
+
 /// The longest VM uid accepted (Kubernetes uids are 36 characters).
 const MAX_UID: usize = 64;
 

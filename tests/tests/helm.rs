@@ -253,10 +253,40 @@ fn install_upgrade_uninstall() {
         || outcome(cp.kubectl().args(["get", "rs,pods,events", "-n", &ns])).stdout,
     );
 
+    // The subresource API's certificates: made at install, trusted by the
+    // APIService, kept by the upgrade (clients and nodes keep trusting them).
+    let ca_of = |secret: &str| {
+        get_json(cp, &["get", "secret", "-n", &ns, secret])
+            .and_then(|s| s["data"]["ca.crt"].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("secret {secret} with ca.crt"))
+    };
+    let access_ca = ca_of("life-access-serving");
+    let node_ca = ca_of("life-node-serving");
+    assert_eq!(
+        ca_of("life-node-client"),
+        node_ca,
+        "one node CA for both ends"
+    );
+    let api = get_json(
+        cp,
+        &["get", "apiservice", "v1alpha1.subresources.kubevmm.io"],
+    )
+    .expect("the APIService exists");
+    assert_eq!(api["spec"]["caBundle"].as_str(), Some(access_ca.as_str()));
     ok(helm(cp)
         .args(["upgrade", "life", "-n", &ns])
         .arg(chart())
         .args(["--set", "operator.replicas=3"]));
+    assert_eq!(
+        ca_of("life-access-serving"),
+        access_ca,
+        "upgrade replaced the serving CA"
+    );
+    assert_eq!(
+        ca_of("life-node-serving"),
+        node_ca,
+        "upgrade replaced the node CA"
+    );
     wait_for(
         60,
         "3 operator Pods after the upgrade",
@@ -276,6 +306,8 @@ fn install_upgrade_uninstall() {
             "life-kubevmm-node-restriction",
             false,
         ),
+        ("apiservice", "v1alpha1.subresources.kubevmm.io", false),
+        ("secret", "life-node-serving", true),
     ] {
         let mut args = vec!["get", kind, name];
         if namespaced {
@@ -307,6 +339,9 @@ const RBAC_CASES: &str = "
     op    | create events.events.k8s.io -n default                     | yes
     op    | create namespaces                                          | no
     op    | get secrets -n kubevmm-system                              | no
+    op    | create subjectaccessreviews.authorization.k8s.io           | yes
+    op    | get configmaps/extension-apiserver-authentication -n kube-system | yes
+    op    | get configmaps -n default                                  | no
     op    | get nodes                                                  | no
     agent | watch virtualmachines.kubevmm.io -A                        | yes
     agent | patch virtualmachines.kubevmm.io -n default                | yes

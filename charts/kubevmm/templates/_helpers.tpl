@@ -36,3 +36,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kubevmm.hasPrometheusRule" -}}
 {{- if or .Values.metrics.prometheusRule.force (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule") -}}true{{- end -}}
 {{- end -}}
+
+{{/* The Secrets of the subresource API and the node access paths (templates/access.yaml). */}}
+{{- define "kubevmm.access.servingSecret" -}}
+{{- .Values.access.servingSecret | default (printf "%s-access-serving" .Release.Name) -}}
+{{- end -}}
+{{- define "kubevmm.access.nodeServingSecret" -}}
+{{- .Values.access.nodeSecrets.serving | default (printf "%s-node-serving" .Release.Name) -}}
+{{- end -}}
+{{- define "kubevmm.access.nodeClientSecret" -}}
+{{- .Values.access.nodeSecrets.client | default (printf "%s-node-client" .Release.Name) -}}
+{{- end -}}

@@ -11,7 +11,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use kubevmm_access::node_api::{NodeRequest, UPGRADE};
+use kubevmm_access::node_api::{NodeRequest, SERVER_NAME, UPGRADE};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -117,13 +117,8 @@ pub async fn ask_node(
             format!("node-vmm of node {node} at {endpoint} cannot be reached: {why}"),
         )
     };
-    let host = endpoint
-        .rsplit_once(':')
-        .map_or(endpoint, |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let server_name = ServerName::try_from(host.to_string())
-        .map_err(|e| unreachable(format!("bad address: {e}")))?;
+    let server_name = ServerName::try_from(SERVER_NAME)
+        .map_err(|e| unreachable(format!("bad server name: {e}")))?;
     let tcp = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(endpoint))
         .await
         .map_err(|_| unreachable("timed out".into()))?

@@ -1,0 +1,200 @@
+//! Certificates for the access paths, made with openssl as `make
+//! cluster-up` and the chart make them: the subresource API's serving
+//! certificate (trusted by kube-apiserver through the `APIService`'s
+//! `caBundle`), node-vmm's serving certificate and the operator's client
+//! certificate for nodes (one node CA for both).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The files of one test's access PKI.
+#[derive(Debug, Clone)]
+pub struct AccessPki {
+    dir: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (hack/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &format!("{name}.key"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-subj",
+            &format!("/CN={name}"),
+            "-days",
+            "7",
+            "-out",
+            &format!("{name}.crt"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    );
+}
+
+fn leaf(dir: &Path, name: &str, cn: &str, ca: &str, ext: &str) {
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &format!("{name}.key"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-subj",
+            &format!("/CN={cn}"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    std::fs::write(dir.join(format!("{name}.ext")), ext).expect("extension file");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "7",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
+}
+
+impl AccessPki {
+    /// Makes the CAs and certificates in `dir`: the subresource API's valid
+    /// for `ip` (the machine's non-loopback address) and 127.0.0.1.
+    pub fn new(dir: &Path, ip: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("pki dir");
+        let serving = format!(
+            "subjectAltName=IP:{ip},IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+        );
+        ca(dir, "access-ca");
+        leaf(
+            dir,
+            "access-serving",
+            "kubevmm-access",
+            "access-ca",
+            &serving,
+        );
+        ca(dir, "node-ca");
+        leaf(dir, "node-serving", "node-vmm", "node-ca", &serving);
+        leaf(
+            dir,
+            "operator-client",
+            "kubevmm-operator",
+            "node-ca",
+            "extendedKeyUsage=clientAuth\n",
+        );
+        Self { dir: dir.into() }
+    }
+
+    /// `name.crt` / `name.key` in the PKI directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The operator's flags for the subresource API on `listen`.
+    pub fn operator_flags(&self, listen: &str) -> Vec<String> {
+        let f = |n: &str| self.file(n).display().to_string();
+        vec![
+            "--access-listen".into(),
+            listen.into(),
+            "--access-cert".into(),
+            f("access-serving.crt"),
+            "--access-key".into(),
+            f("access-serving.key"),
+            "--node-client-cert".into(),
+            f("operator-client.crt"),
+            "--node-client-key".into(),
+            f("operator-client.key"),
+            "--node-ca".into(),
+            f("node-ca.crt"),
+        ]
+    }
+
+    /// node-vmm's flags for its access server on `listen`.
+    pub fn agent_flags(&self, listen: &str) -> Vec<String> {
+        let f = |n: &str| self.file(n).display().to_string();
+        vec![
+            "--access-listen".into(),
+            listen.into(),
+            "--access-cert".into(),
+            f("node-serving.crt"),
+            "--access-key".into(),
+            f("node-serving.key"),
+            "--access-client-ca".into(),
+            f("node-ca.crt"),
+        ]
+    }
+
+    /// The PEM of the CA that signed the subresource API's certificate.
+    pub fn ca_bundle(&self) -> String {
+        std::fs::read_to_string(self.file("access-ca.crt")).expect("access CA")
+    }
+}
+
+/// This machine's first non-loopback IPv4 address: kube-apiserver refuses
+/// loopback endpoints for the aggregated API.
+pub fn host_ip() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .expect("ip (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let cidr = l.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
+            cidr.split('/').next().map(str::to_string)
+        })
+        .expect("a non-loopback IPv4 address on this machine (the aggregated API needs one)")
+}
