@@ -16,6 +16,8 @@ use crate::connect::{connect, explain, Attempt, ConnectError, Target};
 use crate::create::{manifest, CreateError, Request};
 use crate::listing::{render, row, Columns};
 use crate::power::{plan, PowerError, Verb};
+use crate::sshargs::Tool;
+use crate::streams::{self, StreamError};
 use crate::{info, version, Cli, Command, CreateArgs, DryRun, Output, Shell};
 
 /// Why a command failed.
@@ -47,6 +49,9 @@ pub enum CommandError {
     /// The output cannot be written.
     #[error("cannot print the result: {0}")]
     Print(String),
+    /// A streaming verb (console, logs, port-forward, ssh, scp) failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 type Result<T> = std::result::Result<T, CommandError>;
@@ -73,6 +78,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let vm = build(&args, &namespace)?;
             print(&vm, args.output.unwrap_or(Output::Yaml))
         }
+        // OpenSSH replaces this process; its ProxyCommand connects.
+        Command::Ssh(p) => Ok(streams::openssh(Tool::Ssh, &p.args, &target).await?),
+        Command::Scp(p) => Ok(streams::openssh(Tool::Scp, &p.args, &target).await?),
         command => {
             let (client, namespace) = connect(&target).await?;
             dispatch(command, &client, &namespace).await
@@ -109,7 +117,20 @@ async fn dispatch(command: Command, client: &Client, ns: &str) -> Result<()> {
         Command::Resume(n) => power(client, ns, &n.name, Verb::Resume).await,
         Command::Create(args) => create(client, ns, &args).await,
         Command::Version => versions(client).await,
-        Command::Completion { .. } => Ok(()),
+        Command::Console {
+            name,
+            detach_on_eof,
+        } => Ok(streams::console(client, ns, &name, detach_on_eof).await?),
+        Command::Logs { name, follow, tail } => {
+            Ok(streams::logs(client, ns, &name, follow, tail).await?)
+        }
+        Command::PortForward {
+            name,
+            ports,
+            stdio,
+            address,
+        } => Ok(streams::port_forward(client, ns, &name, &ports, stdio, address.as_deref()).await?),
+        Command::Completion { .. } | Command::Ssh(_) | Command::Scp(_) => Ok(()),
     }
 }
 
