@@ -7,6 +7,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 export KUBECONFIG="${KUBEVMM_CLUSTER_DIR:-$HOME/.cache/kubevmm/cluster}/admin.kubeconfig"
 STATE="${KUBEVMM_STATE_DIR:-/var/lib/kubevmm-node}"
+NODE_VMM="${KUBEVMM_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release}/node-vmm"
 TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 PATH="$TARGET_DIR/release:$PATH"   # kubectl finds our plugin, kubectl-vm
 
@@ -22,10 +23,10 @@ say "\$ kubectl get vm,hvnode   (apply -> Running took ${ms} ms)"
 kubectl get vm demo -o wide
 kubectl get hvnode
 uid=$(kubectl get vm demo -o jsonpath='{.metadata.uid}')
-console="$STATE/vms/$uid/console.log"
-for _ in $(seq 50); do grep -q 'waiting for ACPI' "$console" 2>/dev/null && break; sleep 0.1; done
-say "guest console ($console):"
-cat "$console"
+console="$STATE/vms/$uid/console.ring"
+for _ in $(seq 50); do "$NODE_VMM" console-log "$console" 2>/dev/null | grep -q 'waiting for ACPI' && break; sleep 0.1; done
+say "guest console (node-vmm console-log $console):"
+"$NODE_VMM" console-log "$console"
 wait_status() {
 	kubectl wait --for=jsonpath='{.status.printableStatus}'="$1" vm/demo --timeout=60s >/dev/null
 }

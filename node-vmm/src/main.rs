@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod console_log;
 mod doctor;
 mod standalone;
 
@@ -46,6 +47,18 @@ enum Command {
         /// How many descriptors (from 3 on) belong to the VMM.
         #[arg(long, default_value_t = 0)]
         fds: usize,
+    },
+    /// Print a VM's serial console from its console ring on this node
+    /// (`<state-dir>/vms/<uid>/console.ring`, which keeps the newest 1 MiB).
+    ConsoleLog {
+        /// The console ring, or the VM's state directory.
+        path: std::path::PathBuf,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Keep printing what the guest writes, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Boot one `VirtualMachine` manifest on this host (standalone mode):
     /// console on the terminal, exits 0 when the guest powers off.
@@ -331,6 +344,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Agent(args) => run_agent(*args),
+        Command::ConsoleLog { path, tail, follow } => console_log::run(&path, tail, follow),
         Command::ImageImport(args) => run_import(args),
         Command::Shim {
             dir,

@@ -135,7 +135,7 @@ pub fn prepare(
         images: std::collections::BTreeMap::new(),
         masquerade_bridge: None,
     };
-    let plan = prepare::plan(
+    let mut plan = prepare::plan(
         &vm.spec,
         prepare::VmId {
             uid: &uid,
@@ -147,16 +147,17 @@ pub fn prepare(
         &crate::agent::disks::DiskDir(dir.0.join("disks")),
         &ctx,
     )?;
+    // The console is the terminal: no ring, no socket for `realize` to
+    // open. A --console-log copy is plain text, opened below.
+    plan.config.serial = SerialConfig {
+        mode: SerialMode::Stdout,
+        ..SerialConfig::default()
+    };
     let (mut config, mut fds) = prepare::realize(&plan, &dir, &ctx, jail_id)?;
     if vm.spec.boot.cmdline.is_none() {
         config.cmdline = "console=ttyS0".into();
     }
-    config.serial = SerialConfig {
-        mode: SerialMode::Stdout,
-        log: console_log.map(Path::to_owned),
-        ..SerialConfig::default()
-    };
-    config.fds.serial = None;
+    config.serial.log = console_log.map(Path::to_owned);
     config.api_socket = None;
     config.fds.api = None;
     if let Some(log) = console_log {

@@ -3,7 +3,11 @@
  * with "echo: <line>"; the line "poweroff" (or the ACPI power button) powers
  * it off. Sleeps in HLT between 100 Hz local APIC timer ticks and drains the
  * UART's receive register at each, so it costs (almost) no host CPU. Lines
- * longer than its buffer are cut, never overflow it. */
+ * longer than its buffer are cut, never overflow it.
+ * "flood N" writes N KiB as fast as the UART takes them: 64-byte lines, each
+ * an 8-digit line number, a space, 54 letters that depend on the number and
+ * "\n" (raw bytes, no "\r"), 16 at a time as into a 16550's FIFO; then
+ * "flood done <crc32 of those bytes>". */
 #include "guest.h"
 #include "apic.h"
 #include "idt.h"
@@ -33,6 +37,53 @@ __attribute__((interrupt)) static void on_other(struct interrupt_frame *f)
 static char line[LINE_MAX + 1];
 static usize len;
 
+/* Line n of a flood (see the top of the file). */
+static void flood_line(usize n, char *l)
+{
+	usize v = n;
+	for (int i = 7; i >= 0; i--) {
+		l[i] = (char)('0' + v % 10);
+		v /= 10;
+	}
+	l[8] = ' ';
+	for (int i = 9; i < 63; i++)
+		l[i] = (char)('a' + (n + (usize)i) % 26);
+	l[63] = '\n';
+}
+
+static void flood(usize kib)
+{
+	char l[64];
+	u32 crc = 0;
+	for (usize n = 0; n < kib * 16; n++) {
+		flood_line(n, l);
+		for (int i = 0; i < 64; i++) {
+			if (i % 16 == 0)
+				while (!(inb(COM1 + 5) & 0x20))
+					cpu_relax();
+			outb(COM1, (u8)l[i]);
+		}
+		crc = crc32((const u8 *)l, 64, crc);
+	}
+	puts("flood done ");
+	put_hex(crc);
+	puts("\n");
+}
+
+/* The number after "flood ", or 0. */
+static usize flood_kib(void)
+{
+	usize kib = 0;
+	if (len <= 6 || memcmp(line, "flood ", 6))
+		return 0;
+	for (usize i = 6; i < len; i++) {
+		if (line[i] < '0' || line[i] > '9')
+			return 0;
+		kib = kib * 10 + (usize)(line[i] - '0');
+	}
+	return kib;
+}
+
 /* One received byte; returns 1 when the guest should power off. */
 static int take(u8 c)
 {
@@ -43,6 +94,12 @@ static int take(u8 c)
 		if (len == 8 && !memcmp(line, "poweroff", 8)) {
 			puts("powering off\n");
 			return 1;
+		}
+		usize kib = flood_kib();
+		if (kib) {
+			flood(kib);
+			len = 0;
+			return 0;
 		}
 		puts("echo: ");
 		puts(line);

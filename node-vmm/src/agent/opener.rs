@@ -1,13 +1,14 @@
 //! The I/O half of `prepare::realize`: the VM's state directory and empty
 //! disks, created without following symlinks, and every descriptor the
 //! jailed VMM needs: `/dev/kvm`, kernel and initrd, disks (locked), taps,
-//! the console file and the control socket.
+//! the console ring and socket, and the control socket.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
+use kubevmm_vmm::config::{SerialFileFormat, SerialMode};
 use kubevmm_vmm::VmConfig;
 
 use super::handoff::Handoff;
@@ -205,27 +206,79 @@ pub fn open_all(
             })?;
         net.fd = Some(h.add(&OwnedFd::from(file))?);
     }
-    let console = dir.console_log();
-    let log: OwnedFd = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&console)
-        .map_err(host(format!("console {}", console.display())))?
-        .into();
-    config.fds.serial = Some(h.add(&log)?);
+    if let Some(log) = &config.serial.log {
+        config.fds.serial_log = Some(h.add(&console_file(log, config.serial.file_format)?)?);
+    }
+    if let (SerialMode::Socket, Some(sock)) = (config.serial.mode, &config.serial.path) {
+        config.fds.console = Some(h.add(&private_socket(sock, "console socket")?)?);
+    }
     let sock = dir.api_socket();
-    let listener = kubevmm_vmm::vm::bind_unix(&sock)
-        .map_err(host(format!("API socket {}", sock.display())))?;
-    config.fds.api = Some(h.add(&OwnedFd::from(listener))?);
+    config.fds.api = Some(h.add(&private_socket(&sock, "API socket")?)?);
     Ok((config, h))
+}
+
+/// The console file, never through a symlink, created the first time and
+/// kept across runs: a ring (laid out by the VMM, whose next run continues
+/// its stream) for reading and writing in place, a text file for appending.
+fn console_file(path: &Path, format: SerialFileFormat) -> Result<OwnedFd, PrepareError> {
+    let mut options = OpenOptions::new();
+    options.read(true).create(true).mode(0o600);
+    match format {
+        SerialFileFormat::Ring => options.write(true).truncate(false),
+        SerialFileFormat::Text => options.append(true),
+    };
+    Ok(options
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(host(format!("console {}", path.display())))?
+        .into())
+}
+
+/// A listening unix socket at `path` (replacing a stale one) that only
+/// root may connect to.
+fn private_socket(path: &Path, what: &str) -> Result<OwnedFd, PrepareError> {
+    let err = || host(format!("{what} {}", path.display()));
+    let listener = kubevmm_vmm::vm::bind_unix(&path.to_path_buf()).map_err(err())?;
+    // The state directory (0700) already keeps others out; the socket's
+    // own mode says the same.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err())?;
+    Ok(OwnedFd::from(listener))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_ring_is_written_in_place_and_the_sockets_are_private() {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::FileTypeExt as _;
+        let dir = std::env::temp_dir().join(format!("kubevmm-console-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ring = dir.join("console.ring");
+        let fd = console_file(&ring, SerialFileFormat::Ring).unwrap();
+        // SAFETY: F_GETFL on a descriptor we own.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_ACCMODE, libc::O_RDWR);
+        assert_eq!(flags & libc::O_APPEND, 0, "pwrite must keep its offsets");
+        let meta = std::fs::metadata(&ring).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Kept as it is for the next run.
+        std::fs::write(&ring, b"kept").unwrap();
+        drop(console_file(&ring, SerialFileFormat::Ring).unwrap());
+        assert_eq!(std::fs::read(&ring).unwrap(), b"kept");
+        let link = dir.join("link.ring");
+        std::os::unix::fs::symlink(&ring, &link).unwrap();
+        assert!(console_file(&link, SerialFileFormat::Ring).is_err());
+        let sock = dir.join("console.sock");
+        std::fs::write(&sock, b"stale").unwrap();
+        let _listener = private_socket(&sock, "console socket").unwrap();
+        let meta = std::fs::metadata(&sock).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn seed_files_replace_symlinks_and_are_private() {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use kubevmm_crds::image::ImageFormat;
 use kubevmm_crds::vm::BootSource;
 use kubevmm_crds::VirtualMachineSpec;
-use kubevmm_vmm::config::{DiskConfig, JailConfig, SerialConfig, SerialMode};
+use kubevmm_vmm::config::{DiskConfig, JailConfig, SerialConfig, SerialFileFormat, SerialMode};
 use kubevmm_vmm::VmConfig;
 
 use super::disks::{DiskDir, Owner};
@@ -427,9 +427,13 @@ pub fn plan(
         disks: disks.configs,
         nets,
         rng: true,
+        // The console: a socket any number of clients attach to, and a
+        // bounded ring that keeps the newest output for those who come late.
         serial: SerialConfig {
-            mode: SerialMode::File,
-            path: Some(dir.console_log()),
+            mode: SerialMode::Socket,
+            path: Some(dir.console_socket()),
+            log: Some(dir.console_ring()),
+            file_format: SerialFileFormat::Ring,
             ..SerialConfig::default()
         },
         api_socket: Some(dir.api_socket()),

@@ -2,7 +2,7 @@
 //! bound here: pure rules, table-tested; the agent's sweep
 //! ([`super::orphans`]) asks the API server and applies them.
 //!
-//! - **Run state** (`vms/<uid>/`: console log, VMM log, exit record): kept
+//! - **Run state** (`vms/<uid>/`: console ring, VMM log, exit record): kept
 //!   while the VM exists and has not run anywhere else since, so the
 //!   console of a stopped or failed guest can still be read; removed once
 //!   the VM is deleted, re-created, or bound to another node.

@@ -127,9 +127,15 @@ impl VmDir {
     pub fn api_socket(&self) -> PathBuf {
         self.0.join("api.sock")
     }
-    /// Guest serial console output.
-    pub fn console_log(&self) -> PathBuf {
-        self.0.join("console.log")
+    /// Guest serial console output: a console ring (`kubevmm_vmm::ring`)
+    /// the VMM writes, kept across VMM and agent restarts.
+    pub fn console_ring(&self) -> PathBuf {
+        self.0.join("console.ring")
+    }
+    /// The console's listening socket, bound by the agent (0600) and handed
+    /// to the VMM, which serves every client that connects.
+    pub fn console_socket(&self) -> PathBuf {
+        self.0.join("console.sock")
     }
     /// VMM stderr.
     pub fn vmm_log(&self) -> PathBuf {

@@ -48,6 +48,8 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("serial output {0:?}: a file or socket path is required")]
     SerialPath(SerialMode),
+    #[error("serial max_file_bytes {0}: a console ring holds {min} to {max} bytes", min = crate::ring::MIN_CAPACITY, max = crate::ring::MAX_CAPACITY)]
+    SerialRingSize(u64),
     #[error("a jailed VMM opens no paths: {0} must be handed over as an fd")]
     JailNeedsFd(String),
     #[error("jail: uid and gid must not be 0 (got uid {uid}, gid {gid})")]
@@ -75,12 +77,28 @@ pub enum SerialMode {
     /// Guest output to the VMM's stdout, the VMM's stdin to the guest.
     #[default]
     Stdout,
-    /// Guest output appended to a file.
+    /// Guest output to a file (see `SerialFileFormat`).
     File,
-    /// A unix socket; every connected client sees output and may type.
+    /// A unix socket; every connected client sees output from when it
+    /// attached and may type (`console` module).
     Socket,
     /// Serial port present but output discarded.
     Null,
+}
+
+/// What the serial output and log files hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialFileFormat {
+    /// Plain text, appended; when it would pass `max_file_bytes` its older
+    /// half is dropped. For people: `cat`, `tail -f`.
+    #[default]
+    Text,
+    /// A `ring` of `max_file_bytes` data bytes after a 64-byte header,
+    /// written in place: readers follow it by stream offset while it is
+    /// written, and a new VMM on the same file continues its stream. What
+    /// the node agent uses (read it with `node-vmm console-log`).
+    Ring,
 }
 
 /// Default cap of a serial output or log file.
@@ -91,17 +109,22 @@ pub const DEFAULT_SERIAL_FILE_LIMIT: u64 = 1 << 20;
 pub struct SerialConfig {
     #[serde(default)]
     pub mode: SerialMode,
-    /// File or socket path for `file` and `socket`.
+    /// File or socket path for `file` and `socket` (with a handed fd,
+    /// only named in messages).
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// Also append all guest output to this file (any mode).
+    /// Also write all guest output to this file (any mode).
     #[serde(default)]
     pub log: Option<PathBuf>,
-    /// A serial output or log file never grows past this many bytes: when a
-    /// write would pass it, the older half is dropped (the newest output is
-    /// kept). A guest cannot fill the host's disk through its console.
+    /// A serial output or log file never grows past this many bytes (a
+    /// ring's data area is this size; a text file drops its older half when
+    /// a write would pass it). A guest cannot fill the host's disk through
+    /// its console.
     #[serde(default = "default_serial_limit")]
     pub max_file_bytes: u64,
+    /// The format of the output and log files.
+    #[serde(default)]
+    pub file_format: SerialFileFormat,
 }
 
 fn default_serial_limit() -> u64 {
@@ -115,6 +138,7 @@ impl Default for SerialConfig {
             path: None,
             log: None,
             max_file_bytes: DEFAULT_SERIAL_FILE_LIMIT,
+            file_format: SerialFileFormat::Text,
         }
     }
 }
@@ -176,15 +200,19 @@ pub struct HandedFds {
     /// The initrd (read only).
     #[serde(default)]
     pub initrd: Option<i32>,
-    /// The serial output file (`file` mode; opened for appending).
+    /// The serial output file (`file` mode). A text file is opened for
+    /// appending, a ring for reading and writing.
     #[serde(default)]
     pub serial: Option<i32>,
     /// The control API's listening unix socket.
     #[serde(default)]
     pub api: Option<i32>,
-    /// The serial log file (`serial.log`; opened for appending).
+    /// The serial log file (`serial.log`; opened as the output file is).
     #[serde(default)]
     pub serial_log: Option<i32>,
+    /// The console's listening unix socket (`socket` mode).
+    #[serde(default)]
+    pub console: Option<i32>,
 }
 
 /// Where and as whom the VMM confines itself before it touches guest input
@@ -324,12 +352,19 @@ impl VmConfig {
         if devices > layout::VIRTIO_MAX_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
-        let serial_fd = self.serial.mode == SerialMode::File && self.fds.serial.is_some();
-        if matches!(self.serial.mode, SerialMode::File | SerialMode::Socket)
-            && self.serial.path.is_none()
-            && !serial_fd
-        {
+        let serial_fd = match self.serial.mode {
+            SerialMode::File => self.fds.serial.is_some(),
+            SerialMode::Socket => self.fds.console.is_some(),
+            SerialMode::Stdout | SerialMode::Null => true,
+        };
+        if self.serial.path.is_none() && !serial_fd {
             return Err(ConfigError::SerialPath(self.serial.mode));
+        }
+        let ring_size = crate::ring::MIN_CAPACITY..=crate::ring::MAX_CAPACITY;
+        if self.serial.file_format == SerialFileFormat::Ring
+            && !ring_size.contains(&self.serial.max_file_bytes)
+        {
+            return Err(ConfigError::SerialRingSize(self.serial.max_file_bytes));
         }
         Ok(())
     }
@@ -344,6 +379,7 @@ impl VmConfig {
             ("serial", self.fds.serial),
             ("api", self.fds.api),
             ("serial log", self.fds.serial_log),
+            ("console socket", self.fds.console),
         ]
         .into_iter()
         .map(|(w, fd)| (w.to_string(), fd))
@@ -389,9 +425,7 @@ impl VmConfig {
             need("the serial output file", self.fds.serial)?;
         }
         if self.serial.mode == SerialMode::Socket {
-            return Err(ConfigError::JailNeedsFd(
-                "a serial socket (use file mode with an fd)".into(),
-            ));
+            need("the console socket", self.fds.console)?;
         }
         if self.serial.log.is_some() {
             need("the serial log", self.fds.serial_log)?;
@@ -562,5 +596,51 @@ mod tests {
         c.validate().unwrap();
         c.jail.as_mut().unwrap().uid = 0;
         assert!(err(&c).contains("uid and gid must not be 0"), "{}", err(&c));
+    }
+
+    #[test]
+    fn a_jailed_console_socket_is_handed_over_and_a_ring_has_a_bounded_size() {
+        let mut c = VmConfig::new("/nonexistent/kernel", 64 << 20);
+        c.fds.kvm = Some(3);
+        c.fds.kernel = Some(4);
+        c.serial = SerialConfig {
+            mode: SerialMode::Socket,
+            path: Some("/run/x/console.sock".into()),
+            ..SerialConfig::default()
+        };
+        c.jail = Some(JailConfig {
+            uid: 3_000_000,
+            gid: 3_000_000,
+            root: "/run/x/root".into(),
+        });
+        let err = |c: &VmConfig| c.validate().unwrap_err().to_string();
+        assert!(
+            err(&c).contains("the console socket must be handed over"),
+            "{}",
+            err(&c)
+        );
+        c.fds.console = Some(5);
+        c.validate().unwrap();
+        // Without a path, the fd is enough; without either, nothing works.
+        c.serial.path = None;
+        c.validate().unwrap();
+        c.jail = None;
+        c.fds.console = None;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::SerialPath(SerialMode::Socket))
+        ));
+        c.fds.console = Some(5);
+        c.serial.file_format = SerialFileFormat::Ring;
+        for bad in [0, 63, crate::ring::MAX_CAPACITY + 1] {
+            c.serial.max_file_bytes = bad;
+            assert!(matches!(c.validate(), Err(ConfigError::SerialRingSize(b)) if b == bad));
+        }
+        c.serial.max_file_bytes = 64;
+        c.validate().unwrap();
+        let json = serde_json::to_string(&c.serial).unwrap();
+        assert!(json.contains(r#""file_format":"ring""#), "{json}");
+        let old: SerialConfig = serde_json::from_str(r#"{"mode":"file","path":"/x"}"#).unwrap();
+        assert_eq!(old.file_format, SerialFileFormat::Text, "text unless asked");
     }
 }

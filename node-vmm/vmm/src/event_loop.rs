@@ -1,14 +1,15 @@
 //! The VMM's main thread: one epoll loop for queue notifications, tap
-//! readiness, console input, the control API, and the exit signal.
+//! readiness, console clients (accepting them, their input, sending them
+//! the output queued for them), the control API, and the exit signal.
 
-use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::config::SerialMode;
+use crate::console::Registry;
 use crate::exit::ExitReason;
 use crate::vm::Vm;
 
@@ -16,6 +17,7 @@ const TOKEN_EXIT: u64 = 1;
 const TOKEN_STDIN: u64 = 2;
 const TOKEN_API: u64 = 3;
 const TOKEN_CONSOLE: u64 = 4;
+const TOKEN_CONSOLE_OUTPUT: u64 = 5;
 const QUEUE_BASE: u64 = 1 << 32;
 const BACKEND_BASE: u64 = 2 << 32;
 const CONSOLE_CLIENT_BASE: u64 = 3 << 32;
@@ -43,12 +45,11 @@ pub struct Endpoints {
 pub fn run(vm: &Vm, endpoints: &Endpoints, started: Instant) -> Result<ExitReason, EventLoopError> {
     let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
     register(&epoll, vm, endpoints)?;
-    let mut state = LoopState {
+    let state = LoopState {
         vm,
         epoll: &epoll,
         endpoints,
         started,
-        console_clients: Vec::new(),
     };
     let mut events = vec![EpollEvent::default(); 32];
     loop {
@@ -58,7 +59,10 @@ pub fn run(vm: &Vm, endpoints: &Endpoints, started: Instant) -> Result<ExitReaso
             Err(e) => return Err(EventLoopError::Epoll(e)),
         };
         for ev in &events[..n] {
-            if let Some(reason) = state.dispatch(ev.data()) {
+            if let Some(reason) = state.dispatch(ev.data(), ev.event_set()) {
+                // The guest's last words (a panic message, "powering
+                // off") reach the clients that can take them now.
+                vm.console.service(state.registry());
                 return Ok(reason);
             }
         }
@@ -83,6 +87,12 @@ fn register(epoll: &Epoll, vm: &Vm, endpoints: &Endpoints) -> Result<(), EventLo
     }
     if let Some(l) = &endpoints.console {
         add(epoll, l.as_raw_fd(), TOKEN_CONSOLE, EventSet::IN)?;
+        add(
+            epoll,
+            vm.console.wake_fd(),
+            TOKEN_CONSOLE_OUTPUT,
+            EventSet::IN,
+        )?;
     }
     for (d, slot) in vm.virtio.iter().enumerate() {
         for (q, evt) in slot.queue_events.iter().enumerate() {
@@ -118,11 +128,17 @@ struct LoopState<'a> {
     epoll: &'a Epoll,
     endpoints: &'a Endpoints,
     started: Instant,
-    console_clients: Vec<Option<UnixStream>>,
 }
 
 impl LoopState<'_> {
-    fn dispatch(&mut self, token: u64) -> Option<ExitReason> {
+    fn registry(&self) -> Registry<'_> {
+        Registry {
+            epoll: self.epoll,
+            base: CONSOLE_CLIENT_BASE,
+        }
+    }
+
+    fn dispatch(&self, token: u64, events: EventSet) -> Option<ExitReason> {
         let vm = self.vm;
         match token {
             TOKEN_EXIT => {
@@ -151,9 +167,24 @@ impl LoopState<'_> {
                     }
                 }
             }
-            TOKEN_CONSOLE => self.accept_console(),
+            TOKEN_CONSOLE => {
+                if let Some(l) = &self.endpoints.console {
+                    vm.console.accept(l, self.registry());
+                }
+            }
+            TOKEN_CONSOLE_OUTPUT => vm.console.service(self.registry()),
             t if t & !0xffff_ffff == CONSOLE_CLIENT_BASE => {
-                self.console_input((t & 0xffff_ffff) as usize);
+                // At most what the UART's receive FIFO holds at a time.
+                let mut buf = [0u8; 64];
+                let n = vm
+                    .console
+                    .ready(t as u32, events, &mut buf, self.registry());
+                if n > 0 {
+                    vm.serial
+                        .lock()
+                        .expect("serial lock poisoned")
+                        .enqueue_input(&buf[..n]);
+                }
             }
             t if t & !0xffff_ffff == QUEUE_BASE || t & !0xffff_ffff == BACKEND_BASE => {
                 let d = ((t >> 16) & 0xffff) as usize;
@@ -171,58 +202,5 @@ impl LoopState<'_> {
             _ => {}
         }
         None
-    }
-
-    fn accept_console(&mut self) {
-        let Some(l) = &self.endpoints.console else {
-            return;
-        };
-        while let Ok((stream, _)) = l.accept() {
-            let Ok(writer) = stream.try_clone() else {
-                continue;
-            };
-            let _ = stream.set_nonblocking(true);
-            let idx = self.console_clients.len() as u64;
-            if add(
-                self.epoll,
-                stream.as_raw_fd(),
-                CONSOLE_CLIENT_BASE | idx,
-                EventSet::IN,
-            )
-            .is_ok()
-            {
-                self.vm
-                    .console_clients
-                    .0
-                    .lock()
-                    .expect("console lock poisoned")
-                    .push(writer);
-                self.console_clients.push(Some(stream));
-            }
-        }
-    }
-
-    fn console_input(&mut self, idx: usize) {
-        let Some(Some(stream)) = self.console_clients.get_mut(idx) else {
-            return;
-        };
-        let mut buf = [0u8; 64];
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    stream.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-                self.console_clients[idx] = None;
-            }
-            Ok(n) => {
-                self.vm
-                    .serial
-                    .lock()
-                    .expect("serial lock poisoned")
-                    .enqueue_input(&buf[..n]);
-            }
-        }
     }
 }

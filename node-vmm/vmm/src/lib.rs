@@ -7,12 +7,14 @@ pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod host_check;
 pub mod image;
 pub mod jail;
+pub mod ring;
 pub mod rss;
 pub mod seccomp;
 pub mod vcpu;
@@ -59,13 +61,21 @@ pub fn run(config: VmConfig) -> Result<ExitReason, RunError> {
             )?),
             None => config.api_socket.as_ref().map(bind).transpose()?,
         };
-    let endpoints = event_loop::Endpoints {
-        api,
-        console: match config.serial.mode {
-            config::SerialMode::Socket => config.serial.path.as_ref().map(bind).transpose()?,
-            _ => None,
-        },
+    let console = match (config.serial.mode, config.fds.console) {
+        // SAFETY: the parent handed this listening socket over for the
+        // console; `validate` checked it, and it is taken only here.
+        (config::SerialMode::Socket, Some(fd)) => Some(
+            listener_from(unsafe { config::take_handed(fd) }).map_err(|source| {
+                RunError::Socket {
+                    path: config.serial.path.clone().unwrap_or_default(),
+                    source,
+                }
+            })?,
+        ),
+        (config::SerialMode::Socket, None) => config.serial.path.as_ref().map(bind).transpose()?,
+        _ => None,
     };
+    let endpoints = event_loop::Endpoints { api, console };
     // Stats read smaps through an fd opened now: no open after the filter.
     rss::preopen();
     let filters = if config.seccomp {

@@ -251,6 +251,16 @@ mod tests {
                 ],
                 0,
             ),
+            (
+                "the console: accepting, sending, epoll, the ring (on a bad fd)",
+                &[
+                    (libc::SYS_accept4, [u64::MAX, 0, 0, 0x80000, 0, 0]),
+                    (libc::SYS_sendmsg, [u64::MAX, 0, 0x4000, 0, 0, 0]),
+                    (libc::SYS_epoll_ctl, [u64::MAX, 3, u64::MAX, 0, 0, 0]),
+                    (libc::SYS_pwrite64, [u64::MAX, 0, 0, 0, 0, 0]),
+                ],
+                0,
+            ),
         ];
         for (what, calls, signal) in cases {
             assert_eq!(under_filter(calls), *signal, "{what}");

@@ -15,10 +15,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{acpi, cpuid, irq, layout, regs};
 use crate::boot::{self, BootSpec};
 use crate::config::{SerialMode, VmConfig};
+use crate::console::Console;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::i8042::I8042;
 use crate::devices::legacy::{PostPort, PvPanic};
-use crate::devices::serial::{SerialDevice, SerialSink, SocketClients};
+use crate::devices::serial::{SerialDevice, SerialFile, SerialSink};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::rng::Rng;
@@ -104,7 +105,8 @@ pub struct Vm {
     pub exit: ExitSignal,
     pub gate: Arc<PauseGate>,
     pub serial: Arc<Mutex<SerialDevice>>,
-    pub console_clients: SocketClients,
+    /// The clients of the console socket (`socket` mode).
+    pub console: Console,
     pub acpi_pm: Arc<Mutex<AcpiPm>>,
     pub virtio: Vec<VirtioSlot>,
     pub post_writes: Arc<std::sync::atomic::AtomicU64>,
@@ -186,36 +188,53 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
 struct LegacyDevices {
     pio: Bus,
     serial: Arc<Mutex<SerialDevice>>,
-    console_clients: SocketClients,
+    console: Console,
     acpi_pm: Arc<Mutex<AcpiPm>>,
     post_writes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The serial output or log file: handed over as `fd`, or opened at `path`.
+fn serial_file(
+    fd: Option<i32>,
+    path: Option<&std::path::Path>,
+    config: &crate::config::SerialConfig,
+) -> Result<Option<SerialFile>, VmError> {
+    let (format, limit) = (config.file_format, config.max_file_bytes);
+    Ok(match (fd, path) {
+        (Some(fd), _) => {
+            // SAFETY: the parent handed this fd over for this file;
+            // `validate` checked it and it is taken only here.
+            let file = unsafe { crate::config::take_handed(fd) };
+            let name = path.map_or_else(|| format!("fd {fd}").into(), std::path::Path::to_owned);
+            Some(SerialFile::from_file(file, &name, format, limit)?)
+        }
+        (None, Some(path)) => Some(SerialFile::open(path, format, limit)?),
+        (None, None) => None,
+    })
 }
 
 impl LegacyDevices {
     fn create(vm_fd: &Arc<VmFd>, exit: &ExitSignal, config: &VmConfig) -> Result<Self, VmError> {
         let mut pio = Bus::default();
-        let console_clients = SocketClients::default();
-        let limit = config.serial.max_file_bytes;
-        let sink = match (config.serial.mode, &config.serial.path) {
-            // SAFETY: the parent handed this fd over as the serial output;
-            // `validate` checked it and it is taken only here.
-            (SerialMode::File, _) if config.fds.serial.is_some() => SerialSink::handed(
-                unsafe { crate::config::take_handed(config.fds.serial.unwrap_or(-1)) },
-                limit,
-            ),
-            (SerialMode::File, Some(path)) => SerialSink::file(path, limit)?,
-            (SerialMode::Socket, _) => SerialSink::Socket(console_clients.clone()),
-            (SerialMode::Null | SerialMode::File, _) => SerialSink::Null,
-            (SerialMode::Stdout, _) => SerialSink::Stdout,
+        let console = Console::new().map_err(io_err("the console eventfd"))?;
+        let serial_config = &config.serial;
+        let sink = match serial_config.mode {
+            SerialMode::File => serial_file(
+                config.fds.serial,
+                serial_config.path.as_deref(),
+                serial_config,
+            )?
+            .map_or(SerialSink::Null, SerialSink::File),
+            SerialMode::Socket => SerialSink::Socket(console.clone()),
+            SerialMode::Null => SerialSink::Null,
+            SerialMode::Stdout => SerialSink::Stdout,
         };
-        let log = match (config.fds.serial_log, &config.serial.log) {
-            // SAFETY: the parent handed this fd over as the serial log;
-            // `validate` checked it and it is taken only here.
-            (Some(fd), _) => Some(unsafe { crate::config::take_handed(fd) }),
-            (None, Some(path)) => Some(crate::devices::serial::open_append(path)?),
-            (None, None) => None,
-        };
-        let (serial, serial_irq) = SerialDevice::new(sink, log, limit)?;
+        let log = serial_file(
+            config.fds.serial_log,
+            serial_config.log.as_deref(),
+            serial_config,
+        )?;
+        let (serial, serial_irq) = SerialDevice::new(sink, log)?;
         vm_fd
             .register_irqfd(&serial_irq, layout::COM1_IRQ)
             .map_err(kvm_err("wire the serial interrupt"))?;
@@ -243,7 +262,7 @@ impl LegacyDevices {
         Ok(Self {
             pio,
             serial,
-            console_clients,
+            console,
             acpi_pm,
             post_writes,
         })
@@ -418,7 +437,7 @@ impl Vm {
             exit,
             gate: Arc::new(PauseGate::default()),
             serial: legacy.serial,
-            console_clients: legacy.console_clients,
+            console: legacy.console,
             acpi_pm: legacy.acpi_pm,
             virtio,
             post_writes: legacy.post_writes,

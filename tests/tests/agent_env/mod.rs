@@ -290,8 +290,13 @@ impl Env {
         self.state.join("vms").join(uid)
     }
 
+    /// The guest's console output the VM's console ring still holds (the
+    /// newest 1 MiB), as text.
     pub fn console(&self, uid: &str) -> String {
-        std::fs::read_to_string(self.vm_dir(uid).join("console.log")).unwrap_or_default()
+        kubevmm_vmm::ring::RingReader::open(&self.vm_dir(uid).join("console.ring"))
+            .and_then(|r| r.read_from(0, usize::MAX))
+            .map(|c| String::from_utf8_lossy(&c.bytes).into_owned())
+            .unwrap_or_default()
     }
 
     pub fn vmm_pid(&self, uid: &str) -> Option<i32> {

@@ -92,6 +92,23 @@ fn builds_config_with_disks_and_bridge() {
 }
 
 #[test]
+fn the_console_is_a_socket_and_a_ring_in_the_state_directory() {
+    let s = spec("memory: 64Mi\ncpus: 1\nboot: {kernel: {path: /var/lib/kubevmm/boot/k.elf}}\n");
+    let dir = VmDir(PathBuf::from("/run/vm1"));
+    let p = plan(&s, id("u"), &dir, &disk_dir(), &ctx()).expect("plan");
+    assert_eq!(
+        p.config.serial,
+        SerialConfig {
+            mode: SerialMode::Socket,
+            path: Some(PathBuf::from("/run/vm1/console.sock")),
+            log: Some(PathBuf::from("/run/vm1/console.ring")),
+            max_file_bytes: 1 << 20,
+            file_format: SerialFileFormat::Ring,
+        }
+    );
+}
+
+#[test]
 fn refuses_paths_outside_the_allow_list() {
     let s = spec("memory: 128Mi\nboot: {kernel: {path: /etc/shadow}}\n");
     let e = plan(

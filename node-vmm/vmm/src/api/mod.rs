@@ -110,10 +110,14 @@ fn stats(vm: &Vm) -> Value {
         .collect();
     let rss = crate::rss::read_self().unwrap_or_default();
     let overhead = crate::rss::overhead(&rss, &guest);
+    // One lock at a time (a vCPU holds the serial one, then the console's).
+    let serial_tx_bytes = vm.serial.lock().expect("serial lock poisoned").tx_bytes;
     json!({
         "vcpus": vcpus,
         "devices": devices,
-        "serial_tx_bytes": vm.serial.lock().expect("serial lock poisoned").tx_bytes,
+        "serial_tx_bytes": serial_tx_bytes,
+        "console_clients": vm.console.clients(),
+        "console_clients_too_slow": vm.console.too_slow(),
         "vmm_rss_bytes": rss.iter().map(|m| m.rss).sum::<u64>(),
         "vmm_overhead_rss_bytes": overhead,
     })

@@ -1,22 +1,26 @@
-//! 8250 UART (COM1) on vm-superio, with output to stdout, a file, a unix
-//! socket or nowhere, and its interrupt wired through an irqfd.
+//! 8250 UART (COM1) on vm-superio, with output to stdout, a file (text or
+//! console ring), the clients of a console socket or nowhere, plus an
+//! optional copy to a log file; its interrupt wired through an irqfd.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
+use crate::config::SerialFileFormat;
+use crate::console::Console;
+use crate::ring::{Opened, RingError, RingWriter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
-    #[error("cannot open serial log file {path}: {source}")]
+    #[error("cannot open serial file {path}: {source}")]
     File { path: PathBuf, source: io::Error },
+    #[error("serial file {path}: {source}")]
+    Ring { path: PathBuf, source: RingError },
     #[error("cannot create serial interrupt eventfd: {0}")]
     EventFd(io::Error),
 }
@@ -31,11 +35,6 @@ impl Trigger for IrqTrigger {
         self.0.write(1)
     }
 }
-
-/// Clients attached to a socket console. Writes go to all of them; a client
-/// that fails a write is dropped.
-#[derive(Debug, Clone, Default)]
-pub struct SocketClients(pub Arc<Mutex<Vec<UnixStream>>>);
 
 /// An append-only file that never grows past `limit` bytes: when a write
 /// would pass it, the file keeps only its newest `limit / 2` bytes. Work per
@@ -92,38 +91,84 @@ impl Write for CappedFile {
     }
 }
 
+/// A serial output or log file, in either format.
+#[derive(Debug)]
+pub enum SerialFile {
+    Text(CappedFile),
+    Ring(RingWriter),
+}
+
+impl SerialFile {
+    /// Opens (creating) the file at `path`: a text file for appending (and
+    /// reading, for trims), a ring for reading and writing in place.
+    pub fn open(path: &Path, format: SerialFileFormat, limit: u64) -> Result<Self, SerialError> {
+        let mut options = OpenOptions::new();
+        options.create(true).read(true);
+        match format {
+            SerialFileFormat::Text => options.append(true),
+            SerialFileFormat::Ring => options.write(true),
+        };
+        let file = options.open(path).map_err(|source| SerialError::File {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_file(file, path, format, limit)
+    }
+
+    /// A file the parent opened and handed over (`name` is for messages).
+    /// A ring that held something else, or was corrupt, is started anew,
+    /// and the VMM says so on stderr.
+    pub fn from_file(
+        file: File,
+        name: &Path,
+        format: SerialFileFormat,
+        limit: u64,
+    ) -> Result<Self, SerialError> {
+        match format {
+            SerialFileFormat::Text => Ok(Self::Text(CappedFile::new(file, limit))),
+            SerialFileFormat::Ring => {
+                let (ring, how) = RingWriter::open_or_create(file, limit).map_err(|source| {
+                    SerialError::Ring {
+                        path: name.to_owned(),
+                        source,
+                    }
+                })?;
+                if let Opened::Replaced(why) = how {
+                    eprintln!(
+                        "kubevmm-vmm: serial file {}: {why}; started a new console ring",
+                        name.display()
+                    );
+                }
+                Ok(Self::Ring(ring))
+            }
+        }
+    }
+}
+
+impl Write for SerialFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialFile::Text(f) => f.write(buf),
+            SerialFile::Ring(r) => r.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SerialFile::Text(f) => f.flush(),
+            SerialFile::Ring(r) => r.flush(),
+        }
+    }
+}
+
 /// Where guest output goes.
 #[derive(Debug)]
 pub enum SerialSink {
     Stdout,
-    File(CappedFile),
-    Socket(SocketClients),
+    File(SerialFile),
+    /// Queued for every client of the console socket.
+    Socket(Console),
     Null,
-}
-
-/// Opens an output file for appending (and reading, for trims).
-pub fn open_append(path: &Path) -> Result<File, SerialError> {
-    // Readable too: trimming reads back the newest half.
-    OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| SerialError::File {
-            path: path.to_owned(),
-            source,
-        })
-}
-
-impl SerialSink {
-    pub fn file(path: &Path, limit: u64) -> Result<Self, SerialError> {
-        open_append(path).map(|f| Self::handed(f, limit))
-    }
-
-    /// An output file the parent opened (read-write, appending) and handed over.
-    pub fn handed(file: File, limit: u64) -> Self {
-        SerialSink::File(CappedFile::new(file, limit))
-    }
 }
 
 impl Write for SerialSink {
@@ -131,9 +176,8 @@ impl Write for SerialSink {
         match self {
             SerialSink::Stdout => io::stdout().lock().write(buf),
             SerialSink::File(f) => f.write(buf),
-            SerialSink::Socket(clients) => {
-                let mut clients = clients.0.lock().expect("console clients lock poisoned");
-                clients.retain_mut(|c| c.write_all(buf).is_ok());
+            SerialSink::Socket(console) => {
+                console.broadcast(buf);
                 Ok(buf.len())
             }
             SerialSink::Null => Ok(buf.len()),
@@ -153,11 +197,13 @@ impl Write for SerialSink {
 #[derive(Debug)]
 pub struct Tee {
     pub sink: SerialSink,
-    pub log: Option<CappedFile>,
+    pub log: Option<SerialFile>,
 }
 
 impl Write for Tee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // The log first: whatever a console client is sent is in the log
+        // already.
         if let Some(log) = &mut self.log {
             // A full or broken log must not take the console down.
             let _ = log.write_all(buf);
@@ -179,12 +225,7 @@ pub struct SerialDevice {
 }
 
 impl SerialDevice {
-    pub fn new(
-        sink: SerialSink,
-        log: Option<File>,
-        limit: u64,
-    ) -> Result<(Self, EventFd), SerialError> {
-        let log = log.map(|f| CappedFile::new(f, limit));
+    pub fn new(sink: SerialSink, log: Option<SerialFile>) -> Result<(Self, EventFd), SerialError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let irq = evt.try_clone().map_err(SerialError::EventFd)?;
         Ok((
@@ -228,7 +269,10 @@ mod tests {
     fn capped_file_keeps_the_newest_output_within_the_limit() {
         let dir = std::env::temp_dir().join(format!("kubevmm-capped-{}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
-        let mut f = CappedFile::new(open_append(&dir).unwrap(), 100);
+        let SerialFile::Text(mut f) = SerialFile::open(&dir, SerialFileFormat::Text, 100).unwrap()
+        else {
+            panic!("a text file");
+        };
         for i in 0..1000u32 {
             f.write_all(format!("line {i:04}\n").as_bytes()).unwrap();
             let len = std::fs::metadata(&dir).unwrap().len();

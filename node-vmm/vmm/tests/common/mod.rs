@@ -334,3 +334,47 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+/// Starts the VMM with `fds` inherited at 3, 4, ... (in that order), as
+/// the agent hands them over; `config` names them.
+pub fn spawn_handed(config: &VmConfig, dir: &Path, fds: &[std::os::fd::OwnedFd]) -> Vmm {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt as _;
+    // Park the sources above the targets, so placing one never closes
+    // another still to be placed.
+    let parked: Vec<std::os::fd::OwnedFd> = fds
+        .iter()
+        .map(|fd| {
+            // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own.
+            let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 512) };
+            assert!(n >= 0, "dup: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor, owned by nobody else.
+            unsafe { std::os::fd::FromRawFd::from_raw_fd(n) }
+        })
+        .collect();
+    let sources: Vec<i32> = parked.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut command = Command::new(vmm_bin());
+    // SAFETY: runs between fork and exec and only calls dup2, which is
+    // async-signal-safe, on descriptors this process owns.
+    unsafe {
+        command.pre_exec(move || {
+            for (i, &src) in sources.iter().enumerate() {
+                if libc::dup2(src, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let vmm = spawn_with(command, config, dir, "vm.json");
+    drop(parked);
+    vmm
+}
+
+/// Everything a console ring holds, as text.
+pub fn ring_text(path: &Path) -> String {
+    kubevmm_vmm::ring::RingReader::open(path)
+        .and_then(|r| r.read_from(0, usize::MAX))
+        .map(|c| String::from_utf8_lossy(&c.bytes).into_owned())
+        .unwrap_or_default()
+}
