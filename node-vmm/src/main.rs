@@ -224,6 +224,66 @@ struct AgentArgs {
     /// Event naming the step and its duration.
     #[arg(long, default_value_t = 2000)]
     slow_start_step_ms: u64,
+    /// Serve the console, logs and port-forward streams of this node's VMs
+    /// to the operator on this address (mutual TLS), e.g. `0.0.0.0:10260`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    access_listen: Option<std::net::SocketAddr>,
+    /// Address advertised in `HypervisorNode.status.accessEndpoint`
+    /// [default: the listening address, or this host's first non-loopback IPv4].
+    #[arg(long, requires = "access_listen")]
+    access_address: Option<String>,
+    /// Serving certificate of the access server (PEM), for the name
+    /// node-vmm.kubevmm.internal.
+    #[arg(long, value_name = "FILE", requires = "access_listen")]
+    access_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "access_listen")]
+    access_key: Option<std::path::PathBuf>,
+    /// CA of the operator's client certificate (PEM): only its holders get in.
+    #[arg(long, value_name = "FILE", requires = "access_listen")]
+    access_client_ca: Option<std::path::PathBuf>,
+}
+
+/// The access server's settings, when `--access-listen` is given.
+fn access_settings(args: &AgentArgs) -> Result<Option<agent::access::AccessSettings>, String> {
+    let Some(listen) = args.access_listen else {
+        return Ok(None);
+    };
+    let need = |v: &Option<std::path::PathBuf>, flag: &str| {
+        v.clone()
+            .ok_or_else(|| format!("--access-listen needs {flag} too"))
+    };
+    let tls = kubevmm_access::tls::Files {
+        cert: need(&args.access_cert, "--access-cert")?,
+        key: need(&args.access_key, "--access-key")?,
+        ca: need(&args.access_client_ca, "--access-client-ca")?,
+    };
+    let advertise = agent::access::advertised(
+        listen,
+        args.access_address.as_deref(),
+        &agent::access::host_ips(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Some(agent::access::AccessSettings {
+        listen,
+        advertise,
+        tls,
+    }))
+}
+
+/// `--reserved-memory`, `--max-empty-disk` and `--vmm-memory-overhead` in bytes.
+fn sizes(args: &AgentArgs) -> Result<(u64, u64, u64), String> {
+    let quantity = |flag: &str, v: &str| {
+        kubevmm_crds::quantity::parse_bytes(v).map_err(|e| format!("{flag}: {e}"))
+    };
+    match (
+        quantity("--reserved-memory", &args.reserved_memory),
+        quantity("--max-empty-disk", &args.max_empty_disk),
+        quantity("--vmm-memory-overhead", &args.vmm_memory_overhead),
+    ) {
+        (Ok(a), Ok(b), Ok(c)) => Ok((a, b, c)),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+    }
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
@@ -236,23 +296,20 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         eprintln!("node-vmm agent: {msg}");
         ExitCode::FAILURE
     };
-    let node_name = match args.node_name {
+    let access = match access_settings(&args) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let node_name = match args.node_name.clone() {
         Some(n) => n,
         None => match std::fs::read_to_string("/proc/sys/kernel/hostname") {
             Ok(h) => h.trim().to_string(),
             Err(e) => return fail(format!("no --node-name and cannot read the host name: {e}")),
         },
     };
-    let quantity = |flag: &str, v: &str| {
-        kubevmm_crds::quantity::parse_bytes(v).map_err(|e| format!("{flag}: {e}"))
-    };
-    let (reserved_memory, max_empty_disk, vmm_memory_overhead) = match (
-        quantity("--reserved-memory", &args.reserved_memory),
-        quantity("--max-empty-disk", &args.max_empty_disk),
-        quantity("--vmm-memory-overhead", &args.vmm_memory_overhead),
-    ) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
+    let (reserved_memory, max_empty_disk, vmm_memory_overhead) = match sizes(&args) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
     };
     if args.vmm_uid_base == 0 || args.vmm_uid_count == 0 {
         return fail("--vmm-uid-base and --vmm-uid-count must be positive".into());
@@ -297,6 +354,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         lease_seconds: args.lease_seconds.max(3),
         image_grace: std::time::Duration::from_secs(args.image_cache_grace_seconds),
         slow_start_step: std::time::Duration::from_millis(args.slow_start_step_ms),
+        access,
         masquerade: agent::network::Settings {
             bridge: match agent::masquerade::bridge_name(&args.masquerade_bridge) {
                 Ok(b) => b,

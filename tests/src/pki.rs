@@ -7,6 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The Service the tests register the subresource API's `APIService` with.
+pub const SERVICE: &str = "subresource-api";
+/// Its namespace (exists while the operator runs: it holds the Leases).
+pub const SERVICE_NAMESPACE: &str = "kubevmm-system";
+
 /// The files of one test's access PKI.
 #[derive(Debug, Clone)]
 pub struct AccessPki {
@@ -115,8 +120,10 @@ impl AccessPki {
     /// for `ip` (the machine's non-loopback address) and 127.0.0.1.
     pub fn new(dir: &Path, ip: &str) -> Self {
         std::fs::create_dir_all(dir).expect("pki dir");
+        // kube-apiserver checks the name of the APIService's Service.
         let serving = format!(
-            "subjectAltName=IP:{ip},IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+            "subjectAltName=IP:{ip},IP:127.0.0.1,DNS:localhost,DNS:{SERVICE}.{SERVICE_NAMESPACE}.svc\n\
+             extendedKeyUsage=serverAuth\n"
         );
         ca(dir, "access-ca");
         leaf(
@@ -127,7 +134,14 @@ impl AccessPki {
             &serving,
         );
         ca(dir, "node-ca");
-        leaf(dir, "node-serving", "node-vmm", "node-ca", &serving);
+        // One name for every node (kubevmm_access::node_api::SERVER_NAME).
+        leaf(
+            dir,
+            "node-serving",
+            "node-vmm",
+            "node-ca",
+            "subjectAltName=DNS:node-vmm.kubevmm.internal\nextendedKeyUsage=serverAuth\n",
+        );
         leaf(
             dir,
             "operator-client",

@@ -8,6 +8,7 @@
 //! server-side apply as field manager `node-vmm`. VMMs outlive the agent; a
 //! restarted agent re-adopts them from its state directory.
 
+pub mod access;
 pub mod binding;
 pub mod cgroups;
 pub mod disks;
@@ -88,6 +89,8 @@ pub struct AgentConfig {
     pub masquerade: network::Settings,
     /// Start steps slower than this get a `SlowStartStep` Event.
     pub slow_start_step: std::time::Duration,
+    /// The access server (console, logs, port-forward for the operator).
+    pub access: Option<access::AccessSettings>,
 }
 
 /// Errors that stop the agent (anything per VM is a status condition instead).
@@ -124,6 +127,9 @@ pub enum AgentError {
     /// The masquerade network's lease table or settings.
     #[error("masquerade network: {0}")]
     Network(#[from] network::NetworkError),
+    /// The access server.
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
     /// The state directory.
     #[error("state directory {path}: {source}")]
     State {
@@ -241,7 +247,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         cfg.node_name.clone(),
         cfg.reserve,
         cfg.lease_seconds,
-    );
+    )
+    .with_access_endpoint(cfg.access.as_ref().map(|a| a.advertise.clone()));
     reporter.register().await?;
 
     let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
@@ -280,6 +287,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let selector = format!("{LABEL_NODE}={}", cfg.node_name);
     let controller = Controller::new(vm_api, watcher::Config::default().labels(&selector));
 
+    if let Some(settings) = &cfg.access {
+        tokio::spawn(access::serve(settings, ctx.clone()).await?);
+    }
     tokio::spawn(heartbeat(ctx.clone(), reporter));
     // Garbage collection of VMMs whose VM is no longer bound here.
     tokio::spawn(orphans::collect_orphans(ctx.clone()));

@@ -119,6 +119,8 @@ pub struct NodeReporter {
     name: String,
     reserve: Reserve,
     lease_seconds: i32,
+    /// `status.accessEndpoint`: where the operator reaches the access server.
+    access_endpoint: Option<String>,
     /// When each condition last changed (type -> (ok, time)).
     since: std::sync::Arc<std::sync::Mutex<BTreeMap<&'static str, (bool, Timestamp)>>>,
 }
@@ -139,8 +141,16 @@ impl NodeReporter {
             name,
             reserve,
             lease_seconds,
+            access_endpoint: None,
             since: std::sync::Arc::default(),
         }
+    }
+
+    /// Advertises the access server at `endpoint` (`address:port`).
+    #[must_use]
+    pub fn with_access_endpoint(mut self, endpoint: Option<String>) -> Self {
+        self.access_endpoint = endpoint;
+        self
     }
 
     /// How often to renew: a third of the Lease, at least every second.
@@ -256,6 +266,7 @@ impl NodeReporter {
             running_vms,
             now,
         );
+        status.access_endpoint.clone_from(&self.access_endpoint);
         {
             let mut since = self
                 .since

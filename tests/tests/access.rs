@@ -1,0 +1,522 @@
+//! Reaching a guest through the Kubernetes API server only, as users do:
+//! `kubectl vm console`, `logs` and the errors and refusals around them, on
+//! the private control plane with kube-apiserver's aggregation layer, the
+//! operator serving `subresources.kubevmm.io` (registered with an
+//! `APIService`) and node-vmm serving the streams over mutual TLS.
+mod agent_env;
+mod support;
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use agent_env::{start_agent_args, Env};
+use kubevmm_e2e::pki::{host_ip, AccessPki, SERVICE, SERVICE_NAMESPACE};
+use kubevmm_e2e::{bin_path, free_port, run_with_input, wait_for, Outcome};
+
+/// A test's world: [`Env`] whose operator and agent serve access, the
+/// `APIService` pointing at this operator.
+struct World {
+    env: Env,
+    pki: AccessPki,
+    node_port: u16,
+    agent_flags: Vec<String>,
+}
+
+fn world(test: &str) -> World {
+    let ip = host_ip();
+    let (op_port, node_port) = (free_port().expect("port"), free_port().expect("port"));
+    let dir = std::env::temp_dir().join(format!("kubevmm-access-{test}-{}", std::process::id()));
+    let pki = AccessPki::new(&dir, &ip);
+    let agent = pki_flags(&pki, &ip, node_port);
+    let op = pki.operator_flags(&format!("{ip}:{op_port}"));
+    let agent: Vec<&str> = agent.iter().map(String::as_str).collect();
+    let op: Vec<&str> = op.iter().map(String::as_str).collect();
+    let env = Env::with_args(test, &agent, &op);
+    register(&env, &pki, &ip, op_port);
+    user_roles(&env);
+    let agent_flags = pki_flags(&pki, &ip, node_port);
+    World {
+        env,
+        pki,
+        node_port,
+        agent_flags,
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // An APIService whose server is gone slows kube-apiserver's
+        // discovery (and its shutdown) down: take it away with the operator.
+        let _ = self
+            .env
+            .cp
+            .kubectl()
+            .args([
+                "delete",
+                "apiservice",
+                "v1alpha1.subresources.kubevmm.io",
+                "--ignore-not-found",
+                "--wait=false",
+            ])
+            .output();
+    }
+}
+
+fn pki_flags(pki: &AccessPki, ip: &str, port: u16) -> Vec<String> {
+    pki.agent_flags(&format!("{ip}:{port}"))
+}
+
+/// The chart's `ClusterRole`s for people (aggregated into edit and view).
+fn user_roles(env: &Env) {
+    let rendered = support::ok(
+        support::helm(env.cp)
+            .args(["template", "access"])
+            .arg(support::chart())
+            .args([
+                "--kube-version",
+                "1.33.0",
+                "--show-only",
+                "templates/user-roles.yaml",
+            ]),
+    );
+    let out = run_with_input(env.cp.kubectl().args(["apply", "-f", "-"]), &rendered);
+    assert!(out.success, "user roles: {}", out.stderr);
+}
+
+/// The `APIService` of the subresource API, its Service and Endpoints,
+/// pointing at this test's operator (a host process, so a selector-less
+/// Service with the machine's address).
+fn register(env: &Env, pki: &AccessPki, ip: &str, port: u16) {
+    use std::io::Write as _;
+    let ca = {
+        let mut b64 = Command::new("base64")
+            .args(["-w0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("base64");
+        b64.stdin
+            .take()
+            .expect("stdin")
+            .write_all(pki.ca_bundle().as_bytes())
+            .expect("write");
+        let out = b64.wait_with_output().expect("base64");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (name, ns) = (SERVICE, SERVICE_NAMESPACE);
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  ports: [{{name: https, port: 443, targetPort: {port}}}]\n---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         subsets: [{{addresses: [{{ip: {ip}}}], ports: [{{name: https, port: {port}}}]}}]\n---\n\
+         apiVersion: apiregistration.k8s.io/v1\nkind: APIService\n\
+         metadata: {{name: v1alpha1.subresources.kubevmm.io}}\n\
+         spec:\n  group: subresources.kubevmm.io\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  \
+         versionPriority: 15\n  service: {{name: {name}, namespace: {ns}, port: 443}}\n  caBundle: {ca}\n"
+    );
+    let out = run_with_input(env.cp.kubectl().args(["apply", "-f", "-"]), &manifest);
+    assert!(out.success, "registering the APIService: {}", out.stderr);
+    wait_for(
+        60,
+        "the APIService to be Available",
+        || {
+            let out = env
+                .cp
+                .kubectl()
+                .args([
+                    "get",
+                    "apiservice",
+                    "v1alpha1.subresources.kubevmm.io",
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type=='Available')].status}",
+                ])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout) == "True").then_some(())
+        },
+        || {
+            let out = env
+                .cp
+                .kubectl()
+                .args([
+                    "get",
+                    "apiservice",
+                    "v1alpha1.subresources.kubevmm.io",
+                    "-o",
+                    "yaml",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            format!("{out}\n{}", env.operator.output())
+        },
+    );
+}
+
+/// `kubectl-vm` as the cluster admin in the test's namespace.
+fn vm_cmd(env: &Env, kubeconfig: Option<&std::path::Path>) -> Command {
+    let mut c = Command::new(bin_path("kubectl-vm"));
+    c.arg("--kubeconfig")
+        .arg(kubeconfig.unwrap_or(env.cp.kubeconfig()))
+        .args(["-n", &env.ns]);
+    c
+}
+
+fn vm_cli(env: &Env, args: &[&str]) -> Outcome {
+    run_with_input(vm_cmd(env, None).args(args), "")
+}
+
+fn wait_status(env: &Env, name: &str, want: &str) {
+    wait_for(
+        60,
+        &format!("{name} to show STATUS {want}"),
+        || {
+            let vm = env.vm(name)?;
+            (vm.pointer("/status/printableStatus")? == want).then_some(())
+        },
+        || env.describe(name),
+    );
+}
+
+/// A console client without a TTY: its stdout lines arrive on a channel.
+struct Console {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Console {
+    fn attach(env: &Env, name: &str) -> Self {
+        let mut child = vm_cmd(env, None)
+            .args(["console", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl-vm console");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write to console");
+        stdin.flush().expect("flush");
+    }
+
+    /// Waits up to `seconds` for a line containing `want`.
+    fn expect(&mut self, want: &str, seconds: u64) {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) => {
+                    let hit = l.contains(want);
+                    self.seen.push(l);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let mut err = String::new();
+        let _ = self.child.kill();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        panic!(
+            "no console line with {want:?}; saw {:?}; stderr: {err}",
+            self.seen
+        );
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn console_through_the_api_server_echoes_for_every_client() {
+    let w = world("acc-console");
+    let env = &w.env;
+    env.apply("echo", "echo", "");
+    wait_status(env, "echo", "Running");
+    wait_for(
+        30,
+        "the banner through kubectl vm logs",
+        || {
+            let out = vm_cli(env, &["logs", "echo"]);
+            (out.success && out.stdout.contains("echo guest ready")).then_some(())
+        },
+        || {
+            let out = vm_cli(env, &["logs", "echo"]);
+            format!(
+                "{}\n{}\noperator: {}\nagent: {}",
+                out.stdout,
+                out.stderr,
+                support::tail(&env.operator.output()),
+                support::tail(&env.agent.output())
+            )
+        },
+    );
+
+    let mut a = Console::attach(env, "echo");
+    let mut b = Console::attach(env, "echo");
+    // Let both attach before typing (the connect message is on stderr).
+    std::thread::sleep(Duration::from_secs(2));
+    a.send("hello from a\n");
+    a.expect("echo: hello from a", 30);
+    b.expect("echo: hello from a", 30);
+    b.send("and from b\n");
+    a.expect("echo: and from b", 30);
+    drop(b);
+    // The client that left leaves nothing behind: a stays attached.
+    a.send("still here\n");
+    a.expect("echo: still here", 30);
+
+    // With a terminal (script gives it one): raw mode, ^] detaches, exit 0.
+    let mut tty = Command::new("script")
+        .args(["-qfec"])
+        .arg(format!(
+            "{} --kubeconfig {} -n {} console echo",
+            bin_path("kubectl-vm").display(),
+            env.cp.kubeconfig().display(),
+            env.ns
+        ))
+        .arg("/dev/null")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    std::thread::sleep(Duration::from_secs(2));
+    let stdin = tty.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"typed at a tty\r").expect("type");
+    stdin.flush().expect("flush");
+    a.expect("echo: typed at a tty", 30);
+    stdin.write_all(&[0x1d]).expect("escape");
+    stdin.flush().expect("flush");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = tty.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "^] did not detach the console");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "console exit after ^]: {status}");
+}
+
+#[test]
+fn logs_show_what_no_one_attached_to_saw_and_survive_an_agent_restart() {
+    let mut w = world("acc-logs");
+    w.env.apply("quiet", "echo", "");
+    wait_status(&w.env, "quiet", "Running");
+    // Nobody attached: the boot banner is in the ring.
+    wait_for(
+        30,
+        "the banner in kubectl vm logs",
+        || {
+            let out = vm_cli(&w.env, &["logs", "quiet"]);
+            (out.success && out.stdout.contains("echo guest ready")).then_some(())
+        },
+        || vm_cli(&w.env, &["logs", "quiet"]).stderr,
+    );
+    let tail = vm_cli(&w.env, &["logs", "quiet", "--tail", "1"]);
+    assert!(tail.success, "{}", tail.stderr);
+    assert_eq!(tail.stdout.lines().count(), 1, "{}", tail.stdout);
+
+    // -f follows: a line typed on the console shows up in the followed logs.
+    let mut follow = vm_cmd(&w.env, None)
+        .args(["logs", "-f", "quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("logs -f");
+    let out = follow.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut c = Console::attach(&w.env, "quiet");
+    std::thread::sleep(Duration::from_secs(1));
+    c.send("followed line\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("echo: followed line"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "logs -f did not follow: {seen:?}"
+        );
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    drop(c);
+
+    // The agent restarts; the guest runs on and its output is still there.
+    let pid = w.env.vmm_pid(&w.env.uid("quiet"));
+    w.env.agent.kill();
+    let flags: Vec<&str> = w.agent_flags.iter().map(String::as_str).collect();
+    w.env.agent = start_agent_args(
+        w.env.cp,
+        &w.env.node,
+        &w.env.state,
+        &w.env.guests,
+        "agent2.log",
+        "1",
+        &flags,
+    );
+    wait_for(
+        60,
+        "the logs through the new agent",
+        || {
+            let out = vm_cli(&w.env, &["logs", "quiet"]);
+            (out.success
+                && out.stdout.contains("echo guest ready")
+                && out.stdout.contains("echo: followed line"))
+            .then_some(())
+        },
+        || {
+            let out = vm_cli(&w.env, &["logs", "quiet"]);
+            format!("{}\n{}\n{}", out.stdout, out.stderr, w.env.agent.output())
+        },
+    );
+    assert_eq!(
+        w.env.vmm_pid(&w.env.uid("quiet")),
+        pid,
+        "the guest was restarted"
+    );
+}
+
+#[test]
+fn refusals_name_the_cause_and_strangers_are_turned_away() {
+    let w = world("acc-refuse");
+    let env = &w.env;
+    env.apply("web", "echo", "");
+    env.apply("halted", "echo", "  runStrategy: Halted\n");
+    wait_status(env, "web", "Running");
+    wait_status(env, "halted", "Stopped");
+
+    // A stopped VM: a clear error, not a hang.
+    let out = vm_cli(env, &["console", "halted"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr
+            .contains("VirtualMachine halted is not running (status Stopped)"),
+        "{}",
+        out.stderr
+    );
+    let out = vm_cli(env, &["console", "nosuch"]);
+    assert!(
+        !out.success && out.stderr.contains("not found"),
+        "{}",
+        out.stderr
+    );
+
+    // A viewer may list VMs but not reach their consoles; the message names
+    // the missing permission.
+    let viewer = env.state.join("viewer.kubeconfig");
+    bind_user(env, "viewer", "view", &viewer);
+    let out = run_with_input(vm_cmd(env, Some(&viewer)).args(["console", "web"]), "");
+    assert!(!out.success);
+    let want = format!(
+        "User \"system:serviceaccount:{}:viewer\" cannot get resource \"virtualmachines/console\" \
+         in API group \"subresources.kubevmm.io\" in the namespace \"{}\"",
+        env.ns, env.ns
+    );
+    assert!(
+        out.stderr.contains(&want),
+        "want {want:?} in {}",
+        out.stderr
+    );
+    println!("403 as a viewer: {}", out.stderr.trim());
+    // An editor may.
+    let editor = env.state.join("editor.kubeconfig");
+    bind_user(env, "editor", "edit", &editor);
+    wait_for(
+        60,
+        "an editor to read the VM's logs",
+        || {
+            let out = run_with_input(vm_cmd(env, Some(&editor)).args(["logs", "web"]), "");
+            (out.success && out.stdout.contains("echo guest ready")).then_some(())
+        },
+        || run_with_input(vm_cmd(env, Some(&editor)).args(["logs", "web"]), "").stderr,
+    );
+
+    // The node's access port takes only the operator's certificate: a
+    // client without one gets a TLS alert, never an HTTP answer.
+    let stranger = run_with_input(
+        Command::new("openssl")
+            .args(["s_client", "-quiet", "-connect"])
+            .arg(format!("{}:{}", host_ip(), w.node_port))
+            .args(["-servername", "node-vmm.kubevmm.internal", "-CAfile"])
+            .arg(w.pki.file("node-ca.crt")),
+        &format!(
+            "GET /v1/vms/{}/logs HTTP/1.1\r\nHost: node\r\n\r\n",
+            env.uid("web")
+        ),
+    );
+    let text = format!("{}{}", stranger.stdout, stranger.stderr);
+    assert!(
+        !text.contains("HTTP/1.1"),
+        "a client without the operator's certificate got an answer: {text}"
+    );
+    assert!(
+        text.contains("alert"),
+        "no TLS alert for a client without a certificate: {text}"
+    );
+}
+
+/// A kubeconfig for service account `who` bound to the `ClusterRole` `role` in
+/// the test's namespace.
+fn bind_user(env: &Env, who: &str, role: &str, kubeconfig: &std::path::Path) {
+    env.kubectl(&["create", "serviceaccount", who]);
+    env.kubectl(&[
+        "create",
+        "rolebinding",
+        who,
+        &format!("--clusterrole={role}"),
+        &format!("--serviceaccount={}:{who}", env.ns),
+    ]);
+    let token = env.kubectl(&["create", "token", who]);
+    std::fs::copy(env.cp.kubeconfig(), kubeconfig).expect("copy kubeconfig");
+    let kc = kubeconfig.to_str().unwrap_or_default();
+    for args in [
+        &["config", "set-credentials", who, "--token", token.trim()][..],
+        &["config", "set-context", "--current", "--user", who][..],
+    ] {
+        let done = Command::new("kubectl")
+            .args(["--kubeconfig", kc])
+            .args(args)
+            .output()
+            .expect("kubectl config");
+        assert!(done.status.success(), "kubectl {args:?}");
+    }
+}
