@@ -100,9 +100,10 @@ cluster-down:
 bench: build guests
 	hack/bench-vmm.sh
 	hack/bench-net.sh
-	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster --bin bench-import -p node-vmm -p kubevmm-operator -p kubevmm-vmm
+	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster --bin bench-import --bin bench-console -p node-vmm -p kubevmm-operator -p kubevmm-vmm -p kubectl-vm
 	$(RELEASE_BIN)/bench-cluster
 	$(RELEASE_BIN)/bench-import
+	$(RELEASE_BIN)/bench-console
 
 clean:
 	$(CARGO) clean

@@ -5,7 +5,9 @@
 //! certificate for nodes (one node CA for both).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+use crate::{run_with_input, wait_for, ControlPlane};
 
 /// The Service the tests register the subresource API's `APIService` with.
 pub const SERVICE: &str = "subresource-api";
@@ -211,4 +213,78 @@ pub fn host_ip() -> String {
             cidr.split('/').next().map(str::to_string)
         })
         .expect("a non-loopback IPv4 address on this machine (the aggregated API needs one)")
+}
+
+/// The `APIService` of the subresource API, its Service and Endpoints,
+/// pointing at an operator (a host process, so a selector-less
+/// Service with the machine's address).
+pub fn register_api_service(
+    cp: &ControlPlane,
+    pki: &AccessPki,
+    ip: &str,
+    port: u16,
+    logs: impl Fn() -> String,
+) {
+    use std::io::Write as _;
+    let ca = {
+        let mut b64 = Command::new("base64")
+            .args(["-w0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("base64");
+        b64.stdin
+            .take()
+            .expect("stdin")
+            .write_all(pki.ca_bundle().as_bytes())
+            .expect("write");
+        let out = b64.wait_with_output().expect("base64");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (name, ns) = (SERVICE, SERVICE_NAMESPACE);
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  ports: [{{name: https, port: 443, targetPort: {port}}}]\n---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         subsets: [{{addresses: [{{ip: {ip}}}], ports: [{{name: https, port: {port}}}]}}]\n---\n\
+         apiVersion: apiregistration.k8s.io/v1\nkind: APIService\n\
+         metadata: {{name: v1alpha1.subresources.kubevmm.io}}\n\
+         spec:\n  group: subresources.kubevmm.io\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  \
+         versionPriority: 15\n  service: {{name: {name}, namespace: {ns}, port: 443}}\n  caBundle: {ca}\n"
+    );
+    let out = run_with_input(cp.kubectl().args(["apply", "-f", "-"]), &manifest);
+    assert!(out.success, "registering the APIService: {}", out.stderr);
+    wait_for(
+        60,
+        "the APIService to be Available",
+        || {
+            let out = cp
+                .kubectl()
+                .args([
+                    "get",
+                    "apiservice",
+                    "v1alpha1.subresources.kubevmm.io",
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type=='Available')].status}",
+                ])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout) == "True").then_some(())
+        },
+        || {
+            let out = cp
+                .kubectl()
+                .args([
+                    "get",
+                    "apiservice",
+                    "v1alpha1.subresources.kubevmm.io",
+                    "-o",
+                    "yaml",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            format!("{out}\n{}", logs())
+        },
+    );
 }

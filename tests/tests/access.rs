@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use agent_env::{start_agent_args, Env};
-use kubevmm_e2e::pki::{host_ip, AccessPki, SERVICE, SERVICE_NAMESPACE};
+use kubevmm_e2e::pki::{host_ip, register_api_service, AccessPki};
 use kubevmm_e2e::{bin_path, free_port, run_with_input, wait_for, Outcome};
 
 /// A test's world: [`Env`] whose operator and agent serve access, the
@@ -34,7 +34,7 @@ fn world(test: &str) -> World {
     let agent: Vec<&str> = agent.iter().map(String::as_str).collect();
     let op: Vec<&str> = op.iter().map(String::as_str).collect();
     let env = Env::with_args(test, &agent, &op);
-    register(&env, &pki, &ip, op_port);
+    register_api_service(env.cp, &pki, &ip, op_port, || env.operator.output());
     user_roles(&env);
     let agent_flags = pki_flags(&pki, &ip, node_port);
     World {
@@ -83,76 +83,6 @@ fn user_roles(env: &Env) {
     );
     let out = run_with_input(env.cp.kubectl().args(["apply", "-f", "-"]), &rendered);
     assert!(out.success, "user roles: {}", out.stderr);
-}
-
-/// The `APIService` of the subresource API, its Service and Endpoints,
-/// pointing at this test's operator (a host process, so a selector-less
-/// Service with the machine's address).
-fn register(env: &Env, pki: &AccessPki, ip: &str, port: u16) {
-    use std::io::Write as _;
-    let ca = {
-        let mut b64 = Command::new("base64")
-            .args(["-w0"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("base64");
-        b64.stdin
-            .take()
-            .expect("stdin")
-            .write_all(pki.ca_bundle().as_bytes())
-            .expect("write");
-        let out = b64.wait_with_output().expect("base64");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let (name, ns) = (SERVICE, SERVICE_NAMESPACE);
-    let manifest = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec:\n  ports: [{{name: https, port: 443, targetPort: {port}}}]\n---\n\
-         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         subsets: [{{addresses: [{{ip: {ip}}}], ports: [{{name: https, port: {port}}}]}}]\n---\n\
-         apiVersion: apiregistration.k8s.io/v1\nkind: APIService\n\
-         metadata: {{name: v1alpha1.subresources.kubevmm.io}}\n\
-         spec:\n  group: subresources.kubevmm.io\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  \
-         versionPriority: 15\n  service: {{name: {name}, namespace: {ns}, port: 443}}\n  caBundle: {ca}\n"
-    );
-    let out = run_with_input(env.cp.kubectl().args(["apply", "-f", "-"]), &manifest);
-    assert!(out.success, "registering the APIService: {}", out.stderr);
-    wait_for(
-        60,
-        "the APIService to be Available",
-        || {
-            let out = env
-                .cp
-                .kubectl()
-                .args([
-                    "get",
-                    "apiservice",
-                    "v1alpha1.subresources.kubevmm.io",
-                    "-o",
-                    "jsonpath={.status.conditions[?(@.type=='Available')].status}",
-                ])
-                .output()
-                .ok()?;
-            (String::from_utf8_lossy(&out.stdout) == "True").then_some(())
-        },
-        || {
-            let out = env
-                .cp
-                .kubectl()
-                .args([
-                    "get",
-                    "apiservice",
-                    "v1alpha1.subresources.kubevmm.io",
-                    "-o",
-                    "yaml",
-                ])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            format!("{out}\n{}", env.operator.output())
-        },
-    );
 }
 
 /// `kubectl-vm` as the cluster admin in the test's namespace.
