@@ -4,6 +4,7 @@
 //! operator serving `subresources.kubevmm.io` (registered with an
 //! `APIService`) and node-vmm serving the streams over mutual TLS.
 mod agent_env;
+mod net_env;
 mod support;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -25,18 +26,25 @@ struct World {
 }
 
 fn world(test: &str) -> World {
+    world_with(test, &[])
+}
+
+/// [`world`] with extra agent flags (e.g. a masquerade network's).
+fn world_with(test: &str, agent_extra: &[String]) -> World {
     let ip = host_ip();
     let (op_port, node_port) = (free_port().expect("port"), free_port().expect("port"));
     let dir = std::env::temp_dir().join(format!("kubevmm-access-{test}-{}", std::process::id()));
     let pki = AccessPki::new(&dir, &ip);
-    let agent = pki_flags(&pki, &ip, node_port);
+    let mut agent = pki_flags(&pki, &ip, node_port);
+    agent.extend(agent_extra.iter().cloned());
     let op = pki.operator_flags(&format!("{ip}:{op_port}"));
     let agent: Vec<&str> = agent.iter().map(String::as_str).collect();
     let op: Vec<&str> = op.iter().map(String::as_str).collect();
     let env = Env::with_args(test, &agent, &op);
     register_api_service(env.cp, &pki, &ip, op_port, || env.operator.output());
     user_roles(&env);
-    let agent_flags = pki_flags(&pki, &ip, node_port);
+    let mut agent_flags = pki_flags(&pki, &ip, node_port);
+    agent_flags.extend(agent_extra.iter().cloned());
     World {
         env,
         pki,
@@ -449,4 +457,95 @@ fn bind_user(env: &Env, who: &str, role: &str, kubeconfig: &std::path::Path) {
             .expect("kubectl config");
         assert!(done.status.success(), "kubectl {args:?}");
     }
+}
+
+#[test]
+fn port_forward_reaches_a_guest_service_through_the_api_server() {
+    // The dhcpnet guest answers TCP echo on port 7 once it has its lease,
+    // on a masquerade network this test makes (tests/tests/net_env).
+    let nets = net_env::Nets::new(3);
+    let w = world_with("acc-pf", &nets.agent_args());
+    let env = &w.env;
+    let manifest = format!(
+        "apiVersion: kubevmm.io/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: svc\nspec:\n  memory: 64Mi\n  \
+         terminationGracePeriodSeconds: 1\n  nodeSelector: {{kubevmm.io/test-node: {node}}}\n  boot:\n    kernel: {{path: {kernel}}}\n  \
+         networks:\n  - name: default\n    masquerade: {{}}\n",
+        node = env.node,
+        kernel = env.guests.join("dhcpnet.elf").display(),
+    );
+    let out = run_with_input(
+        env.cp.kubectl().args(["apply", "-n", &env.ns, "-f", "-"]),
+        &manifest,
+    );
+    assert!(out.success, "apply: {}", out.stderr);
+    wait_for(
+        120,
+        "the guest's address in status",
+        || {
+            env.vm("svc")?
+                .pointer("/status/interfaces/0/ipAddress")
+                .cloned()
+        },
+        || env.describe("svc"),
+    );
+
+    // --stdio, as ssh's ProxyCommand uses it.
+    let line = "through kube-apiserver to port 7\n";
+    let piped = wait_for(
+        60,
+        "an echo through port-forward --stdio",
+        || {
+            let out = run_with_input(
+                vm_cmd(env, None).args(["port-forward", "--stdio", "svc", "7"]),
+                line,
+            );
+            out.stdout.contains(line.trim_end()).then_some(out)
+        },
+        || {
+            let out = run_with_input(
+                vm_cmd(env, None).args(["port-forward", "--stdio", "svc", "7"]),
+                line,
+            );
+            format!("{}\n{}", out.stderr, support::tail(&env.agent.output()))
+        },
+    );
+    assert!(piped.success, "{}", piped.stderr);
+
+    // A local port, as kubectl port-forward: connect, write, read the echo.
+    let mut pf = vm_cmd(env, None)
+        .args(["port-forward", "svc", "0:7"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("port-forward");
+    let mut first = String::new();
+    BufReader::new(pf.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("the Forwarding line");
+    let port: u16 = first
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no local port in {first:?}"));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    conn.write_all(b"over a local port\n").expect("write");
+    let mut got = vec![0u8; 18];
+    conn.read_exact(&mut got).expect("the echo");
+    assert_eq!(got, b"over a local port\n");
+    drop(conn);
+    let _ = pf.kill();
+    let _ = pf.wait();
+
+    // A port nothing listens on: the guest refuses, the user is told.
+    let out = run_with_input(
+        vm_cmd(env, None).args(["port-forward", "--stdio", "svc", "8"]),
+        "x",
+    );
+    assert!(!out.success, "port 8 has no listener: {}", out.stdout);
+    assert!(out.stderr.contains("guest port"), "{}", out.stderr);
+    drop(w);
+    drop(nets);
 }
