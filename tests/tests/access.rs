@@ -185,6 +185,47 @@ impl Console {
     }
 }
 
+impl Console {
+    /// Reads a `flood KIB` until its "flood done 0x<crc>" line; checks each
+    /// line against the guest's pattern and the CRC over all of them.
+    fn collect_flood(&mut self, kib: usize, seconds: u64) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let mut lines = Vec::new();
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the flood did not end: {} lines",
+                lines.len()
+            );
+            let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) else {
+                continue;
+            };
+            if let Some(crc) = l.trim().strip_prefix("flood done 0x") {
+                let mut bytes = Vec::new();
+                for (n, line) in lines.iter().enumerate() {
+                    let want = flood_line(n);
+                    assert_eq!(line, &want, "flood line {n}");
+                    bytes.extend_from_slice(want.as_bytes());
+                    bytes.push(b'\n');
+                }
+                let want = u32::from_str_radix(crc, 16).expect("hex CRC");
+                assert_eq!(kubevmm_e2e::crc32(&bytes), want, "CRC of {kib} KiB");
+                return lines;
+            }
+            if l.len() == 63 && l.as_bytes()[..8].iter().all(u8::is_ascii_digit) {
+                lines.push(l);
+            }
+        }
+    }
+}
+
+/// Line `n` of the echo guest's flood, without its newline.
+fn flood_line(n: usize) -> String {
+    let mut l = format!("{:08} ", n % 100_000_000);
+    l.extend((9..63).map(|i| char::from(b'a' + ((n + i) % 26) as u8)));
+    l
+}
+
 impl Drop for Console {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -230,6 +271,13 @@ fn console_through_the_api_server_echoes_for_every_client() {
     // The client that left leaves nothing behind: a stays attached.
     a.send("still here\n");
     a.expect("echo: still here", 30);
+
+    // Heavy output reaches a non-TTY client complete and in order: the
+    // echo guest's flood (64-byte numbered lines, then their CRC-32).
+    let kib = 128;
+    a.send(&format!("flood {kib}\n"));
+    let flood = a.collect_flood(kib, 120);
+    assert_eq!(flood.len(), kib * 16, "every flood line");
 
     // With a terminal (script gives it one): raw mode, ^] detaches, exit 0.
     let mut tty = Command::new("script")
