@@ -33,7 +33,8 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-fn ca(dir: &Path, name: &str) {
+/// `name.key`: a P-256 private key.
+fn key(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
@@ -46,6 +47,10 @@ fn ca(dir: &Path, name: &str) {
             &format!("{name}.key"),
         ],
     );
+}
+
+fn ca(dir: &Path, name: &str) {
+    key(dir, name);
     openssl(
         dir,
         &[
@@ -69,18 +74,7 @@ fn ca(dir: &Path, name: &str) {
 }
 
 fn leaf(dir: &Path, name: &str, cn: &str, ca: &str, ext: &str) {
-    openssl(
-        dir,
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &format!("{name}.key"),
-        ],
-    );
+    key(dir, name);
     openssl(
         dir,
         &[

@@ -428,8 +428,7 @@ fn refusals_name_the_cause_and_strangers_are_turned_away() {
 
     // A viewer may list VMs but not reach their consoles; the message names
     // the missing permission.
-    let viewer = env.state.join("viewer.kubeconfig");
-    bind_user(env, "viewer", "view", &viewer);
+    let viewer = support::bound_sa_kubeconfig(env.cp, &env.ns, "viewer", "clusterrole/view");
     let out = run_with_input(vm_cmd(env, Some(&viewer)).args(["console", "web"]), "");
     assert!(!out.success);
     let want = format!(
@@ -444,8 +443,7 @@ fn refusals_name_the_cause_and_strangers_are_turned_away() {
     );
     println!("403 as a viewer: {}", out.stderr.trim());
     // An editor may.
-    let editor = env.state.join("editor.kubeconfig");
-    bind_user(env, "editor", "edit", &editor);
+    let editor = support::bound_sa_kubeconfig(env.cp, &env.ns, "editor", "clusterrole/edit");
     wait_for(
         60,
         "an editor to read the VM's logs",
@@ -478,33 +476,6 @@ fn refusals_name_the_cause_and_strangers_are_turned_away() {
         text.contains("alert"),
         "no TLS alert for a client without a certificate: {text}"
     );
-}
-
-/// A kubeconfig for service account `who` bound to the `ClusterRole` `role` in
-/// the test's namespace.
-fn bind_user(env: &Env, who: &str, role: &str, kubeconfig: &std::path::Path) {
-    env.kubectl(&["create", "serviceaccount", who]);
-    env.kubectl(&[
-        "create",
-        "rolebinding",
-        who,
-        &format!("--clusterrole={role}"),
-        &format!("--serviceaccount={}:{who}", env.ns),
-    ]);
-    let token = env.kubectl(&["create", "token", who]);
-    std::fs::copy(env.cp.kubeconfig(), kubeconfig).expect("copy kubeconfig");
-    let kc = kubeconfig.to_str().unwrap_or_default();
-    for args in [
-        &["config", "set-credentials", who, "--token", token.trim()][..],
-        &["config", "set-context", "--current", "--user", who][..],
-    ] {
-        let done = Command::new("kubectl")
-            .args(["--kubeconfig", kc])
-            .args(args)
-            .output()
-            .expect("kubectl config");
-        assert!(done.status.success(), "kubectl {args:?}");
-    }
 }
 
 #[test]

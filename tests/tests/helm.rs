@@ -381,18 +381,13 @@ fn service_accounts_may_do_what_the_binaries_need_and_no_more() {
     ok(helm(cp).args(["install", "perm", "-n", &ns]).arg(chart()));
     let op = format!("system:serviceaccount:{ns}:perm-operator");
     let agent = format!("system:serviceaccount:{ns}:perm-node-vmm");
-    let wrong: Vec<String> = RBAC_CASES
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| {
-            let mut f = l.split('|').map(str::trim);
-            let (who, args, want) = (f.next()?, f.next()?, f.next()? == "yes");
-            let sa = if who == "op" { &op } else { &agent };
-            let args: Vec<&str> = args.split_whitespace().collect();
-            (can_i(cp, sa, &args) != want).then(|| format!("{who} {args:?}: expected {want}"))
-        })
-        .collect();
+    let wrong = rbac_mismatches(cp, RBAC_CASES, &ns, |who| {
+        if who == "op" {
+            op.clone()
+        } else {
+            agent.clone()
+        }
+    });
     assert!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
     ok(helm(cp).args(["uninstall", "perm", "-n", &ns]));
 }
@@ -418,6 +413,29 @@ const USER_CASES: &str = "
     viewer | get virtualmachines.subresources.kubevmm.io --subresource=logs -n NS    | no
     viewer | list virtualmachines.kubevmm.io -n default                             | no
 ";
+
+/// The rows of a `who | arguments | yes/no` table (`NS` in the arguments
+/// is `ns`) that the API server answers otherwise, `user` naming who.
+fn rbac_mismatches(
+    cp: &ControlPlane,
+    table: &str,
+    ns: &str,
+    user: impl Fn(&str) -> String,
+) -> Vec<String> {
+    table
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let mut f = l.split('|').map(str::trim);
+            let (who, args, want) = (f.next()?, f.next()?, f.next()? == "yes");
+            let args = args.replace(" NS", &format!(" {ns}"));
+            let args: Vec<&str> = args.split_whitespace().collect();
+            (allowed(cp, &user(who), &args) != want)
+                .then(|| format!("{who} {args:?}: expected {want}"))
+        })
+        .collect()
+}
 
 /// [`can_i`], except for the subresource API's group, which no server
 /// serves yet, so kubectl would not resolve it: a `SubjectAccessReview` of
@@ -481,19 +499,7 @@ fn people_get_vm_rights_through_the_builtin_edit_and_view_roles() {
             .stdout
         },
     );
-    let wrong: Vec<String> = USER_CASES
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| {
-            let mut f = l.split('|').map(str::trim);
-            let (who, args, want) = (f.next()?, f.next()?, f.next()? == "yes");
-            let args = args.replace(" NS", &format!(" {ns}"));
-            let args: Vec<&str> = args.split_whitespace().collect();
-            (allowed(cp, &sa(who), &args) != want)
-                .then(|| format!("{who} {args:?}: expected {want}"))
-        })
-        .collect();
+    let wrong = rbac_mismatches(cp, USER_CASES, &ns, sa);
     assert!(wrong.is_empty(), "user RBAC differs:\n{}", wrong.join("\n"));
     ok(helm(cp).args(["uninstall", "people", "-n", &ns]));
     assert!(

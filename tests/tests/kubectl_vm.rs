@@ -2,6 +2,7 @@
 //! plane, with the operator and node-vmm booting our guests. Every verb is
 //! checked by what happens to the guest, not by the patch it sends.
 mod agent_env;
+mod support;
 
 use std::process::Command;
 
@@ -251,7 +252,14 @@ fn create_prints_what_the_api_server_accepts_and_errors_say_what_to_do() {
     assert!(v.contains(&format!("on node {}", env.node)), "{v}");
 
     // A user who may read VMs but not change them is told which verb is missing.
-    let kc = reader_kubeconfig(&env);
+    env.kubectl(&[
+        "create",
+        "role",
+        "vm-reader",
+        "--verb=get,list,watch",
+        "--resource=virtualmachines.kubevmm.io",
+    ]);
+    let kc = support::bound_sa_kubeconfig(env.cp, &env.ns, "reader", "role/vm-reader");
     let as_reader = |args: &[&str]| {
         run_with_input(
             Command::new(bin_path("kubectl-vm"))
@@ -278,48 +286,6 @@ fn create_prints_what_the_api_server_accepts_and_errors_say_what_to_do() {
         "{}",
         stop.stderr
     );
-}
-
-/// A kubeconfig for service account `reader` of the test's namespace, which
-/// may get, list and watch VMs there and nothing else.
-fn reader_kubeconfig(env: &Env) -> std::path::PathBuf {
-    env.kubectl(&["create", "serviceaccount", "reader"]);
-    env.kubectl(&[
-        "create",
-        "role",
-        "vm-reader",
-        "--verb=get,list,watch",
-        "--resource=virtualmachines.kubevmm.io",
-    ]);
-    env.kubectl(&[
-        "create",
-        "rolebinding",
-        "vm-reader",
-        "--role=vm-reader",
-        &format!("--serviceaccount={}:reader", env.ns),
-    ]);
-    let token = env.kubectl(&["create", "token", "reader"]);
-    let kc = env.state.join("reader.kubeconfig");
-    std::fs::copy(env.cp.kubeconfig(), &kc).expect("copy kubeconfig");
-    let kc_arg = kc.to_str().unwrap_or_default();
-    for args in [
-        &[
-            "config",
-            "set-credentials",
-            "reader",
-            "--token",
-            token.trim(),
-        ][..],
-        &["config", "set-context", "--current", "--user", "reader"][..],
-    ] {
-        let done = Command::new("kubectl")
-            .args(["--kubeconfig", kc_arg])
-            .args(args)
-            .output()
-            .expect("kubectl config");
-        assert!(done.status.success(), "kubectl {args:?}");
-    }
-    kc
 }
 
 /// Bad flags are refused before anything is sent, naming the flag; a name

@@ -203,17 +203,6 @@ fn flood_line(n: usize) -> Vec<u8> {
     l
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
-}
-
 /// Checks that `seen` holds a whole `flood KIB` (from its first line on,
 /// in order, nothing lost or doubled) and the guest's checksum of it.
 /// Returns the bytes from the flood's start to the end of "flood done".

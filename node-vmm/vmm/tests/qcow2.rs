@@ -26,17 +26,6 @@ const REGIONS: usize = 8;
 const REGION_LEN: usize = 64 * 1024;
 const REGION_SKEW: usize = 12 * 1024;
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
-}
-
 /// Runs a tool, failing the test with its output on error; returns stdout.
 fn tool(prog: &str, args: &[&str]) -> String {
     let out = Command::new(prog)

@@ -9,17 +9,6 @@ use common::*;
 use kubevmm_vmm::config::DiskConfig;
 use kubevmm_vmm::exit::code;
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
-}
-
 /// 1 MiB of pseudo-random bytes.
 fn disk_bytes() -> Vec<u8> {
     let mut x = 0x1234_5678u32;

@@ -208,6 +208,25 @@ pub fn sa_kubeconfig(cp: &ControlPlane, ns: &str, sa: &str) -> PathBuf {
     token_kubeconfig(cp, &format!("{ns}-{sa}"), token.trim())
 }
 
+/// A new service account `sa` of namespace `ns` bound there to `role`
+/// (`role/NAME` or `clusterrole/NAME`), in a kubeconfig of its own.
+pub fn bound_sa_kubeconfig(cp: &ControlPlane, ns: &str, sa: &str, role: &str) -> PathBuf {
+    ok(cp
+        .kubectl()
+        .args(["create", "serviceaccount", sa, "-n", ns]));
+    let (kind, name) = role.split_once('/').expect("role/NAME or clusterrole/NAME");
+    ok(cp.kubectl().args([
+        "create",
+        "rolebinding",
+        sa,
+        &format!("--{kind}={name}"),
+        &format!("--serviceaccount={ns}:{sa}"),
+        "-n",
+        ns,
+    ]));
+    sa_kubeconfig(cp, ns, sa)
+}
+
 /// Binds `vm` to `node` as the operator does (status.nodeName by server-side
 /// apply as field manager kubevmm-operator, then the label), with the
 /// operator's kubeconfig.

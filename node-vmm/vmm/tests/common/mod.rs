@@ -378,3 +378,15 @@ pub fn ring_text(path: &Path) -> String {
         .map(|c| String::from_utf8_lossy(&c.bytes).into_owned())
         .unwrap_or_default()
 }
+
+/// CRC-32 (IEEE), as the test guests compute it over what they wrote or read.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
