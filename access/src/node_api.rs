@@ -7,6 +7,7 @@
 //! | `GET /v1/vms/{uid}/console`, `Upgrade: kubevmm-stream` | `101`, then the guest serial, raw, both ways |
 //! | `GET /v1/vms/{uid}/logs?tailLines=N&follow=true` | `200 text/plain`, the serial ring buffer (then new output while `follow`) |
 //! | `GET /v1/vms/{uid}/portforward?port=P`, `Upgrade: kubevmm-stream` | `101`, then a TCP stream the agent dialled to the guest's port `P` |
+//! | `GET /v1/vms/{uid}/stats` | `200 application/json`, the VMM's counters (`GET /vm/stats`, docs/vmm-api.md) |
 //!
 //! Errors are a status with a JSON body `{"message": "..."}`: 404 no such
 //! VM on this node, 409 the guest is not running, 502 the guest port
@@ -41,6 +42,8 @@ pub enum Stream {
         /// The guest port.
         port: u16,
     },
+    /// The VMM's counters (CPU time, disk and network bytes, memory).
+    Stats,
 }
 
 /// A request to a node-vmm.
@@ -76,7 +79,7 @@ pub enum ProtocolError {
 impl Stream {
     /// Whether the stream is an HTTP upgrade (else a streamed response).
     pub fn upgrades(&self) -> bool {
-        !matches!(self, Self::Logs { .. })
+        matches!(self, Self::Console | Self::PortForward { .. })
     }
 
     /// The path segment naming the stream.
@@ -85,6 +88,7 @@ impl Stream {
             Self::Console => "console",
             Self::Logs { .. } => "logs",
             Self::PortForward { .. } => "portforward",
+            Self::Stats => "stats",
         }
     }
 }
@@ -94,7 +98,7 @@ impl NodeRequest {
     pub fn target(&self) -> String {
         let base = format!("/v1/vms/{}/{}", self.uid, self.stream.segment());
         match &self.stream {
-            Stream::Console => base,
+            Stream::Console | Stream::Stats => base,
             Stream::Logs { tail_lines, follow } => {
                 let mut q = vec![format!("follow={follow}")];
                 if let Some(n) = tail_lines {
@@ -123,6 +127,7 @@ impl NodeRequest {
         let get = |name: &str| params.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
         let stream = match *which {
             "console" => Stream::Console,
+            "stats" => Stream::Stats,
             "logs" => Stream::Logs {
                 tail_lines: get("tailLines")
                     .map(|v| parse_query("tailLines", v, "a number of lines"))
@@ -205,6 +210,7 @@ mod tests {
                 follow: false,
             },
             Stream::PortForward { port: 22 },
+            Stream::Stats,
         ];
         for stream in cases {
             let r = NodeRequest {
@@ -247,9 +253,10 @@ mod tests {
     }
 
     #[test]
-    fn only_logs_are_a_plain_response() {
+    fn only_logs_and_stats_are_a_plain_response() {
         assert!(Stream::Console.upgrades());
         assert!(Stream::PortForward { port: 1 }.upgrades());
+        assert!(!Stream::Stats.upgrades());
         assert!(!Stream::Logs {
             tail_lines: None,
             follow: true

@@ -52,6 +52,9 @@ pub enum CommandError {
     /// A streaming verb (console, logs, port-forward, ssh, scp) failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// `top` failed.
+    #[error(transparent)]
+    Top(#[from] crate::top::TopError),
 }
 
 type Result<T> = std::result::Result<T, CommandError>;
@@ -117,6 +120,7 @@ async fn dispatch(command: Command, client: &Client, ns: &str) -> Result<()> {
         Command::Resume(n) => power(client, ns, &n.name, Verb::Resume).await,
         Command::Create(args) => create(client, ns, &args).await,
         Command::Version => versions(client).await,
+        Command::Top { name } => Ok(crate::top::top(client, ns, name.as_deref()).await?),
         Command::Console {
             name,
             detach_on_eof,

@@ -21,6 +21,7 @@ mod sshargs;
 mod streams;
 mod subresource;
 mod terminal;
+mod top;
 mod version;
 
 use std::path::PathBuf;
@@ -187,6 +188,11 @@ pub enum Command {
             port. One VM per command. The exit code is scp's."
     )]
     Scp(Passthrough),
+    /// CPU, memory, disk and network use of running VMs (node-vmm's figures).
+    Top {
+        /// One VirtualMachine (default: every running one in the namespace).
+        name: Option<String>,
+    },
     /// Client, API server and node-vmm versions.
     Version,
     /// Shell completion script.

@@ -42,6 +42,8 @@ pub enum Sub {
     Logs,
     /// A TCP stream to a guest port (WebSocket).
     PortForward,
+    /// The VMM's counters, JSON (`kubectl vm top`).
+    Stats,
 }
 
 impl Sub {
@@ -51,6 +53,7 @@ impl Sub {
             Sub::Console => "console",
             Sub::Logs => "logs",
             Sub::PortForward => "portforward",
+            Sub::Stats => "stats",
         }
     }
 }
@@ -243,6 +246,14 @@ pub async fn open_stream(
         .body(Vec::new())
         .map_err(|e| SubresourceError::Transport(e.to_string()))?;
     client.request_stream(request).await.map_err(from_kube)
+}
+
+/// GETs `uri` (from [`uri`]) as JSON.
+pub async fn get_json(client: &Client, uri: &str) -> Result<serde_json::Value, SubresourceError> {
+    let request = Request::get(uri)
+        .body(Vec::new())
+        .map_err(|e| SubresourceError::Transport(e.to_string()))?;
+    client.request(request).await.map_err(from_kube)
 }
 
 #[cfg(test)]

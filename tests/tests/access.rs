@@ -442,6 +442,14 @@ fn refusals_name_the_cause_and_strangers_are_turned_away() {
         out.stderr
     );
     println!("403 as a viewer: {}", out.stderr.trim());
+    // Figures are no guest content: a viewer may see them (kubectl vm top).
+    top_shows_web_only(env, &viewer);
+    let out = vm_cli(env, &["top", "halted"]);
+    assert!(
+        !out.success && out.stderr.contains("is not running"),
+        "{}",
+        out.stderr
+    );
     // An editor may.
     let editor = support::bound_sa_kubeconfig(env.cp, &env.ns, "editor", "clusterrole/edit");
     wait_for(
@@ -475,6 +483,42 @@ fn refusals_name_the_cause_and_strangers_are_turned_away() {
     assert!(
         text.contains("alert"),
         "no TLS alert for a client without a certificate: {text}"
+    );
+}
+
+/// `kubectl vm top` as the user of `kubeconfig`: figures for the running
+/// `web`, none for the stopped `halted`.
+fn top_shows_web_only(env: &Env, kubeconfig: &std::path::Path) {
+    let top = run_with_input(vm_cmd(env, Some(kubeconfig)).args(["top"]), "");
+    assert!(top.success, "top as a viewer: {}", top.stderr);
+    let header = top.stdout.lines().next().unwrap_or_default();
+    assert!(
+        header.split_whitespace().eq([
+            "NAME",
+            "CPU",
+            "MEMORY",
+            "DISK-READ",
+            "DISK-WRITE",
+            "NET-RX",
+            "NET-TX"
+        ]),
+        "{}",
+        top.stdout
+    );
+    let row = top
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_default();
+    assert!(
+        row.contains("Mi") || row.contains("Ki"),
+        "a memory figure for web: {}",
+        top.stdout
+    );
+    assert!(
+        !top.stdout.contains("halted"),
+        "a stopped VM has no figures: {}",
+        top.stdout
     );
 }
 

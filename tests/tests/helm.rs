@@ -411,6 +411,8 @@ const USER_CASES: &str = "
     viewer | patch virtualmachines.kubevmm.io -n NS                                 | no
     viewer | get virtualmachines.subresources.kubevmm.io --subresource=console -n NS | no
     viewer | get virtualmachines.subresources.kubevmm.io --subresource=logs -n NS    | no
+    viewer | get virtualmachines.subresources.kubevmm.io --subresource=stats -n NS   | yes
+    editor | get virtualmachines.subresources.kubevmm.io --subresource=stats -n NS   | yes
     viewer | list virtualmachines.kubevmm.io -n default                             | no
 ";
 

@@ -1,5 +1,5 @@
-//! node-vmm's access server: the console, logs and port-forward streams of
-//! this node's VMs, for the operator only (mutual TLS; the client must hold
+//! node-vmm's access server: the console, logs, port-forward streams and
+//! VMM counters (`kubectl vm top`) of this node's VMs, for the operator only (mutual TLS; the client must hold
 //! a certificate of the access CA). The protocol is
 //! `kubevmm_access::node_api`; the subresource API in the operator relays
 //! users' requests here after authorizing them. docs/access.md.
@@ -199,6 +199,25 @@ async fn handle(ctx: &Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
     }
     match request.stream {
         Stream::Logs { tail_lines, follow } => logs(dir.console_ring(), tail_lines, follow),
+        Stream::Stats => {
+            match super::vmm_client::request(&dir.api_socket(), "GET", "/vm/stats").await {
+                Ok(stats) => {
+                    let mut r = Response::new(full(stats.to_string()));
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+                Err(_) => error(
+                    409,
+                    &format!(
+                        "the guest of VM {} is not running on node {}",
+                        request.uid, ctx.cfg.node_name
+                    ),
+                ),
+            }
+        }
         Stream::Console => match tokio::net::UnixStream::connect(dir.console_socket()).await {
             Ok(sock) => upgrade(req, sock),
             Err(_) => error(

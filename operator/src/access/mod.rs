@@ -381,9 +381,14 @@ async fn vm_stream(
     match relay::ask_node(&shared.node_tls, &t.endpoint, &t.node, &request).await? {
         NodeAnswer::Body(body) => {
             let mut r = Response::new(body.boxed());
+            let kind = if request.stream == Stream::Stats {
+                "application/json"
+            } else {
+                "text/plain; charset=utf-8"
+            };
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                http::HeaderValue::from_static(kind),
             );
             Ok(r)
         }
@@ -404,29 +409,34 @@ async fn vm_stream(
                     Err(e) => tracing::debug!(error = %e, "subresource API: client upgrade failed"),
                 }
             });
-            let mut r = Response::new(full(Bytes::new()));
-            *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-            let h = r.headers_mut();
-            h.insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("Upgrade"),
-            );
-            h.insert(
-                http::header::UPGRADE,
-                http::HeaderValue::from_static("websocket"),
-            );
-            h.insert(
-                http::header::SEC_WEBSOCKET_ACCEPT,
-                http::HeaderValue::from_str(&accept)
-                    .map_err(|e| Reject::new(500, "InternalError", e.to_string()))?,
-            );
-            h.insert(
-                http::header::SEC_WEBSOCKET_PROTOCOL,
-                http::HeaderValue::from_static(framing.name()),
-            );
-            Ok(r)
+            switching(framing, &accept)
         }
     }
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket upgrade.
+fn switching(framing: Framing, accept: &str) -> Result<Response<Body>, Reject> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        http::header::SEC_WEBSOCKET_ACCEPT,
+        http::HeaderValue::from_str(accept)
+            .map_err(|e| Reject::new(500, "InternalError", e.to_string()))?,
+    );
+    h.insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_static(framing.name()),
+    );
+    Ok(r)
 }
 
 /// The framing and `Sec-WebSocket-Accept` of a WebSocket upgrade request.

@@ -101,6 +101,7 @@ pub fn route(method: &str, target: &str) -> Result<Route, Reject> {
             let get = |k: &str| params.iter().find(|(p, _)| *p == k).map(|(_, v)| *v);
             let stream = match *sub {
                 "console" => Stream::Console,
+                "stats" => Stream::Stats,
                 "logs" => Stream::Logs {
                     tail_lines: get("tailLines")
                         .map(|v| {
@@ -147,8 +148,9 @@ pub fn group_doc() -> Value {
     })
 }
 
-/// The `APIResourceList` document: the three subresources of
-/// `virtualmachines`, each reached with `get`.
+/// The `APIResourceList` document: the subresources of `virtualmachines`
+/// (console, logs, portforward and the VMM's stats for `kubectl vm top`),
+/// each reached with `get`.
 pub fn resources_doc() -> Value {
     let sub = |s: &str| {
         json!({
@@ -163,7 +165,7 @@ pub fn resources_doc() -> Value {
         "kind": "APIResourceList",
         "apiVersion": "v1",
         "groupVersion": format!("{GROUP}/{VERSION}"),
-        "resources": [sub("console"), sub("logs"), sub("portforward")],
+        "resources": [sub("console"), sub("logs"), sub("portforward"), sub("stats")],
     })
 }
 
@@ -233,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn discovery_lists_the_three_subresources() {
+    fn discovery_lists_the_subresources() {
         let r = resources_doc();
         let names: Vec<&str> = r["resources"]
             .as_array()
@@ -246,7 +248,8 @@ mod tests {
             [
                 "virtualmachines/console",
                 "virtualmachines/logs",
-                "virtualmachines/portforward"
+                "virtualmachines/portforward",
+                "virtualmachines/stats"
             ]
         );
         assert_eq!(group_doc()["preferredVersion"]["version"], VERSION);

@@ -59,7 +59,8 @@ pub fn node_target(
         status.phase,
         Some(VmPhase::Starting | VmPhase::Running | VmPhase::Paused | VmPhase::Stopping)
     );
-    if stream.upgrades() && !live {
+    let needs_guest = stream.upgrades() || *stream == Stream::Stats;
+    if needs_guest && !live {
         return Err(not_running());
     }
     let lost = status.conditions.iter().find(|c| {
