@@ -268,9 +268,11 @@ fn console_through_the_api_server_echoes_for_every_client() {
     b.send("and from b\n");
     a.expect("echo: and from b", 30);
     drop(b);
-    // The client that left leaves nothing behind: a stays attached.
+    // The client that left leaves nothing behind: a stays attached, and
+    // the VMM serves one console client (its counters, through the API).
     a.send("still here\n");
     a.expect("echo: still here", 30);
+    wait_console_clients(env, "echo", 1);
 
     // Heavy output reaches a non-TTY client complete and in order: the
     // echo guest's flood (64-byte numbered lines, then their CRC-32).
@@ -310,6 +312,33 @@ fn console_through_the_api_server_echoes_for_every_client() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "console exit after ^]: {status}");
+    drop(a);
+    wait_console_clients(env, "echo", 0);
+}
+
+/// Waits until the VMM of `name` serves `n` console clients, as its
+/// counters say through `virtualmachines/stats`.
+fn wait_console_clients(env: &Env, name: &str, n: u64) {
+    let path = format!(
+        "/apis/subresources.kubevmm.io/v1alpha1/namespaces/{}/virtualmachines/{name}/stats",
+        env.ns
+    );
+    let clients = || {
+        let out = env
+            .cp
+            .kubectl()
+            .args(["get", "--raw", &path])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["console_clients"].as_u64()
+    };
+    wait_for(
+        30,
+        &format!("{n} console clients on the VMM of {name}"),
+        || (clients() == Some(n)).then_some(()),
+        || format!("{:?}", clients()),
+    );
 }
 
 #[test]
