@@ -237,6 +237,27 @@ async fn close<W: AsyncWrite + Unpin>(ws: &mut Ws, reason: &str, out: &mut W, ke
     let _ = tokio::time::timeout(DRAIN, drain).await;
 }
 
+/// How long output must pause after the end of input before detaching.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Copies console output to `out` until none came for [`QUIET`] (at most
+/// [`DRAIN`]): the server drops what is in flight once the client closes.
+async fn settle<W: AsyncWrite + Unpin>(ws: &mut Ws, out: &mut W) {
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(QUIET, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                if out.write_all(&b).await.is_err() {
+                    return;
+                }
+                let _ = out.flush().await;
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(_) | Err(_) => return,
+        }
+    }
+}
+
 /// Sends the reply to the server's close (tungstenite queued it while
 /// reading), best effort.
 async fn answer_close(ws: &mut Ws) {
@@ -319,6 +340,9 @@ async fn attach(ws: &mut Ws, mode: InputMode, signals: &mut Signals) -> Result<E
                 Some(Err(e)) => return Err(io("read stdin")(e)),
                 None => match mode.on_eof() {
                     OnEof::Detach => {
+                        // The answer to the last input may be on its way:
+                        // take what comes until the console is quiet.
+                        settle(ws, &mut out).await;
                         close(ws, "end of input", &mut out, true).await;
                         return Ok(Ended::Detached);
                     }

@@ -281,6 +281,18 @@ fn console_through_the_api_server_echoes_for_every_client() {
     let flood = a.collect_flood(kib, 120);
     assert_eq!(flood.len(), kib * 16, "every flood line");
 
+    // A script pipes a line in and gets the answer before detaching.
+    let piped = run_with_input(
+        vm_cmd(env, None).args(["console", "echo", "--detach-on-eof"]),
+        "piped and answered\n",
+    );
+    assert!(piped.success, "{}", piped.stderr);
+    assert!(
+        piped.stdout.contains("echo: piped and answered"),
+        "{}",
+        piped.stdout
+    );
+
     // With a terminal (script gives it one): raw mode, ^] detaches, exit 0.
     let mut tty = Command::new("script")
         .args(["-qfec"])
@@ -489,6 +501,22 @@ fn refusals_name_the_cause_and_strangers_are_turned_away() {
             (out.success && out.stdout.contains("echo guest ready")).then_some(())
         },
         || run_with_input(vm_cmd(env, Some(&editor)).args(["logs", "web"]), "").stderr,
+    );
+    // ... in its own namespace only.
+    let elsewhere = run_with_input(
+        Command::new(bin_path("kubectl-vm"))
+            .arg("--kubeconfig")
+            .arg(&editor)
+            .args(["-n", "default", "console", "web"]),
+        "",
+    );
+    assert!(!elsewhere.success);
+    assert!(
+        elsewhere
+            .stderr
+            .contains("cannot get resource \"virtualmachines/console\" in API group \"subresources.kubevmm.io\" in the namespace \"default\""),
+        "{}",
+        elsewhere.stderr
     );
 
     // The node's access port takes only the operator's certificate: a
