@@ -260,6 +260,28 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// `node-vmm agent` for node `node` on this control plane, state in `state`,
+/// boot files allowed from `allowed`, no vCPU reserve, metrics on a free
+/// port: the benchmarks' agent (add their own flags).
+pub fn bench_agent(cp: &ControlPlane, node: &str, state: &Path, allowed: &Path) -> Command {
+    let mut cmd = Command::new(bin_path("node-vmm"));
+    cmd.env("KUBECONFIG", cp.kubeconfig())
+        .args([
+            "agent",
+            "--node-name",
+            node,
+            "--reserved-cpus",
+            "0",
+            "--state-dir",
+        ])
+        .arg(state)
+        .arg("--allowed-dir")
+        .arg(allowed)
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+    cmd
+}
+
 /// Builds the freestanding test guests and returns their directory
 /// (`tests/guests/build`).
 pub fn build_guests() -> PathBuf {

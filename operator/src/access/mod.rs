@@ -401,7 +401,7 @@ async fn vm_stream(
                         let ws = WebSocketStream::from_raw_socket(
                             TokioIo::new(upgraded),
                             Role::Server,
-                            None,
+                            Some(client_limits()),
                         )
                         .await;
                         relay::bridge(ws, node_stream, framing).await;
@@ -412,6 +412,18 @@ async fn vm_stream(
             switching(framing, &accept)
         }
     }
+}
+
+/// The largest WebSocket message a client may send: keystrokes and
+/// port-forward chunks are small, and tungstenite's 64 MiB default would let
+/// one client make the operator buffer that much.
+const MAX_CLIENT_MESSAGE: usize = 1 << 20;
+
+/// Limits on what a client sends over its WebSocket.
+fn client_limits() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
 }
 
 /// The `101 Switching Protocols` answer to a WebSocket upgrade.

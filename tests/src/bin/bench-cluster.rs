@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, PostParams};
 use kubevmm_crds::{VirtualMachine, VirtualMachineImage};
-use kubevmm_e2e::{bin_path, build_guests, free_port, ControlPlane, Daemon};
+use kubevmm_e2e::{bench_agent, bin_path, build_guests, free_port, ControlPlane, Daemon};
 
 const SINGLE_RUNS: usize = 10;
 const BURST: usize = 20;
@@ -137,22 +137,8 @@ async fn main() {
     let state = std::env::temp_dir().join(format!("kubevmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&state).expect("state dir");
     let node = format!("bench-{}", std::process::id());
-    let mut agent_cmd = std::process::Command::new(bin_path("node-vmm"));
+    let mut agent_cmd = bench_agent(cp, &node, &state, &guests);
     agent_cmd
-        .env("KUBECONFIG", cp.kubeconfig())
-        .args([
-            "agent",
-            "--node-name",
-            &node,
-            "--reserved-cpus",
-            "0",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .arg("--allowed-dir")
-        .arg(&guests)
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{}", free_port().expect("port")))
         // A masquerade network of the bench's own; NAT towards loopback
         // only (the guests just take their leases).
         .args([

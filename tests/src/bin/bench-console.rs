@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kubevmm_e2e::pki::{host_ip, register_api_service, AccessPki};
 use kubevmm_e2e::{
-    bin_path, build_guests, free_port, run_with_input, wait_for, ControlPlane, Daemon,
+    bench_agent, bin_path, build_guests, free_port, run_with_input, wait_for, ControlPlane, Daemon,
 };
 
 const SAMPLES: usize = 40;
@@ -75,23 +75,8 @@ fn start() -> World {
     let ip = host_ip();
     let (op_port, node_port) = (free_port().expect("port"), free_port().expect("port"));
     let pki = AccessPki::new(&state.join("pki"), &ip);
-    let mut agent_cmd = Command::new(bin_path("node-vmm"));
-    agent_cmd
-        .env("KUBECONFIG", cp.kubeconfig())
-        .args([
-            "agent",
-            "--node-name",
-            &node,
-            "--reserved-cpus",
-            "0",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .arg("--allowed-dir")
-        .arg(&guests)
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{}", free_port().expect("port")))
-        .args(pki.agent_flags(&format!("{ip}:{node_port}")));
+    let mut agent_cmd = bench_agent(cp, &node, &state, &guests);
+    agent_cmd.args(pki.agent_flags(&format!("{ip}:{node_port}")));
     let agent = Daemon::start(agent_cmd, state.join("agent.log"));
     let mut op_cmd = Command::new(bin_path("kubevmm-operator"));
     op_cmd
