@@ -46,13 +46,17 @@ PKI="$D/pki"
 KUBECONFIG_ADMIN="$D/admin.kubeconfig"
 COMPONENTS=(etcd kube-apiserver kube-controller-manager)
 
-die() { echo "cluster: error: $*" >&2; exit 1; }
-log() { echo "cluster: $*" >&2; }
+TAG=cluster
+# shellcheck source=hack/lib.sh
+. "$HERE/lib.sh"
 
-START_NS=$(date +%s%N)
-elapsed() {
-	awk -v a="$START_NS" -v b="$(date +%s%N)" 'BEGIN { printf "%.1fs", (b - a) / 1e9 }'
-}
+# With a node (hack/node.sh), pods reach the API server at the node's
+# address: kube-apiserver then listens on all addresses and advertises this
+# one as the endpoint of the `kubernetes` Service.
+NODE_IP="${KUBEVMM_NODE_IP:-}"
+if [ -n "$NODE_IP" ]; then
+	[[ "$NODE_IP" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "KUBEVMM_NODE_IP='$NODE_IP' is not an IPv4 address"
+fi
 
 for p in API_PORT ETCD_PORT ETCD_PEER_PORT KCM_PORT; do
 	{ [[ "${!p}" =~ ^[0-9]+$ ]] && [ "${!p}" -ge 1 ] && [ "${!p}" -le 65535 ]; } ||
@@ -61,140 +65,8 @@ done
 
 BIN=$("$HERE/k8s-build.sh" --print-bin-dir)
 
-kubectl_bin() {
-	if [ -x "$BIN/kubectl" ]; then
-		echo "$BIN/kubectl"
-	elif command -v kubectl >/dev/null 2>&1; then
-		command -v kubectl
-	else
-		die "no kubectl: run hack/k8s-build.sh (it builds one when the machine has none)"
-	fi
-}
 kc() { "$(kubectl_bin)" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
-
-# ------------------------------------------------------------ processes
-pid_of() { # prints the pid if the component runs (and is really ours)
-	local f="$D/run/$1.pid" pid exe
-	[ -f "$f" ] || return 1
-	pid=$(cat "$f")
-	[[ "$pid" =~ ^[0-9]+$ ]] || return 1
-	exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
-	[ "${exe% (deleted)}" = "$BIN/$1" ] || return 1
-	tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$D/" || return 1
-	echo "$pid"
-}
-
-port_busy() { # is anything listening on 127.0.0.1:$1 (or on all addresses)?
-	ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
-}
-
-start() { # start NAME ARGS... detached, in its own session, logging to logs/
-	local name="$1"
-	shift
-	mkdir -p "$D/logs" "$D/run"
-	[ -x "$BIN/$name" ] || die "$BIN/$name is missing; run hack/k8s-build.sh"
-	{
-		echo "=== $(date -Is) starting $name"
-		printf '%q ' "$BIN/$name" "$@"
-		echo
-	} >>"$D/logs/$name.log"
-	setsid "$BIN/$name" "$@" >>"$D/logs/$name.log" 2>&1 </dev/null &
-	echo $! >"$D/run/$name.pid"
-	disown
-}
-
-wait_until() { # wait_until NAME CMD...: poll CMD until it succeeds
-	local name="$1" deadline=$((SECONDS + TIMEOUT))
-	shift
-	until "$@" >/dev/null 2>&1; do
-		sleep 0.1
-		if ! pid_of "$name" >/dev/null; then
-			tail -n 30 "$D/logs/$name.log" >&2 || true
-			die "$name exited during start-up; its log is $D/logs/$name.log (last lines above)"
-		fi
-		if [ $SECONDS -ge $deadline ]; then
-			tail -n 30 "$D/logs/$name.log" >&2 || true
-			die "$name not ready after ${TIMEOUT}s; its log is $D/logs/$name.log (last lines above)"
-		fi
-	done
-	log "  $* ok (at $(elapsed))"
-}
-
-stop() { # stop NAME...: SIGTERM to all at once, SIGKILL after 15s
-	local name pid i pids=() names=()
-	for name in "$@"; do
-		if pid=$(pid_of "$name"); then
-			kill -TERM "$pid" 2>/dev/null || true
-			pids+=("$pid")
-			names+=("$name")
-		fi
-		rm -f "$D/run/$name.pid"
-	done
-	for ((i = 0; i < ${#pids[@]}; i++)); do
-		pid=${pids[$i]}
-		local deadline=$((SECONDS + 15))
-		while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.05; done
-		if kill -0 "$pid" 2>/dev/null; then
-			log "${names[$i]} (pid $pid) did not stop on SIGTERM; sending SIGKILL"
-			kill -KILL "$pid" 2>/dev/null || true
-			sleep 0.2
-		fi
-		log "stopped ${names[$i]} (pid $pid)"
-	done
-}
-
-stray_pids() { # our binaries still running with this state dir, pid file or not
-	local p exe
-	for p in /proc/[0-9]*; do
-		exe=$(readlink "$p/exe" 2>/dev/null) || continue
-		case "${exe% (deleted)}" in
-		"$BIN/etcd" | "$BIN/kube-apiserver" | "$BIN/kube-controller-manager") ;;
-		*) continue ;;
-		esac
-		tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qF -- "$D/" && echo "${p#/proc/}"
-	done
-	return 0
-}
-
-# ------------------------------------------------------------------ PKI
-# openssl helpers: EC P-256 keys, certificates signed by a CA.
-newkey() { [ -s "$1" ] || openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
-
-new_ca() { # new_ca NAME CN
-	local n="$1" cn="$2"
-	[ -s "$PKI/$n.crt" ] && [ -s "$PKI/$n.key" ] && return 0
-	newkey "$PKI/$n.key"
-	openssl req -x509 -new -key "$PKI/$n.key" -days 3650 -subj "/CN=$cn" \
-		-addext "basicConstraints=critical,CA:TRUE" \
-		-addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
-		-out "$PKI/$n.crt" 2>/dev/null
-}
-
-new_cert() { # new_cert NAME CA SUBJECT USAGE(server|client|both) [SANS]
-	local n="$1" ca="$2" subj="$3" usage="$4" sans="${5:-}" eku ext
-	if [ -s "$PKI/$n.crt" ] && [ -s "$PKI/$n.key" ] &&
-		openssl x509 -checkend 604800 -noout -in "$PKI/$n.crt" >/dev/null 2>&1; then
-		return 0
-	fi
-	case "$usage" in
-	server) eku=serverAuth ;;
-	client) eku=clientAuth ;;
-	both) eku=serverAuth,clientAuth ;;
-	esac
-	newkey "$PKI/$n.key"
-	ext="$PKI/.$n.ext"
-	{
-		echo "basicConstraints=critical,CA:FALSE"
-		echo "keyUsage=critical,digitalSignature,keyEncipherment"
-		echo "extendedKeyUsage=$eku"
-		[ -z "$sans" ] || echo "subjectAltName=$sans"
-	} >"$ext"
-	openssl req -new -key "$PKI/$n.key" -subj "$subj" -out "$PKI/.$n.csr" 2>/dev/null
-	openssl x509 -req -in "$PKI/.$n.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" \
-		-set_serial "0x$(openssl rand -hex 16)" -days 825 -extfile "$ext" \
-		-out "$PKI/$n.crt" 2>/dev/null
-	rm -f "$ext" "$PKI/.$n.csr"
-}
+exe_of() { echo "$BIN/$1"; }
 
 make_pki() {
 	command -v openssl >/dev/null 2>&1 || die "openssl not found; apt-get install -y openssl"
@@ -207,40 +79,17 @@ make_pki() {
 	new_cert etcd-server etcd-ca "/CN=etcd" both "$local_sans"
 	new_cert apiserver-etcd-client etcd-ca "/O=system:masters/CN=kube-apiserver-etcd-client" client
 	new_cert apiserver ca "/CN=kube-apiserver" server \
-		"$local_sans,IP:$SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+		"$local_sans${NODE_IP:+,IP:$NODE_IP},IP:$SERVICE_IP,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
 	new_cert admin ca "/O=system:masters/CN=kubevmm-admin" client
 	new_cert controller-manager ca "/CN=system:kube-controller-manager" client
 	new_cert front-proxy-client front-proxy-ca "/CN=front-proxy-client" client
+	# kube-apiserver -> kubelet (logs, exec, port-forward of pods).
+	new_cert apiserver-kubelet-client ca "/O=system:masters/CN=kube-apiserver-kubelet-client" client
 	# Service-account token signing key pair (RSA: accepted by everything).
 	if [ ! -s "$PKI/sa.key" ] || [ ! -s "$PKI/sa.pub" ]; then
 		openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key" 2>/dev/null
 		openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
 	fi
-}
-
-write_kubeconfig() { # write_kubeconfig FILE USER CERT-NAME
-	local f="$1" user="$2" n="$3" tmp
-	tmp=$(mktemp "$f.XXXXXX")
-	cat >"$tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: kubevmm
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority-data: $(base64 -w0 <"$PKI/ca.crt")
-users:
-- name: $user
-  user:
-    client-certificate-data: $(base64 -w0 <"$PKI/$n.crt")
-    client-key-data: $(base64 -w0 <"$PKI/$n.key")
-contexts:
-- name: kubevmm
-  context: {cluster: kubevmm, user: $user}
-current-context: kubevmm
-EOF
-	chmod 600 "$tmp"
-	mv -f "$tmp" "$f"
 }
 
 # ----------------------------------------------------------- components
@@ -265,12 +114,6 @@ kcm_healthy() {
 	curl -fsSk --max-time 2 "https://127.0.0.1:$KCM_PORT/healthz"
 }
 default_sa_exists() { kc -n default get serviceaccount default; }
-
-check_port_free() { # check_port_free NAME PORT VAR
-	port_busy "$2" &&
-		die "port $2 (for $1) is in use by another process; stop it or choose another port with $3=<port>"
-	return 0
-}
 
 start_etcd() {
 	if pid_of etcd >/dev/null; then return 0; fi
@@ -303,13 +146,15 @@ start_etcd() {
 start_apiserver() {
 	if pid_of kube-apiserver >/dev/null; then return 0; fi
 	mkdir -p "$PKI/apiserver-generated"
-	log "starting kube-apiserver on https://127.0.0.1:$API_PORT"
+	local listen=(--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --endpoint-reconciler-type=none)
+	if [ -n "$NODE_IP" ]; then
+		listen=(--bind-address=0.0.0.0 --advertise-address="$NODE_IP" --endpoint-reconciler-type=lease)
+	fi
+	log "starting kube-apiserver on https://${NODE_IP:-127.0.0.1}:$API_PORT"
 	# shellcheck disable=SC2086 # extra args are a word list
 	start kube-apiserver \
-		--bind-address=127.0.0.1 \
-		--advertise-address=127.0.0.1 \
+		"${listen[@]}" \
 		--secure-port="$API_PORT" \
-		--endpoint-reconciler-type=none \
 		--cert-dir="$PKI/apiserver-generated" \
 		--tls-cert-file="$PKI/apiserver.crt" \
 		--tls-private-key-file="$PKI/apiserver.key" \
@@ -335,6 +180,9 @@ start_apiserver() {
 		--proxy-client-cert-file="$PKI/front-proxy-client.crt" \
 		--proxy-client-key-file="$PKI/front-proxy-client.key" \
 		--enable-aggregator-routing=true \
+		--kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+		--kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+		--kubelet-preferred-address-types=InternalIP \
 		--profiling=false \
 		${KUBEVMM_APISERVER_ARGS:-}
 	wait_until kube-apiserver apiserver_ready
@@ -401,8 +249,9 @@ cmd_up() {
 	"$HERE/k8s-build.sh"
 	mkdir -p "$D"
 	make_pki
-	write_kubeconfig "$KUBECONFIG_ADMIN" kubevmm-admin admin
-	write_kubeconfig "$D/controller-manager.kubeconfig" system:kube-controller-manager controller-manager
+	write_kubeconfig "$KUBECONFIG_ADMIN" kubevmm-admin admin "https://127.0.0.1:$API_PORT"
+	write_kubeconfig "$D/controller-manager.kubeconfig" system:kube-controller-manager controller-manager \
+		"https://127.0.0.1:$API_PORT"
 	# Fail before starting anything when a port we need is taken.
 	if ! pid_of etcd >/dev/null; then
 		check_port_free etcd "$ETCD_PORT" KUBEVMM_ETCD_PORT
@@ -419,7 +268,7 @@ cmd_up() {
 }
 
 cmd_down() {
-	local purge=0 n pid
+	local purge=0
 	case "${1:-}" in
 	"") ;;
 	--purge) purge=1 ;;
@@ -433,24 +282,10 @@ cmd_down() {
 	# The API server and the controller manager together, etcd after them.
 	stop kube-controller-manager kube-apiserver
 	stop etcd
-	for pid in $(stray_pids); do
-		log "stopping stray process $pid ($(readlink "/proc/$pid/exe" 2>/dev/null || true)) using $D"
-		kill -TERM "$pid" 2>/dev/null || true
-	done
-	sleep 0.1
-	for pid in $(stray_pids); do kill -KILL "$pid" 2>/dev/null || true; done
+	kill_strays "${COMPONENTS[@]}"
 	# The ports must be free when we return.
-	local deadline=$((SECONDS + 15)) busy
-	while :; do
-		busy=""
-		for n in $ports; do
-			port_busy "$n" && busy="$busy $n"
-		done
-		[ -n "$busy" ] || break
-		[ $SECONDS -lt $deadline ] ||
-			die "port(s)$busy still in use after stopping the control plane; see: ss -ltnp 'sport = :PORT'"
-		sleep 0.2
-	done
+	# shellcheck disable=SC2086 # a word list of ports
+	wait_ports_free $ports
 	if [ "$purge" = 1 ]; then
 		rm -rf "$D/etcd" "$D/logs"
 		log "removed etcd data and logs in $D"

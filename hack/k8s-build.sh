@@ -3,8 +3,9 @@
 #
 # Usage: hack/k8s-build.sh [--force] [--print-bin-dir]
 #
-# Builds etcd, kube-apiserver and kube-controller-manager at the Kubernetes
-# release pinned in hack/k8s-build/go.mod into
+# Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+# kube-proxy and the kubelet at the Kubernetes release pinned in
+# hack/k8s-build/go.mod, and crictl (cri-tools, pinned below), into
 #   ${KUBEVMM_K8S_CACHE:-~/.cache/kubevmm}/k8s-<version>/bin/
 # and makes sure a kubectl is available: /usr/bin/kubectl (or any kubectl on
 # PATH) when it works, otherwise k8s.io/kubernetes/cmd/kubectl is built into
@@ -64,17 +65,29 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 	LDFLAGS="$LDFLAGS -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
-KEY="$VERSION $( (cat "$MOD/go.mod" "$MOD/go.sum"; echo "$LDFLAGS") | sha256sum | cut -c1-16)"
+# crictl is not part of the Kubernetes module: `go install` at its own
+# release (its go.mod, checked against sum.golang.org). CRI is stable, so a
+# newer crictl talks to containerd 1.6 fine.
+CRICTL=sigs.k8s.io/cri-tools/cmd/crictl@v1.34.0
+
+KEY="$VERSION $( (cat "$MOD/go.mod" "$MOD/go.sum"; echo "$LDFLAGS $CRICTL") | sha256sum | cut -c1-16)"
 KEY_FILE="$BIN/.build-key"
 
 # name -> Go package. etcd's main package is go.etcd.io/etcd/server/v3, which
 # `go build -o DIR/` would name "server" (or "v3"); always build to a named
 # output instead.
-NAMES=(etcd kube-apiserver kube-controller-manager)
+NAMES=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet crictl)
 declare -A PKG=(
 	[etcd]=go.etcd.io/etcd/server/v3
 	[kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
 	[kube-controller-manager]=k8s.io/kubernetes/cmd/kube-controller-manager
+	[kube-scheduler]=k8s.io/kubernetes/cmd/kube-scheduler
+	[kube-proxy]=k8s.io/kubernetes/cmd/kube-proxy
+	[kubelet]=k8s.io/kubernetes/cmd/kubelet
+	# Not part of the Kubernetes module: `go install` at its own release
+	# (its go.mod, checked against sum.golang.org). CRI is stable, so a
+	# newer crictl talks to containerd 1.6 fine.
+	[crictl]=sigs.k8s.io/cri-tools/cmd/crictl@v1.34.0
 	[kubectl]=k8s.io/kubernetes/cmd/kubectl
 )
 
@@ -147,7 +160,16 @@ for n in "${MISSING[@]}"; do
 	t0=$(date +%s)
 	log "go build ${PKG[$n]} -> $BIN/$n"
 	# shellcheck disable=SC2086 # KUBEVMM_GO_BUILD_FLAGS is a word list
-	if ! (cd "$MOD" && go build -trimpath -ldflags="$LDFLAGS" ${KUBEVMM_GO_BUILD_FLAGS:-} \
+	if [[ "${PKG[$n]}" == *@* ]]; then
+		rm -rf "$BIN/.gobin"
+		if GOBIN="$BIN/.gobin" go install -trimpath -ldflags="-s -w" ${KUBEVMM_GO_BUILD_FLAGS:-} "${PKG[$n]}"; then
+			mv -f "$BIN/.gobin/$n" "$BIN/.$n.tmp"
+			rm -rf "$BIN/.gobin"
+		else
+			rm -rf "$BIN/.gobin"
+			die "go install ${PKG[$n]} failed (see above); check network access to proxy.golang.org"
+		fi
+	elif ! (cd "$MOD" && go build -trimpath -ldflags="$LDFLAGS" ${KUBEVMM_GO_BUILD_FLAGS:-} \
 		-o "$BIN/.$n.tmp" "${PKG[$n]}"); then
 		rm -f "$BIN/.$n.tmp"
 		die "go build of ${PKG[$n]} failed (see above); check network access to proxy.golang.org and that go >= 1.24"

@@ -3,6 +3,7 @@
 #   docker build -f images/operator.Dockerfile -t ghcr.io/kubevmm/operator:0.1.0 .
 # (Not built in this repository's CI: the development machines have no
 # container engine. See docs/deploy.md.)
+# Without an engine, images/build.py operator builds the equivalent OCI tarball (--import: into containerd).
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

@@ -4,7 +4,14 @@
 //! a unified cgroup v2 hierarchy whose root offers the `memory`, `pids` and
 //! `cpu` controllers, and hybrid hosts (v1 controllers, v2 mounted without
 //! controllers, as on our CI machines), where the VM gets a directory in each
-//! v1 controller hierarchy plus one in the v2 tree that tracks membership.
+//! v1 hierarchy plus one in the v2 tree that tracks membership.
+//!
+//! On hybrid hosts the VMM joins a directory in *every* v1 hierarchy, not
+//! only those it has limits in: a container runtime finds the processes of a
+//! container through its cgroups (runc reads the `devices` one, the kubelet
+//! the pod's), so a VMM left in any of the agent pod's cgroups would be
+//! killed with the pod. Outside all of them it survives agent restarts,
+//! upgrades and `kubectl delete pod` (docs/deploy.md).
 //! [`plan`] is pure (table-tested); [`create`], [`live_pids`] and [`remove`]
 //! do the I/O. The shim joins every directory before it starts the VMM.
 
@@ -34,7 +41,7 @@ pub enum Layout {
     },
     /// v1 controller mounts plus, optionally, a v2 mount without controllers.
     Hybrid {
-        /// `memory`, `pids`, `cpu` v1 mount points that exist.
+        /// Every v1 hierarchy's mount point, with what we limit there.
         v1: Vec<(Controller, PathBuf)>,
         /// The v2 mount, if any.
         v2: Option<PathBuf>,
@@ -52,6 +59,9 @@ pub enum Controller {
     Pids,
     /// `cpu.cfs_quota_us` / `cpu.cfs_period_us`
     Cpu,
+    /// A hierarchy we set no limit in (`devices`, `freezer`, `cpuset`,
+    /// `name=systemd`, ...): joined only to leave the agent's cgroup.
+    Membership,
 }
 
 /// The limits of one VM's cgroup.
@@ -131,6 +141,7 @@ pub fn plan(layout: &Layout, uid: &str, limits: Option<Limits>) -> Vec<Dir> {
                             ("cpu.cfs_period_us", l.cpu_period_us.to_string()),
                             ("cpu.cfs_quota_us", l.cpu_quota_us.to_string()),
                         ],
+                        Controller::Membership => Vec::new(),
                     }),
                     enable_in: None,
                 })
@@ -144,6 +155,21 @@ pub fn plan(layout: &Layout, uid: &str, limits: Option<Limits>) -> Vec<Dir> {
             }
             dirs
         }
+    }
+}
+
+/// What we limit in a v1 hierarchy mounted with `opts` (its controllers are
+/// mount options; `cpu,cpuacct` co-mounted counts as `cpu`).
+fn controller_of(opts: &str) -> Controller {
+    let has = |name: &str| opts.split(',').any(|o| o == name);
+    if has("memory") {
+        Controller::Memory
+    } else if has("pids") {
+        Controller::Pids
+    } else if has("cpu") {
+        Controller::Cpu
+    } else {
+        Controller::Membership
     }
 }
 
@@ -173,19 +199,13 @@ impl Layout {
                 return Layout::Unified { root: root.clone() };
             }
         }
-        let v1 = [
-            ("memory", Controller::Memory),
-            ("pids", Controller::Pids),
-            ("cpu", Controller::Cpu),
-        ]
-        .into_iter()
-        .filter_map(|(name, c)| {
-            mounts
-                .iter()
-                .find(|(fs, _, opts)| fs == "cgroup" && opts.split(',').any(|o| o == name))
-                .map(|(_, p, _)| (c, p.clone()))
-        })
-        .collect();
+        let mut v1: Vec<(Controller, PathBuf)> = Vec::new();
+        for (fs, path, opts) in &mounts {
+            if fs != "cgroup" || v1.iter().any(|(_, p)| p == path) {
+                continue;
+            }
+            v1.push((controller_of(opts), path.clone()));
+        }
         Layout::Hybrid { v1, v2 }
     }
 }
@@ -205,9 +225,36 @@ pub fn create(dirs: &[Dir]) -> Result<(), CgroupError> {
             enable_controllers(parent)?;
         }
         std::fs::create_dir_all(&d.path).map_err(io(&d.path))?;
+        fill_cpuset(&d.path)?;
         for (file, value) in &d.files {
             let p = d.path.join(file);
             std::fs::write(&p, value).map_err(io(&p))?;
+        }
+    }
+    Ok(())
+}
+
+/// A new v1 `cpuset` directory has no CPUs and no memory nodes, and no
+/// process can join it: copy them from the parent, top down (elsewhere a
+/// no-op).
+fn fill_cpuset(dir: &Path) -> Result<(), CgroupError> {
+    let mut chain: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|p| p.join("cpuset.cpus").exists())
+        .collect();
+    chain.reverse();
+    for pair in chain.windows(2) {
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let own = pair[1].join(file);
+            if std::fs::read_to_string(&own)
+                .map_err(io(&own))?
+                .trim()
+                .is_empty()
+            {
+                let parent = pair[0].join(file);
+                let value = std::fs::read_to_string(&parent).map_err(io(&parent))?;
+                std::fs::write(&own, value.trim()).map_err(io(&own))?;
+            }
         }
     }
     Ok(())
@@ -292,6 +339,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_v1_hierarchy_is_classified_by_its_mount_options() {
+        for (opts, want) in [
+            ("rw,relatime,memory", Controller::Memory),
+            ("rw,nosuid,pids", Controller::Pids),
+            ("rw,cpu,cpuacct", Controller::Cpu),
+            ("rw,cpuacct", Controller::Membership),
+            ("rw,cpuset", Controller::Membership),
+            ("rw,devices", Controller::Membership),
+            ("rw,relatime,name=systemd", Controller::Membership),
+        ] {
+            assert_eq!(controller_of(opts), want, "{opts}");
+        }
+    }
+
+    #[test]
     fn limits_cover_guest_ram_overhead_and_threads() {
         let l = limits(2, 512 << 20, 64 << 20);
         assert_eq!(l.memory, 576 << 20);
@@ -332,6 +394,7 @@ mod tests {
                 (Controller::Memory, "/sys/fs/cgroup/memory".into()),
                 (Controller::Pids, "/sys/fs/cgroup/pids".into()),
                 (Controller::Cpu, "/sys/fs/cgroup/cpu".into()),
+                (Controller::Membership, "/sys/fs/cgroup/devices".into()),
             ],
             v2: Some("/sys/fs/cgroup/unified".into()),
         };
@@ -343,6 +406,7 @@ mod tests {
                 "/sys/fs/cgroup/memory/kubevmm/vm-u1",
                 "/sys/fs/cgroup/pids/kubevmm/vm-u1",
                 "/sys/fs/cgroup/cpu/kubevmm/vm-u1",
+                "/sys/fs/cgroup/devices/kubevmm/vm-u1",
                 "/sys/fs/cgroup/unified/kubevmm/vm-u1"
             ]
         );
@@ -353,6 +417,7 @@ mod tests {
         assert_eq!(h[1].files, vec![("pids.max", "17".into())]);
         assert_eq!(h[2].files.len(), 2);
         assert!(h[3].files.is_empty());
+        assert!(h[4].files.is_empty());
         // Without limits (cleanup), the same directories and no files.
         assert!(plan(&hybrid, "u1", None).iter().all(|d| d.files.is_empty()));
         assert!(plan(&Layout::None, "u1", l).is_empty());

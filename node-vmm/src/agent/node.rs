@@ -48,8 +48,14 @@ pub struct Reserve {
 }
 
 /// Host capacity: online CPUs and total memory.
+///
+/// The host's, not the agent's: `available_parallelism` would apply the
+/// agent pod's own CPU limit (its cgroup quota), and guests do not run in
+/// the agent's cgroup.
 pub fn capacity() -> (u32, u64) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    // SAFETY: sysconf has no memory effects; it returns -1 on error.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cpus = u32::try_from(online).ok().filter(|n| *n > 0).unwrap_or(1);
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|t| {
