@@ -103,6 +103,13 @@ impl Metrics {
             "kubevmm_operator_leader",
             "1 while this replica holds the leader-election Lease, else 0.",
         )?;
+        // Known label values start at 0 (an absent series is no rate).
+        for result in ["success", "error"] {
+            reconcile_total.with_label_values(&[result]);
+        }
+        for reason in crate::scheduling::UNSCHEDULABLE_REASONS {
+            scheduling_failures_total.with_label_values(&[reason]);
+        }
         registry.register(Box::new(reconcile_total.clone()))?;
         registry.register(Box::new(reconcile_errors_total.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;

@@ -106,6 +106,21 @@ impl Usage {
     }
 }
 
+/// Every `reason` an [`Unschedulable`] (or the operator's spec check) can
+/// carry: the operator's failure counter starts at 0 for each, so a rate of
+/// "no failures" is 0, not an absent series.
+pub const UNSCHEDULABLE_REASONS: [&str; 9] = [
+    "NoNodes",
+    "NotReady",
+    "NoKvm",
+    "Cordoned",
+    "NodeSelector",
+    "Insufficient",
+    "DiskNodeGone",
+    "Mixed",
+    "InvalidSpec",
+];
+
 /// Why no node can take a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unschedulable {

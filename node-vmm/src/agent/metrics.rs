@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use kubevmm_crds::VmPhase;
 use prometheus::{
     CounterVec, Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -107,7 +108,7 @@ impl Metrics {
             }};
         }
         let buckets = vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
-        Ok(Self {
+        let m = Self {
             vms: reg!(IntGaugeVec::new(
                 Opts::new("kubevmm_node_vms", "VMs on this node by phase"),
                 &["phase"]
@@ -230,7 +231,23 @@ impl Metrics {
             series: Mutex::new(HashMap::new()),
             registry,
             extra: Extra(std::sync::OnceLock::new()),
-        })
+        };
+        // The histograms exist, empty, from the start: a rate over them is
+        // then defined (0) and the first boot after a scrape shows as an
+        // increase, instead of the series appearing with it already counted.
+        m.boot.with_label_values(&[] as &[&str]);
+        for phase in [
+            VmPhase::Scheduled,
+            VmPhase::Starting,
+            VmPhase::Running,
+            VmPhase::Paused,
+            VmPhase::Stopped,
+            VmPhase::Succeeded,
+            VmPhase::Failed,
+        ] {
+            m.transitions.with_label_values(&[phase.as_str()]);
+        }
+        Ok(m)
     }
 
     /// Text exposition of every metric.
