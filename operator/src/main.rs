@@ -11,6 +11,7 @@ mod reconcile;
 mod retry;
 mod scheduling;
 mod telemetry;
+mod uninstall;
 
 use std::time::Duration;
 
@@ -90,6 +91,23 @@ struct Flags {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     log_level: String,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+/// One-shot commands (without one, the operator runs).
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// The chart's pre-delete hook: refuse, or delete the `VirtualMachine`s
+    /// and wait until their guests stopped (`uninstall.rs`).
+    Uninstall {
+        /// `BlockIfVMsExist` or `DeleteVMs`.
+        #[arg(long, value_enum, default_value = "BlockIfVMsExist")]
+        strategy: uninstall::Strategy,
+        /// Give up (and fail the uninstall) after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+    },
 }
 
 /// Startup failures (the process exits 1 with the message).
@@ -116,6 +134,8 @@ enum MainError {
     Access(#[from] access::AccessError),
     #[error("--access-listen needs {0} too")]
     AccessFlag(&'static str),
+    #[error(transparent)]
+    Uninstall(#[from] uninstall::UninstallError),
 }
 
 /// The subresource API's settings, when `--access-listen` is given.
@@ -424,7 +444,18 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(flags)) {
+    let result = match flags.command {
+        Some(Cmd::Uninstall {
+            strategy,
+            timeout_seconds,
+        }) => rt.block_on(async {
+            let client = client(&flags).await?;
+            uninstall::run(client, strategy, Duration::from_secs(timeout_seconds)).await?;
+            Ok(())
+        }),
+        None => rt.block_on(run(flags)),
+    };
+    if let Err(e) = result {
         eprintln!("kubevmm-operator: {e}");
         std::process::exit(1);
     }

@@ -296,7 +296,9 @@ fn install_upgrade_uninstall() {
     let history = ok(helm(cp).args(["history", "life", "-n", &ns]));
     assert!(history.contains("deployed") && history.contains("superseded"));
 
-    ok(helm(cp).args(["uninstall", "life", "-n", &ns, "--wait"]));
+    // No kubelet here to run the pre-delete hook's Job (templates/
+    // uninstall-hook.yaml; tests/tests/deploy.rs runs it on a real one).
+    ok(helm(cp).args(["uninstall", "--no-hooks", "life", "-n", &ns, "--wait"]));
     for (kind, name, namespaced) in [
         ("deployment", "life-operator", true),
         ("daemonset", "life-node-vmm", true),
@@ -389,7 +391,7 @@ fn service_accounts_may_do_what_the_binaries_need_and_no_more() {
         }
     });
     assert!(wrong.is_empty(), "RBAC differs:\n{}", wrong.join("\n"));
-    ok(helm(cp).args(["uninstall", "perm", "-n", &ns]));
+    ok(helm(cp).args(["uninstall", "--no-hooks", "perm", "-n", &ns]));
 }
 
 /// `who | kubectl auth can-i arguments | yes/no` for people bound to the
@@ -503,7 +505,7 @@ fn people_get_vm_rights_through_the_builtin_edit_and_view_roles() {
     );
     let wrong = rbac_mismatches(cp, USER_CASES, &ns, sa);
     assert!(wrong.is_empty(), "user RBAC differs:\n{}", wrong.join("\n"));
-    ok(helm(cp).args(["uninstall", "people", "-n", &ns]));
+    ok(helm(cp).args(["uninstall", "--no-hooks", "people", "-n", &ns]));
     assert!(
         get_json(cp, &["get", "clusterrole", "people-vm-user"]).is_none(),
         "the user role outlived the release"
@@ -610,7 +612,7 @@ fn node_vmm_may_write_only_its_own_node_objects() {
         o.stderr
     );
 
-    ok(helm(cp).args(["uninstall", "nr", "-n", &ns]));
+    ok(helm(cp).args(["uninstall", "--no-hooks", "nr", "-n", &ns]));
     for n in [&mine, &other] {
         let _ = outcome(cp.kubectl().args(["delete", "node", n, "--wait=false"]));
         let _ = outcome(cp.kubectl().args([
@@ -732,5 +734,5 @@ fn binaries_run_under_the_chart_rbac_and_policy() {
         cp.kubectl()
             .args(["delete", "vm", "vm", "-n", &ns, "--wait=false"]),
     );
-    ok(helm(cp).args(["uninstall", "run", "-n", &ns]));
+    ok(helm(cp).args(["uninstall", "--no-hooks", "run", "-n", &ns]));
 }
