@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds helm and promtool from the Go module proxy at pinned releases into
-# ~/.cache/kubevmm/{helm,promtool}-<version>/ (used by tests/tests/helm.rs).
+# Builds helm, promtool and prometheus from the Go module proxy at pinned
+# releases into ~/.cache/kubevmm/{helm,promtool}-<version>/ (used by the
+# tests and hack/prometheus.sh).
 #
 # Usage: hack/helm-build.sh [--no-promtool]
 #
@@ -68,15 +69,21 @@ if [ "$PROMTOOL" = 1 ]; then
 	grep -q "github.com/prometheus/prometheus $PROMTOOL_VERSION\$" "$MOD/go.mod" ||
 		die "$MOD/go.mod does not require prometheus $PROMTOOL_VERSION"
 	dir="$CACHE/promtool-$PROMTOOL_VERSION"
-	if [ -x "$dir/promtool" ]; then
-		log "promtool $PROMTOOL_VERSION present ($dir/promtool)"
-	else
+	# promtool for the tests, prometheus for the local cluster
+	# (hack/prometheus.sh: Kubernetes service discovery, which Debian's
+	# package leaves out); one module, so the second build reuses the first's.
+	for cmd in promtool prometheus; do
+		if [ -x "$dir/$cmd" ]; then
+			log "$cmd $PROMTOOL_VERSION present ($dir/$cmd)"
+			continue
+		fi
 		mkdir -p "$dir"
-		log "building promtool $PROMTOOL_VERSION in $MOD (large: several minutes)"
+		t0=$(date +%s)
+		log "building $cmd $PROMTOOL_VERSION in $MOD (large: several minutes)"
 		(cd "$MOD" && CGO_ENABLED=0 GOFLAGS="${GOFLAGS:--p=2}" \
-			go build -o "$dir/.promtool.tmp" github.com/prometheus/prometheus/cmd/promtool) ||
-			{ rm -f "$dir/.promtool.tmp"; die "go build promtool failed"; }
-		mv "$dir/.promtool.tmp" "$dir/promtool"
-		log "promtool $PROMTOOL_VERSION built: $dir/promtool"
-	fi
+			go build -trimpath -ldflags="-s -w" -o "$dir/.$cmd.tmp" "github.com/prometheus/prometheus/cmd/$cmd") ||
+			{ rm -f "$dir/.$cmd.tmp"; die "go build $cmd failed"; }
+		mv "$dir/.$cmd.tmp" "$dir/$cmd"
+		log "$cmd $PROMTOOL_VERSION built in $(($(date +%s) - t0))s: $dir/$cmd"
+	done
 fi
