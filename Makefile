@@ -1,8 +1,11 @@
 # kubevmm — the commands users and CI rely on (DESIGN.md, "Commands").
 #   make demo          build, boot the demo guest standalone, then through the local cluster
 #   make test          every test, installing what it needs (what .ci/run calls)
-#   make cluster-up    local control plane (etcd, kube-apiserver, kube-controller-manager, CRDs)
-#   make cluster-down  stop it, free its ports
+#   make cluster-up    a one-node cluster here (control plane, kubelet on containerd), our
+#                      images imported and the chart installed with helm (hack/deploy.sh)
+#   make cluster-down  helm uninstall, stop everything, leave nothing behind
+#   make cluster-up-local / cluster-down-local  the same control plane with the operator
+#                      and node-vmm as host processes (the inner loop, no images)
 #   make bench         benchmarks beside their anchors
 #   make doctor        what this machine has and lacks for guests
 #   make install       kubectl-vm (the `kubectl vm` plugin) and node-vmm into $(PREFIX)/bin
@@ -13,7 +16,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 RELEASE_BIN := $(TARGET_DIR)/release
 
 .PHONY: all build install deps guests fixtures crds lint test test-rust test-linux-hw demo demo-standalone demo-cluster \
-	cluster-up cluster-down bench doctor clean
+	cluster-up cluster-down cluster-up-local cluster-down-local bench doctor clean
 
 all: build
 
@@ -89,11 +92,17 @@ demo-standalone: build guests
 demo-cluster: build guests cluster-up
 	hack/demo-cluster.sh
 
-cluster-up: build
+cluster-up: build guests
+	hack/deploy.sh up
+
+cluster-down:
+	hack/deploy.sh down
+
+cluster-up-local: build
 	hack/cluster.sh up
 	hack/kubevmm-local.sh up
 
-cluster-down:
+cluster-down-local:
 	hack/kubevmm-local.sh down
 	hack/cluster.sh down
 

@@ -5,15 +5,19 @@
 # `helm install` of charts/kubevmm, so the operator and node-vmm run as pods.
 #
 # Usage: hack/deploy.sh up | down | upgrade | status
-#   up       everything above; labels the node kubevmm.io/hypervisor=true and
-#            waits for the operator and node-vmm pods; prints
+#   up       everything above; labels the node kubevmm.io/hypervisor=true,
+#            waits for the operator and node-vmm pods, starts Prometheus
+#            (hack/prometheus.sh) scraping them; prints
 #            `export KUBECONFIG=...` on stdout. Running it again rebuilds the
 #            images and upgrades the release.
 #   upgrade  rebuild and import the images, `helm upgrade` (pods roll when an
 #            image changed)
-#   down     `helm uninstall` (docs/deploy.md: what happens to VMs still
-#            defined), then the node and the control plane: nothing is left
-#            running.
+#   down     power the cluster off: the node (pods, containerd, kube-proxy's
+#            rules), the guests the release's agent ran (ACPI shutdown, then
+#            forced) with their taps, bridge and rules, and the control
+#            plane; nothing is left running. The release and the VMs stay
+#            in etcd: `up` brings them back. (`helm uninstall` is the way to
+#            remove kubevmm: docs/deploy.md.)
 #   status   the node's processes and the release's pods
 #
 # Environment (defaults in brackets): those of hack/cluster.sh and
@@ -23,12 +27,13 @@
 #   KUBEVMM_HELM           helm [on PATH, else ~/.cache/kubevmm/helm-v3.17.4/helm]
 #   KUBEVMM_HELM_VALUES    an extra values file for the release
 #   KUBEVMM_RELEASE        release name [kubevmm], in namespace kubevmm-system
+#   KUBEVMM_PROMETHEUS     1: `up` also starts Prometheus (hack/prometheus.sh,
+#                          KUBEVMM_PROMETHEUS_PORT [9090]) scraping the release [1]
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 D="${KUBEVMM_CLUSTER_DIR:-$HOME/.cache/kubevmm/cluster}"
-PKI="$D/pki"
 TIMEOUT="${KUBEVMM_READY_TIMEOUT:-180}"
 RELEASE="${KUBEVMM_RELEASE:-kubevmm}"
 NS=kubevmm-system
@@ -48,12 +53,42 @@ NODE_NAME="${KUBEVMM_NODE_NAME:-$(hostname | tr '[:upper:]' '[:lower:]')}"
 export KUBEVMM_NODE_NAME="$NODE_NAME"
 SOCK="$D/node/run/containerd.sock"
 
+CHANGED=() # images whose content changed since the last import
+
 images() {
-	local tag=()
+	local tag=() img out digest stamp
 	[ -z "${KUBEVMM_IMAGE_TAG:-}" ] || tag=(--tag "$KUBEVMM_IMAGE_TAG")
-	"$REPO/images/build.py" --bin-dir "$RELBIN" --out "$D/node/images" "${tag[@]}" \
-		--import --containerd-address "$SOCK" operator node-vmm >&2 ||
-		die "building or importing the images failed (see above)"
+	for img in operator node-vmm; do
+		out=$("$REPO/images/build.py" --bin-dir "$RELBIN" --out "$D/node/images" "${tag[@]}" \
+			--import --containerd-address "$SOCK" "$img") ||
+			die "building or importing the $img image failed (see above)"
+		echo "$out" >&2
+		digest=$(sed -n 's/^ *digest: *//p' <<<"$out")
+		stamp="$D/node/images/$img.imported"
+		[ "$digest" = "$(cat "$stamp" 2>/dev/null || true)" ] || CHANGED+=("$img")
+		echo "$digest" >"$stamp"
+	done
+}
+
+# The images keep their tag when only their content changes (a rebuilt
+# binary): roll the workloads whose image changed, as a registry user would
+# by pushing a new tag.
+restart_changed() {
+	local img kind
+	for img in "${CHANGED[@]}"; do
+		case "$img" in
+		operator) kind=deployment ;;
+		node-vmm) kind=daemonset ;;
+		esac
+		log "the $img image changed: restarting $kind/$RELEASE-$img"
+		kc -n "$NS" rollout restart "$kind/$RELEASE-$img" >&2
+		kc -n "$NS" rollout status "$kind/$RELEASE-$img" --timeout "${TIMEOUT}s" >&2 ||
+			die "$kind/$RELEASE-$img did not roll out within ${TIMEOUT}s"
+	done
+}
+
+installed() {
+	"$HELM" status "$RELEASE" -n "$NS" --kubeconfig "$D/admin.kubeconfig" >/dev/null 2>&1
 }
 
 helm_install() {
@@ -69,6 +104,12 @@ helm_install() {
 		kc -n "$NS" get events --sort-by=.lastTimestamp >&2 | tail -n 20 || true
 		die "helm install of charts/kubevmm did not become ready within ${TIMEOUT}s (pods and events above)"
 	}
+	# Where the agent keeps its guests and which bridge it made: `down`
+	# stops those guests and removes that bridge even with the API gone.
+	"$HELM" get values "$RELEASE" -n "$NS" --kubeconfig "$D/admin.kubeconfig" --all -o json |
+		python3 -c 'import json, sys; n = json.load(sys.stdin)["nodeVmm"]
+print("GUEST_STATE=%s\nGUEST_BRIDGE=%s" % (n["stateDir"], n["masquerade"]["bridge"]))' \
+		>"$D/node/release.env" || die "cannot read the release's values (helm get values)"
 	# helm --wait does not wait for a DaemonSet's pods to be Ready.
 	kc -n "$NS" rollout status "daemonset/$RELEASE-node-vmm" --timeout "${TIMEOUT}s" >&2 || {
 		kc -n "$NS" get pods -o wide >&2 || true
@@ -82,25 +123,39 @@ cmd_up() {
 	"$HERE/node.sh" up
 	images
 	kc label node "$NODE_NAME" kubevmm.io/hypervisor=true --overwrite >/dev/null
+	local was=0
+	installed && was=1
 	helm_install
+	[ "$was" = 0 ] || restart_changed
 	kc -n "$NS" get pods -o wide >&2
+	if [ "${KUBEVMM_PROMETHEUS:-1}" = 1 ]; then
+		"$HERE/prometheus.sh" up >/dev/null
+	fi
 	log "kubevmm installed with helm (release $RELEASE in $NS), took $(elapsed)"
 	"$HERE/cluster.sh" env
 }
 
 cmd_upgrade() {
+	installed || die "release $RELEASE is not installed; run hack/deploy.sh up"
 	images
 	helm_install
+	restart_changed
 	kc -n "$NS" get pods -o wide >&2
 }
 
 cmd_down() {
-	if [ -x "$HELM" ] && kc get namespace "$NS" >/dev/null 2>&1 &&
-		"$HELM" status "$RELEASE" -n "$NS" --kubeconfig "$D/admin.kubeconfig" >/dev/null 2>&1; then
-		"$HELM" uninstall "$RELEASE" -n "$NS" --kubeconfig "$D/admin.kubeconfig" --wait --timeout 120s >&2 ||
-			log "helm uninstall failed; going on"
-	fi
+	# Powering the cluster off, not uninstalling: the release and the
+	# VirtualMachines stay in etcd, and the next `up` starts the guests
+	# again per runStrategy. Pods go with the node; guests outlive their
+	# agent by design, so they are stopped here.
+	"$HERE/prometheus.sh" down
 	"$HERE/node.sh" down
+	if [ -f "$D/node/release.env" ]; then
+		local GUEST_STATE GUEST_BRIDGE
+		# shellcheck disable=SC1091 # written by helm_install
+		. "$D/node/release.env"
+		stop_guests "$GUEST_STATE" "$GUEST_BRIDGE"
+	fi
 	"$HERE/cluster.sh" down
 }
 

@@ -55,7 +55,10 @@ PACKAGES=(
 	mtools          # mcopy: reads cloud-init seed images in tests
 	strace          # the blk flush test orders fdatasync before the guest sees completion
 	shellcheck      # make lint: hack/*.sh, .ci/run
-	nftables        # nft: node-vmm's NAT and anti-spoofing rules (agent/nft.rs)
+	nftables        # nft: node-vmm's NAT and anti-spoofing rules (agent/nft.rs); kube-proxy
+	containerd      # the kubelet node (hack/node.sh): container runtime (1.6.20),
+	runc            # its OCI runtime (1.1.5)
+	containernetworking-plugins # and the pods' CNI bridge (1.1.1)
 )
 
 need_root() {

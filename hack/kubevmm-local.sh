@@ -65,8 +65,9 @@ NS=kubevmm-system
 SVC=kubevmm-subresource-api
 APISERVICE=v1alpha1.subresources.kubevmm.io
 
-die() { echo "kubevmm-local: error: $*" >&2; exit 1; }
-log() { echo "kubevmm-local: $*" >&2; }
+TAG=kubevmm-local
+# shellcheck source=hack/lib.sh
+. "$HERE/lib.sh" # die, log, stop_guests (the functions below are this script's own)
 
 for p in ACCESS_PORT NODE_ACCESS_PORT ACCESS_TIMEOUT; do
 	{ [[ "${!p}" =~ ^[0-9]+$ ]] && [ "${!p}" -ge 1 ] && [ "${!p}" -le 65535 ]; } ||
@@ -315,31 +316,7 @@ down)
 	fi
 	stop node-vmm
 	stop kubevmm-operator
-	socks=()
-	for s in "$STATE"/vms/*/api.sock; do [ -S "$s" ] && socks+=("$s"); done
-	for s in "${socks[@]}"; do
-		curl -s -m 2 -X PUT --unix-socket "$s" http://vmm/vm/shutdown >/dev/null || true
-	done
-	for _ in $(seq 100); do
-		left=0
-		for s in "${socks[@]}"; do [ -S "$s" ] && curl -s -m 1 --unix-socket "$s" http://vmm/vm >/dev/null 2>&1 && left=1; done
-		[ "$left" = 0 ] && break
-		sleep 0.1
-	done
-	for s in "${socks[@]}"; do
-		curl -s -m 2 -X PUT --unix-socket "$s" http://vmm/vm/stop >/dev/null 2>&1 || true
-	done
-	[ "${#socks[@]}" = 0 ] || log "stopped ${#socks[@]} guest(s)"
-	# The agent's network: taps of the guests, the masquerade bridge and its
-	# nftables tables (named after the bridge). Leases stay in the state
-	# directory, so the next `up` gives each VM its address again.
-	for tap in /sys/class/net/kvt*; do
-		if [ -e "$tap" ]; then ip link del "$(basename "$tap")" 2>/dev/null || true; fi
-	done
-	ip link del "$MASQ_BRIDGE" 2>/dev/null || true
-	nft delete table ip "$MASQ_BRIDGE" 2>/dev/null || true
-	nft delete table bridge "$MASQ_BRIDGE" 2>/dev/null || true
-	log "removed the guests' taps, bridge $MASQ_BRIDGE and its rules"
+	stop_guests "$STATE" "$MASQ_BRIDGE"
 	;;
 status)
 	for c in kubevmm-operator node-vmm; do

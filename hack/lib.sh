@@ -144,6 +144,39 @@ wait_ports_free() { # wait_ports_free PORT...: up to 15 s, else die
 	done
 }
 
+# --------------------------------------------------------------- guests
+stop_guests() { # stop_guests STATE BRIDGE: the VMMs of node-vmm's state dir
+	# STATE (ACPI shutdown, forced stop after 10 s), then what the agent made
+	# for them on this host: taps, the masquerade BRIDGE and its nftables
+	# tables (named after it), their cgroups. Leases stay in STATE, so the
+	# next start gives each VM its address again.
+	local state="$1" bridge="$2" s left tap socks=()
+	for s in "$state"/vms/*/api.sock; do [ -S "$s" ] && socks+=("$s"); done
+	for s in "${socks[@]}"; do
+		curl -s -m 2 -X PUT --unix-socket "$s" http://vmm/vm/shutdown >/dev/null || true
+	done
+	for _ in $(seq 100); do
+		left=0
+		for s in "${socks[@]}"; do [ -S "$s" ] && curl -s -m 1 --unix-socket "$s" http://vmm/vm >/dev/null 2>&1 && left=1; done
+		[ "$left" = 0 ] && break
+		sleep 0.1
+	done
+	for s in "${socks[@]}"; do
+		curl -s -m 2 -X PUT --unix-socket "$s" http://vmm/vm/stop >/dev/null 2>&1 || true
+	done
+	[ "${#socks[@]}" = 0 ] || log "stopped ${#socks[@]} guest(s)"
+	for tap in /sys/class/net/kvt*; do
+		if [ -e "$tap" ]; then ip link del "$(basename "$tap")" 2>/dev/null || true; fi
+	done
+	ip link del "$bridge" 2>/dev/null || true
+	nft delete table ip "$bridge" 2>/dev/null || true
+	nft delete table bridge "$bridge" 2>/dev/null || true
+	# Empty per-VM cgroups (the shims are gone with their VMMs).
+	sleep 0.2
+	rmdir /sys/fs/cgroup/*/kubevmm/vm-* /sys/fs/cgroup/kubevmm/vm-* 2>/dev/null || true
+	log "removed the guests' taps, bridge $bridge and its rules"
+}
+
 # ------------------------------------------------------------------ PKI
 # openssl helpers: EC P-256 keys, certificates signed by a CA.
 newkey() { [ -s "$1" ] || openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }

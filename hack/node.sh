@@ -249,7 +249,7 @@ cmd_up() {
 
 unmount_below() { # lazily unmount every mount under $1, deepest first
 	local m
-	findmnt -rn -o TARGET | grep -F -- "$1/" | sort -r | while read -r m; do
+	findmnt -rn -o TARGET | { grep -F -- "$1/" || true; } | sort -r | while read -r m; do
 		umount -l "$m" 2>/dev/null || log "could not unmount $m"
 	done
 }
@@ -261,13 +261,13 @@ cmd_down() {
 		crictl rmp --all --force >/dev/null 2>&1 || log "crictl rmp --all failed; killing the shims instead"
 	fi
 	stop containerd
+	stop kube-proxy
 	kill_strays "${COMPONENTS[@]}"
 	# Shims of this containerd that outlived it (their command line names it).
 	local pid
 	for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $SOCK" || true); do
 		kill -KILL "$pid" 2>/dev/null || true
 	done
-	stop kube-proxy
 	# kube-proxy's own nftables tables.
 	[ ! -f "$D/kube-proxy.yaml" ] || "$BIN/kube-proxy" --cleanup --config="$D/kube-proxy.yaml" >/dev/null 2>&1 || true
 	unmount_below "$D"
@@ -275,6 +275,14 @@ cmd_down() {
 		ip link del "$CNI_BRIDGE" || log "could not delete $CNI_BRIDGE"
 	fi
 	rm -rf "$D/cni/ipam"
+	# The kubelet's pod cgroups (empty now), in every hierarchy.
+	local cg
+	for cg in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
+		[ ! -d "$cg" ] || find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true
+	done
+	# containerd's fixed runtime directories (shim sockets, fifos), if empty.
+	rmdir /run/containerd/s /run/containerd/fifo /run/containerd/runc/k8s.io \
+		/run/containerd/runc /run/containerd 2>/dev/null || true
 	wait_ports_free 10250 10248 10259 10256 10249
 	log "node down, took $(elapsed)"
 }
