@@ -101,6 +101,17 @@ impl Deployed {
         c
     }
 
+    /// The URL of the Prometheus `hack/deploy.sh up` started.
+    fn prometheus(&self) -> String {
+        let port = &self
+            .env
+            .iter()
+            .find(|(k, _)| k == "KUBEVMM_PROMETHEUS_PORT")
+            .expect("port")
+            .1;
+        format!("http://127.0.0.1:{port}")
+    }
+
     fn kubeconfig(&self) -> PathBuf {
         self.dir.join("cluster/admin.kubeconfig")
     }
@@ -309,18 +320,12 @@ fn boot_echo(d: &Deployed, agent: &str) -> (String, Value, i32) {
 /// An instant query to the cluster's Prometheus (`hack/prometheus.sh`):
 /// its `data.result`.
 fn promql(d: &Deployed, query: &str) -> Vec<Value> {
-    let port = &d
-        .env
-        .iter()
-        .find(|(k, _)| k == "KUBEVMM_PROMETHEUS_PORT")
-        .expect("port")
-        .1;
     let out = outcome(Command::new("curl").args([
         "-fsS",
         "--max-time",
         "10",
         "-G",
-        &format!("http://127.0.0.1:{port}/api/v1/query"),
+        &format!("{}/api/v1/query", d.prometheus()),
         "--data-urlencode",
         &format!("query={query}"),
     ]));
@@ -367,14 +372,8 @@ fn prometheus_sees_everything(d: &Deployed) {
         let r = series(&q);
         eprintln!("deploy: dashboard {title}: {q} = {}", r[0]["value"][1]);
     }
-    let port = &d
-        .env
-        .iter()
-        .find(|(k, _)| k == "KUBEVMM_PROMETHEUS_PORT")
-        .expect("port")
-        .1;
     let rules =
-        ok(Command::new("curl").args(["-fsS", &format!("http://127.0.0.1:{port}/api/v1/rules")]));
+        ok(Command::new("curl").args(["-fsS", &format!("{}/api/v1/rules", d.prometheus())]));
     let rules: Value = serde_json::from_str(&rules).expect("rules JSON");
     let all: Vec<&Value> = rules["data"]["groups"]
         .as_array()
