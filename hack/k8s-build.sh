@@ -69,8 +69,9 @@ done
 # release (its go.mod, checked against sum.golang.org). CRI is stable, so a
 # newer crictl talks to containerd 1.6 fine.
 CRICTL=sigs.k8s.io/cri-tools/cmd/crictl@v1.34.0
+CRICTL_LDFLAGS="-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=${CRICTL#*@}"
 
-KEY="$VERSION $( (cat "$MOD/go.mod" "$MOD/go.sum"; echo "$LDFLAGS $CRICTL") | sha256sum | cut -c1-16)"
+KEY="$VERSION $( (cat "$MOD/go.mod" "$MOD/go.sum"; echo "$LDFLAGS $CRICTL $CRICTL_LDFLAGS") | sha256sum | cut -c1-16)"
 KEY_FILE="$BIN/.build-key"
 
 # name -> Go package. etcd's main package is go.etcd.io/etcd/server/v3, which
@@ -162,7 +163,7 @@ for n in "${MISSING[@]}"; do
 	# shellcheck disable=SC2086 # KUBEVMM_GO_BUILD_FLAGS is a word list
 	if [[ "${PKG[$n]}" == *@* ]]; then
 		rm -rf "$BIN/.gobin"
-		if GOBIN="$BIN/.gobin" go install -trimpath -ldflags="-s -w" ${KUBEVMM_GO_BUILD_FLAGS:-} "${PKG[$n]}"; then
+		if GOBIN="$BIN/.gobin" go install -trimpath -ldflags="$CRICTL_LDFLAGS" ${KUBEVMM_GO_BUILD_FLAGS:-} "${PKG[$n]}"; then
 			mv -f "$BIN/.gobin/$n" "$BIN/.$n.tmp"
 			rm -rf "$BIN/.gobin"
 		else
