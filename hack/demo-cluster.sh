@@ -94,4 +94,4 @@ say "\$ kubectl delete vm demo echo   (ACPI shutdown, then the finalizer is rele
 kubectl delete vm demo echo --wait=true --timeout="${T}s"
 kubectl get events --field-selector involvedObject.name=demo --sort-by=.lastTimestamp \
 	-o custom-columns=REASON:.reason,MESSAGE:.message 2>/dev/null | tail -n 8
-say "demo done: 'make cluster-down' stops the control plane, the operator and node-vmm"
+say "demo done: 'make cluster-down' powers the cluster off, guests included; 'make cluster-up' brings it back"
