@@ -238,7 +238,14 @@ cmd_up() {
 	mkdir -p "$D"
 	make_node_pki
 	write_configs
-	pid_of kubelet >/dev/null || { check_port_free kubelet 10250 KUBEVMM_NODE_IP; check_port_free kubelet 10248 -; }
+	if ! pid_of kubelet >/dev/null; then
+		local p
+		for p in 10250 10248 10259 10256; do
+			if port_busy "$p"; then
+				die "port $p (kubelet, kube-scheduler or kube-proxy) is in use: another node runs on this machine (one per machine); stop it first (hack/deploy.sh down with its KUBEVMM_CLUSTER_DIR)"
+			fi
+		done
+	fi
 	start_containerd
 	import_pause
 	start_scheduler
