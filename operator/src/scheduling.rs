@@ -106,19 +106,41 @@ impl Usage {
     }
 }
 
-/// Every `reason` an [`Unschedulable`] (or the operator's spec check) can
-/// carry: the operator's failure counter starts at 0 for each, so a rate of
-/// "no failures" is 0, not an absent series.
+/// The `reason` of an [`Unschedulable`] (and of the operator's spec check):
+/// the `Scheduled=False` condition's reason and the failure counter's label.
+pub mod reason {
+    /// No node at all, or none left to consider.
+    pub const NO_NODES: &str = "NoNodes";
+    /// The node's agent is not ready.
+    pub const NOT_READY: &str = "NotReady";
+    /// The node has no usable KVM.
+    pub const NO_KVM: &str = "NoKvm";
+    /// The node is cordoned.
+    pub const CORDONED: &str = "Cordoned";
+    /// The VM's node selector excludes the node.
+    pub const NODE_SELECTOR: &str = "NodeSelector";
+    /// Not enough vCPUs or memory left.
+    pub const INSUFFICIENT: &str = "Insufficient";
+    /// The node holding the VM's disks is gone.
+    pub const DISK_NODE_GONE: &str = "DiskNodeGone";
+    /// Nodes refused for different reasons.
+    pub const MIXED: &str = "Mixed";
+    /// The spec cannot be placed at all.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+}
+
+/// Every [`reason`]: the operator's failure counter starts at 0 for each, so
+/// a rate of "no failures" is 0, not an absent series.
 pub const UNSCHEDULABLE_REASONS: [&str; 9] = [
-    "NoNodes",
-    "NotReady",
-    "NoKvm",
-    "Cordoned",
-    "NodeSelector",
-    "Insufficient",
-    "DiskNodeGone",
-    "Mixed",
-    "InvalidSpec",
+    reason::NO_NODES,
+    reason::NOT_READY,
+    reason::NO_KVM,
+    reason::CORDONED,
+    reason::NODE_SELECTOR,
+    reason::INSUFFICIENT,
+    reason::DISK_NODE_GONE,
+    reason::MIXED,
+    reason::INVALID_SPEC,
 ];
 
 /// Why no node can take a VM.
@@ -252,15 +274,15 @@ fn misfit(
     }
     if !node.ready {
         return Some((
-            "NotReady",
+            reason::NOT_READY,
             format!("{} is not ready (no fresh heartbeat)", node.name),
         ));
     }
     if !node.kvm_available {
-        return Some(("NoKvm", format!("{} has no usable KVM", node.name)));
+        return Some((reason::NO_KVM, format!("{} has no usable KVM", node.name)));
     }
     if node.cordoned {
-        return Some(("Cordoned", format!("{} is cordoned", node.name)));
+        return Some((reason::CORDONED, format!("{} is cordoned", node.name)));
     }
     let mismatched: Vec<String> = req
         .node_selector
@@ -270,7 +292,7 @@ fn misfit(
         .collect();
     if !mismatched.is_empty() {
         return Some((
-            "NodeSelector",
+            reason::NODE_SELECTOR,
             format!(
                 "{} does not match nodeSelector {}",
                 node.name,
@@ -285,15 +307,15 @@ fn misfit(
     match (cpu_short, mem_short) {
         (false, false) => None,
         (true, false) => Some((
-            "Insufficient",
+            reason::INSUFFICIENT,
             format!("{name} has {} free", vcpus(cpu_free.max(0))),
         )),
         (false, true) => Some((
-            "Insufficient",
+            reason::INSUFFICIENT,
             format!("{name} has {} memory free", bytes(mem_free)),
         )),
         (true, true) => Some((
-            "Insufficient",
+            reason::INSUFFICIENT,
             format!(
                 "{name} has {} and {} memory free",
                 vcpus(cpu_free.max(0)),
@@ -339,7 +361,7 @@ pub fn place(
     if nodes.is_empty() {
         return Err(Unschedulable {
             message: format!("0/0 nodes can run {asked}: no HypervisorNode exists"),
-            reason: "NoNodes",
+            reason: reason::NO_NODES,
         });
     }
     if let Some(d) = req
@@ -353,14 +375,14 @@ pub fn place(
                  to start it elsewhere with new, empty disks, remove status.diskNode \
                  (kubectl patch vm NAME --subresource=status --type=merge -p '{{\"status\":{{\"diskNode\":null}}}}')"
             ),
-            reason: "DiskNodeGone",
+            reason: reason::DISK_NODE_GONE,
         });
     }
-    let first = why.first().map_or("NoNodes", |w| w.0);
+    let first = why.first().map_or(reason::NO_NODES, |w| w.0);
     let reason = if why.iter().all(|w| w.0 == first) {
         first
     } else {
-        "Mixed"
+        reason::MIXED
     };
     let parts: Vec<String> = why.into_iter().map(|w| w.1).collect();
     Err(Unschedulable {

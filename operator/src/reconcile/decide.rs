@@ -135,7 +135,7 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
             if w.bind.is_none() {
                 w.phase = Some(VmPhase::Pending);
             }
-            w.failure_reason = Some("InvalidSpec");
+            w.failure_reason = Some(crate::scheduling::reason::INVALID_SPEC);
             return w;
         }
     };
@@ -299,7 +299,7 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
                 condition::SCHEDULED,
                 Want::new(ConditionStatus::False, reason::INVALID_SPEC, msg),
             );
-            w.failure_reason = Some("InvalidSpec");
+            w.failure_reason = Some(crate::scheduling::reason::INVALID_SPEC);
         }
     }
     w
