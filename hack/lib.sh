@@ -165,15 +165,30 @@ stop_guests() { # stop_guests STATE BRIDGE: the VMMs of node-vmm's state dir
 		curl -s -m 2 -X PUT --unix-socket "$s" http://vmm/vm/stop >/dev/null 2>&1 || true
 	done
 	[ "${#socks[@]}" = 0 ] || log "stopped ${#socks[@]} guest(s)"
-	for tap in /sys/class/net/kvt*; do
-		if [ -e "$tap" ]; then ip link del "$(basename "$tap")" 2>/dev/null || true; fi
+	# Only this state dir's VMs: other agents on the machine (tests) have
+	# taps and cgroups of their own. A VM's taps are kvt<first 8 hex digits
+	# of its uid>n<index> (node-vmm's taps.rs), its cgroups
+	# kubevmm/<node>/vm-<uid> in every hierarchy (cgroups.rs).
+	local uid short vm
+	for vm in "$state"/vms/*/; do
+		[ -d "$vm" ] || continue
+		uid=$(basename "$vm")
+		short=$(printf '%s' "$uid" | tr -cd '0-9a-fA-F' | cut -c1-8)
+		for tap in /sys/class/net/kvt"${short}"n*; do
+			if [ -e "$tap" ]; then ip link del "$(basename "$tap")" 2>/dev/null || true; fi
+		done
 	done
 	ip link del "$bridge" 2>/dev/null || true
 	nft delete table ip "$bridge" 2>/dev/null || true
 	nft delete table bridge "$bridge" 2>/dev/null || true
-	# Empty per-VM cgroups (the shims are gone with their VMMs).
+	# Their cgroups, empty now (the shims are gone with their VMMs); the
+	# node's own kubevmm/<node> directory stays for its next start.
 	sleep 0.2
-	rmdir /sys/fs/cgroup/*/kubevmm/vm-* /sys/fs/cgroup/kubevmm/vm-* 2>/dev/null || true
+	for vm in "$state"/vms/*/; do
+		[ -d "$vm" ] || continue
+		uid=$(basename "$vm")
+		rmdir /sys/fs/cgroup/*/kubevmm/*/vm-"$uid" /sys/fs/cgroup/kubevmm/*/vm-"$uid" 2>/dev/null || true
+	done
 	log "removed the guests' taps, bridge $bridge and its rules"
 }
 

@@ -398,17 +398,26 @@ pub fn kill_guests(state: &Path) {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
-        // The VM's cgroups in every hierarchy (v2, and v1 memory/pids/cpu on
-        // hybrid hosts): empty once its processes are gone; retried briefly.
-        let leaf = format!("kubevmm/vm-{}", d.file_name().to_string_lossy());
-        for root in cgroup_roots() {
-            let cg = root.join(&leaf);
+        // The VM's cgroups in every hierarchy (`kubevmm/<node>/vm-<uid>`):
+        // empty once its processes are gone; retried briefly.
+        let leaf = format!("vm-{}", d.file_name().to_string_lossy());
+        for node_dir in cgroup_roots()
+            .iter()
+            .filter_map(|r| std::fs::read_dir(r.join("kubevmm")).ok())
+            .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        {
+            let cg = node_dir.join(&leaf);
+            if !cg.exists() {
+                continue;
+            }
             for _ in 0..20 {
-                if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                if std::fs::remove_dir(&cg).is_ok() {
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
+            // This test's node: its directory goes with its last VM.
+            let _ = std::fs::remove_dir(&node_dir);
         }
     }
     let _ = std::fs::remove_dir_all(state);

@@ -235,7 +235,8 @@ fn guests_survive_a_killed_agent_and_are_readopted() {
     };
     let vmm_cgroup = cgroup2(pid);
     assert!(
-        vmm_cgroup.contains(&format!("kubevmm/vm-{uid}")) && vmm_cgroup != cgroup2(agent_pid),
+        vmm_cgroup.ends_with(&format!("kubevmm/{}/vm-{uid}", env.node))
+            && vmm_cgroup != cgroup2(agent_pid),
         "the VMM sits in its own cgroup, outside the agent's: {vmm_cgroup:?}"
     );
     env.agent.kill();

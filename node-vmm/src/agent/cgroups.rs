@@ -103,14 +103,17 @@ pub struct Dir {
     pub enable_in: Option<PathBuf>,
 }
 
-/// The directory name of a VM's cgroup.
-fn leaf(uid: &str) -> String {
-    format!("kubevmm/vm-{uid}")
+/// The directory of a VM's cgroups below a hierarchy's root:
+/// `kubevmm/<node>/vm-<uid>`. Each agent owns its node's subtree and never
+/// looks outside it, so agents that share a host (tests, a local cluster
+/// beside them) never take each other's VMs for leftovers.
+fn leaf(node: &str, uid: &str) -> String {
+    format!("kubevmm/{node}/vm-{uid}")
 }
 
-/// The cgroups of VM `uid` under `layout` with `limits` (pure).
-pub fn plan(layout: &Layout, uid: &str, limits: Option<Limits>) -> Vec<Dir> {
-    let leaf = leaf(uid);
+/// The cgroups of VM `uid` of node `node` under `layout` with `limits` (pure).
+pub fn plan(layout: &Layout, node: &str, uid: &str, limits: Option<Limits>) -> Vec<Dir> {
+    let leaf = leaf(node, uid);
     match layout {
         Layout::None => Vec::new(),
         Layout::Unified { root } => {
@@ -124,7 +127,7 @@ pub fn plan(layout: &Layout, uid: &str, limits: Option<Limits>) -> Vec<Dir> {
             vec![Dir {
                 path: root.join(&leaf),
                 files,
-                enable_in: Some(root.join("kubevmm")),
+                enable_in: Some(root.join("kubevmm").join(node)),
             }]
         }
         Layout::Hybrid { v1, v2 } => {
@@ -275,9 +278,10 @@ fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// The VM uids that have a cgroup directory in any hierarchy of `layout`.
-pub fn vm_uids(layout: &Layout) -> Vec<String> {
-    let parents: Vec<PathBuf> = plan(layout, "x", None)
+/// The VM uids of node `node` that have a cgroup directory in any
+/// hierarchy of `layout`.
+pub fn vm_uids(layout: &Layout, node: &str) -> Vec<String> {
+    let parents: Vec<PathBuf> = plan(layout, node, "x", None)
         .into_iter()
         .filter_map(|d| d.path.parent().map(Path::to_path_buf))
         .collect();
@@ -368,13 +372,14 @@ mod tests {
             &Layout::Unified {
                 root: "/sys/fs/cgroup".into(),
             },
+            "n1",
             "u1",
             l,
         );
         assert_eq!(unified.len(), 1);
         assert_eq!(
             unified[0].path,
-            PathBuf::from("/sys/fs/cgroup/kubevmm/vm-u1")
+            PathBuf::from("/sys/fs/cgroup/kubevmm/n1/vm-u1")
         );
         assert_eq!(
             unified[0].files,
@@ -386,7 +391,7 @@ mod tests {
         );
         assert_eq!(
             unified[0].enable_in,
-            Some(PathBuf::from("/sys/fs/cgroup/kubevmm"))
+            Some(PathBuf::from("/sys/fs/cgroup/kubevmm/n1"))
         );
 
         let hybrid = Layout::Hybrid {
@@ -398,16 +403,16 @@ mod tests {
             ],
             v2: Some("/sys/fs/cgroup/unified".into()),
         };
-        let h = plan(&hybrid, "u1", l);
+        let h = plan(&hybrid, "n1", "u1", l);
         let paths: Vec<_> = h.iter().map(|d| d.path.display().to_string()).collect();
         assert_eq!(
             paths,
             [
-                "/sys/fs/cgroup/memory/kubevmm/vm-u1",
-                "/sys/fs/cgroup/pids/kubevmm/vm-u1",
-                "/sys/fs/cgroup/cpu/kubevmm/vm-u1",
-                "/sys/fs/cgroup/devices/kubevmm/vm-u1",
-                "/sys/fs/cgroup/unified/kubevmm/vm-u1"
+                "/sys/fs/cgroup/memory/kubevmm/n1/vm-u1",
+                "/sys/fs/cgroup/pids/kubevmm/n1/vm-u1",
+                "/sys/fs/cgroup/cpu/kubevmm/n1/vm-u1",
+                "/sys/fs/cgroup/devices/kubevmm/n1/vm-u1",
+                "/sys/fs/cgroup/unified/kubevmm/n1/vm-u1"
             ]
         );
         assert_eq!(
@@ -419,7 +424,11 @@ mod tests {
         assert!(h[3].files.is_empty());
         assert!(h[4].files.is_empty());
         // Without limits (cleanup), the same directories and no files.
-        assert!(plan(&hybrid, "u1", None).iter().all(|d| d.files.is_empty()));
-        assert!(plan(&Layout::None, "u1", l).is_empty());
+        assert!(plan(&hybrid, "n1", "u1", None)
+            .iter()
+            .all(|d| d.files.is_empty()));
+        assert!(plan(&Layout::None, "n1", "u1", l).is_empty());
+        // Another node's VM of the same uid lives in another subtree.
+        assert_ne!(plan(&hybrid, "n2", "u1", None)[0].path, h[0].path);
     }
 }

@@ -21,7 +21,7 @@ impl Ctx {
                 self.cfg.vmm_memory_overhead,
             ))
         });
-        cgroups::plan(&self.cfg.cgroups, uid, limits)
+        cgroups::plan(&self.cfg.cgroups, &self.cfg.node_name, uid, limits)
     }
 
     /// Releases what the VM runs with on this host: taps and cgroups

@@ -107,8 +107,9 @@ pub async fn collect_orphans(ctx: Arc<Ctx>) {
             }
         }
         ctx.sync_rules();
-        // cgroups that outlived their state directory (busy at release).
-        for uid in cgroups::vm_uids(&ctx.cfg.cgroups) {
+        // cgroups of this node's VMs that outlived their state directory
+        // (busy at release).
+        for uid in cgroups::vm_uids(&ctx.cfg.cgroups, node) {
             if !bound.contains(&uid) && !ctx.dir(&uid).0.exists() {
                 cgroups::remove(&ctx.cgroups(&uid, None));
             }
