@@ -259,7 +259,20 @@ fn vmms_under(state: &Path) -> Vec<i32> {
 /// The guest outlives its agent: same VMM, same run, still answering, and
 /// the new agent says it re-adopted it.
 fn guest_survived(d: &Deployed, uid: &str, pid: i32, started: &Value, pod: &str, line: &str) {
-    assert_eq!(d.vmm_pid(uid), pid, "the VMM was replaced");
+    let now = d.vmm_pid(uid);
+    if now != pid {
+        // Say why: the old VMM's exit record and log, the VM's status, and
+        // what the new agent decided.
+        let vm_dir = d.state.join("vms").join(uid);
+        let read = |f: &str| std::fs::read_to_string(vm_dir.join(f)).unwrap_or_default();
+        panic!(
+            "the VMM was replaced (pid {pid} -> {now})\nexit.json: {}\nvmm.log:\n{}\nstatus: {}\nnew agent {pod}:\n{}",
+            read("exit.json"),
+            tail(&read("vmm.log")),
+            d.vm()["status"],
+            tail(&d.agent_log(pod)),
+        );
+    }
     assert!(is_vmm(pid), "VMM pid {pid} is gone");
     wait_for(
         60,
