@@ -58,11 +58,13 @@ lint:
 	echo "lint: took $$(($$(date +%s) - start))s"
 
 ## The end-to-end tests run the workspace's binaries: build them first.
+## hack/test-lanes.py runs the test binaries two at a time (KUBEVMM_TEST_LANES;
+## 1 is `cargo test --workspace --no-fail-fast`'s order), every one to the end.
 test-rust:
 	start=$$(date +%s); \
 	$(CARGO) build --workspace --bins; \
 	echo "test-rust: binaries built in $$(($$(date +%s) - start))s"; \
-	$(CARGO) test --workspace --no-fail-fast; \
+	CARGO=$(CARGO) hack/test-lanes.py; \
 	echo "test-rust: took $$(($$(date +%s) - start))s"
 
 ## Full Linux boot to the initramfs with disk and NIC: VT-x/AMD-V hosts only
@@ -107,6 +109,7 @@ cluster-down-local:
 	hack/cluster.sh down
 
 bench: build guests
+	hack/install-deps.sh --no-k8s --bench
 	hack/bench-vmm.sh
 	hack/bench-net.sh
 	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster --bin bench-import --bin bench-console -p node-vmm -p kubevmm-operator -p kubevmm-vmm -p kubectl-vm
