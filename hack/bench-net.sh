@@ -22,7 +22,7 @@ RUNS="${1:-3}"
 [ "$(id -u)" = 0 ] ||
 	{ echo "bench-net: needs root (network namespaces, veth, taps)" >&2; exit 1; }
 command -v qemu-system-x86_64 >/dev/null ||
-	{ echo "bench-net: qemu-system-x86_64 missing: run hack/install-deps.sh" >&2; exit 1; }
+	{ echo "bench-net: qemu-system-x86_64 missing: run hack/install-deps.sh --bench (make bench does)" >&2; exit 1; }
 cargo build --release -q -p kubevmm-dhcp --example dhcp-bench
 cargo build --release -q -p kubevmm-vmm --bin kubevmm-vmm --example bench_net
 make -s -C tests/guests

@@ -25,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-10}"
 command -v qemu-system-x86_64 >/dev/null ||
-	{ echo "bench-vmm: qemu-system-x86_64 missing: run hack/install-deps.sh" >&2; exit 1; }
+	{ echo "bench-vmm: qemu-system-x86_64 missing: run hack/install-deps.sh --bench (make bench does)" >&2; exit 1; }
 [ -e /usr/share/qemu/qboot.rom ] ||
 	{ echo "bench-vmm: /usr/share/qemu/qboot.rom missing: run hack/install-deps.sh" >&2; exit 1; }
 cargo build --release -q -p kubevmm-vmm --bin kubevmm-vmm --example bench

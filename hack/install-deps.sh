@@ -2,9 +2,10 @@
 # Installs what building and testing kubevmm needs on Debian bookworm (root),
 # then builds the control-plane binaries (hack/k8s-build.sh).
 #
-# Usage: hack/install-deps.sh [--no-k8s] [--fixtures]
-#   --no-k8s     skip hack/k8s-build.sh
+# Usage: hack/install-deps.sh [--no-k8s] [--fixtures] [--bench]
+#   --no-k8s     skip hack/k8s-build.sh and hack/helm-build.sh
 #   --fixtures   also build the Linux guest fixtures (hack/fixtures-linux.sh)
+#   --bench      also install what `make bench` compares against (QEMU)
 #
 # Idempotent and fast when everything is present: packages are checked with
 # `dpkg -s`; `apt-get update` and `apt-get install` run only for missing ones.
@@ -21,10 +22,12 @@ log() { echo "install-deps: $*" >&2; }
 
 K8S=1
 FIXTURES=0
+BENCH=0
 for a in "$@"; do
 	case "$a" in
 	--no-k8s) K8S=0 ;;
 	--fixtures) FIXTURES=1 ;;
+	--bench) BENCH=1 ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown argument '$a' (try --help)" ;;
 	esac
@@ -45,7 +48,6 @@ PACKAGES=(
 	make
 	binutils        # readelf/objcopy (fixtures), test guests
 	qemu-utils      # qemu-img (disk images in tests)
-	qemu-system-x86 # side-by-side benchmarks
 	busybox-static  # Linux fixture initramfs; udhcpc, ping, nc in network tests
 	cpio
 	gzip
@@ -60,6 +62,10 @@ PACKAGES=(
 	runc            # its OCI runtime (1.1.5)
 	containernetworking-plugins # and the pods' CNI bridge (1.1.1)
 )
+
+# The benchmarks' anchor (hack/bench-vmm.sh, bench-net.sh): QEMU microvm.
+# Large (~100 MB with its firmware), and no test needs it.
+[ "$BENCH" = 0 ] || PACKAGES+=(qemu-system-x86)
 
 need_root() {
 	[ "$(id -u)" = 0 ] || die "missing packages: $*; run this script as root (or: sudo apt-get install -y $*)"
