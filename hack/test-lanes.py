@@ -60,13 +60,15 @@ def build(cargo):
 
 
 def order(tests, history):
+    """Longest first: the last whole run's durations; a binary without one
+    goes before them if LONG_FIRST names it, else after."""
     def key(t):
         name = t[0]
         if name in history:
-            return (0, -history[name], name)
+            return (-history[name], name)
         if name in LONG_FIRST:
-            return (1, LONG_FIRST.index(name), name)
-        return (2, 0, name)
+            return (-1e6 + LONG_FIRST.index(name), name)
+        return (0, name)
     return sorted(tests, key=key)
 
 
@@ -161,9 +163,10 @@ def main():
         while t.is_alive():
             t.join(1)
 
-    # Only whole runs teach the order (a filtered run's times say nothing).
+    # Only whole runs teach the order (a filtered run's times say nothing);
+    # a failed binary's time is an estimate too.
     if not extra:
-        history.update({n: round(r[1], 1) for n, r in results.items() if r[0] == 0})
+        history.update({n: round(r[1], 1) for n, r in results.items()})
     try:
         with open(history_file, "w") as f:
             json.dump(history, f, indent=1, sort_keys=True)
