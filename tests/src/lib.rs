@@ -57,10 +57,69 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A free TCP port on 127.0.0.1.
+/// Test ports come from 20000..32000, below the kernel's ephemeral range
+/// (32768..61000 here), where nothing gets a port without asking for that
+/// number: a port the kernel hands out for `:0` goes back into its pool
+/// when the probe closes and can be taken by any other process (a client's
+/// outgoing connection, or another test binary's probe) before our server
+/// binds it. The range is cut into blocks; a test process owns a block by
+/// holding an exclusive `flock` on its lock file (released when the process
+/// ends, even by a crash), so test binaries running at once (make test runs
+/// two) never hand out the same port.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+const PORT_BLOCK: u16 = 200;
+
+/// The blocks this process owns (lock files kept open) and the next port.
+static PORTS: Mutex<(Vec<std::fs::File>, u16, u16)> = Mutex::new((Vec::new(), 0, 0));
+
+/// Takes a block no other process holds; its first port.
+fn take_port_block(held: &mut Vec<std::fs::File>) -> Result<u16, SupportError> {
+    use std::os::fd::AsRawFd as _;
+    let dir = std::env::temp_dir().join("kubevmm-test-ports");
+    std::fs::create_dir_all(&dir).map_err(SupportError::Port)?;
+    let blocks = (PORT_RANGE.end - PORT_RANGE.start) / PORT_BLOCK;
+    // Start at a block derived from the pid, so processes seldom probe the
+    // same lock first.
+    let first = u16::try_from(std::process::id() % u32::from(blocks)).unwrap_or(0);
+    for i in 0..blocks {
+        let block = (first + i) % blocks;
+        let start = PORT_RANGE.start + block * PORT_BLOCK;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{start}.lock")))
+            .map_err(SupportError::Port)?;
+        // SAFETY: flock on a descriptor this function owns; no memory effects.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            held.push(file);
+            return Ok(start);
+        }
+    }
+    Err(SupportError::Port(std::io::Error::other(format!(
+        "every block of test ports in {PORT_RANGE:?} is held by another process"
+    ))))
+}
+
+/// A free TCP port on 127.0.0.1 that no other test process is handed (see
+/// [`PORT_RANGE`]): the next one of this process's block that nothing
+/// listens on.
 pub fn free_port() -> Result<u16, SupportError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(SupportError::Port)?;
-    Ok(l.local_addr().map_err(SupportError::Port)?.port())
+    let mut guard = PORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (held, next, end) = &mut *guard;
+    loop {
+        if *next >= *end {
+            *next = take_port_block(held)?;
+            *end = *next + PORT_BLOCK;
+        }
+        let port = *next;
+        *next += 1;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<Output, SupportError> {
@@ -445,4 +504,33 @@ pub fn crc32(data: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd as _;
+
+    #[test]
+    fn free_ports_are_distinct_in_range_and_their_blocks_exclusive() {
+        // Past one block: the process takes a second one.
+        let ports: Vec<u16> = (0..PORT_BLOCK + 10)
+            .map(|_| free_port().expect("port"))
+            .collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+        assert!(ports.iter().all(|p| PORT_RANGE.contains(p)), "{ports:?}");
+        // Another open file description (as another process has) cannot
+        // lock a block this process holds.
+        let block = ports[0] - (ports[0] - PORT_RANGE.start) % PORT_BLOCK;
+        let lock = std::env::temp_dir()
+            .join("kubevmm-test-ports")
+            .join(format!("{block}.lock"));
+        let other = std::fs::File::open(&lock).expect("lock file");
+        // SAFETY: flock on a descriptor this test owns.
+        let r = unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(r, -1, "block {block} could be taken twice");
+    }
 }

@@ -51,10 +51,7 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(cp: &ControlPlane, ns: &str, id: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = kubevmm_e2e::free_port().expect("free port");
         let log = cp.dir().join(format!("operator-{ns}-{id}.log"));
         let out = std::fs::File::create(&log).expect("operator log");
         let child = Command::new(operator_binary())
