@@ -280,6 +280,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         metrics: metrics.clone(),
         vms: Mutex::new(HashMap::<String, LocalVm>::new()),
         trigger: trigger_tx,
+        running: Mutex::new(std::collections::HashSet::new()),
         running_changed: tokio::sync::Notify::new(),
     });
 

@@ -65,6 +65,7 @@ pub async fn collect_orphans(ctx: Arc<Ctx>) {
             }
             ctx.release_runtime(&uid, super::taps::MAX_TAPS);
             ctx.lock().remove(&uid);
+            ctx.set_running(&uid, false);
             let owner = super::disks::DiskDir(path.clone()).owner();
             if let Some(lookup) = lookups.get(&uid, owner.as_ref()).await {
                 let v = retention::run_state(owner.as_ref(), &lookup, node, age(&path));

@@ -63,6 +63,10 @@ pub struct Ctx {
     pub vms: Mutex<HashMap<String, LocalVm>>,
     /// Wakes the controller for a VM whose VMM ended.
     pub trigger: UnboundedSender<ObjectRef<VirtualMachine>>,
+    /// The VMs whose VMM is alive here, by uid. Kept apart from `vms`, whose
+    /// entry is taken out while its VM reconciles (a heartbeat then would
+    /// count one VM short and write that).
+    pub running: Mutex<std::collections::HashSet<String>>,
     /// Signalled when a VMM starts or ends here, so `HypervisorNode`'s
     /// running-VM count follows at once rather than at the next heartbeat.
     pub running_changed: tokio::sync::Notify,
@@ -85,7 +89,30 @@ impl Ctx {
 
     /// VMMs alive on this node.
     pub fn running_count(&self) -> i32 {
-        self.lock().values().filter(|v| v.proc.is_some()).count() as i32
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        i32::try_from(running.len()).unwrap_or(i32::MAX)
+    }
+
+    /// Records whether VM `uid`'s VMM is alive; wakes the heartbeat when
+    /// that changes the count.
+    pub(super) fn set_running(&self, uid: &str, alive: bool) {
+        let changed = {
+            let mut running = self
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if alive {
+                running.insert(uid.to_string())
+            } else {
+                running.remove(uid)
+            }
+        };
+        if changed {
+            self.running_changed.notify_one();
+        }
     }
 
     pub(super) fn dir(&self, uid: &str) -> VmDir {
@@ -169,11 +196,8 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Ctx>) -> Result<Action,
     if !local.loaded {
         adopt(&vm, &ctx, &uid, &mut local);
     }
-    let had_vmm = local.proc.is_some();
     let result = step(&vm, &ctx, &uid, &mut local).await;
-    if had_vmm != local.proc.is_some() {
-        ctx.running_changed.notify_one();
-    }
+    ctx.set_running(&uid, local.proc.is_some());
     match &result {
         Ok(Some(_)) | Err(_) => {
             ctx.lock().insert(uid, local);
