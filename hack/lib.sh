@@ -62,8 +62,18 @@ start() { # start NAME ARGS... detached, in its own session, logging to logs/
 		echo
 	} >>"$D/logs/$name.log"
 	setsid "$exe" "$@" >>"$D/logs/$name.log" 2>&1 </dev/null &
-	echo $! >"$D/run/$name.pid"
+	local pid=$! i exe_now
+	echo "$pid" >"$D/run/$name.pid"
 	disown
+	# Until the child has exec'd the binary, /proc/PID/exe is bash's (or
+	# setsid's) and pid_of would take it for gone: on a loaded machine that
+	# lasts longer than wait_until's first look. Wait for the exec (10 s at
+	# most; a process that dies first is reported by wait_until).
+	for ((i = 0; i < 500; i++)); do
+		exe_now=$(readlink "/proc/$pid/exe" 2>/dev/null) || break
+		[ "${exe_now% (deleted)}" = "$exe" ] && break
+		sleep 0.02
+	done
 }
 
 wait_until() { # wait_until NAME CMD...: poll CMD until it succeeds
