@@ -442,6 +442,72 @@ fn logs_show_what_no_one_attached_to_saw_and_survive_an_agent_restart() {
     );
 }
 
+/// An idle console stays attached: ten minutes without a byte either way
+/// (the WebSocket pings every 30 s keep kube-apiserver's proxy, the
+/// operator and the agent from dropping it), then a line is still answered.
+#[test]
+fn an_idle_console_stays_connected_for_ten_minutes() {
+    let w = world("acc-idle");
+    let env = &w.env;
+    env.apply("quiet", "echo", "");
+    wait_status(env, "quiet", "Running");
+    let mut c = Console::attach(env, "quiet");
+    std::thread::sleep(Duration::from_secs(2));
+    c.send("before the idle minutes\n");
+    c.expect("echo: before the idle minutes", 30);
+    let idle = Duration::from_secs(10 * 60 + 10);
+    let start = Instant::now();
+    while start.elapsed() < idle {
+        std::thread::sleep(Duration::from_secs(5));
+        if let Some(status) = c.child.try_wait().expect("wait for the console") {
+            let mut err = String::new();
+            if let Some(mut e) = c.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!(
+                "the idle console ended after {:?} ({status}): {err}",
+                start.elapsed()
+            );
+        }
+    }
+    c.send("after ten idle minutes\n");
+    c.expect("echo: after ten idle minutes", 30);
+    wait_console_clients(env, "quiet", 1);
+}
+
+/// The guest of a lost node (its agent gone, no heartbeat) cannot be
+/// reached: console and logs fail at once, naming the lost node, and do not
+/// hang on the unreachable agent.
+#[test]
+fn a_vm_on_a_lost_node_gives_a_clear_error_not_a_hang() {
+    let mut w = world("acc-lost");
+    w.env.apply("web", "echo", "");
+    wait_status(&w.env, "web", "Running");
+    w.env.agent.kill();
+    wait_for(
+        60,
+        "the operator to find web's node lost",
+        || (w.env.condition("web", "NodeLost")?["status"] == "True").then_some(()),
+        || w.env.describe("web"),
+    );
+    let want = format!("the node {} of VirtualMachine web is lost", w.env.node);
+    for verb in ["console", "logs"] {
+        let t0 = Instant::now();
+        let out = vm_cli(&w.env, &[verb, "web"]);
+        assert!(
+            !out.success,
+            "{verb} of a VM on a lost node: {}",
+            out.stdout
+        );
+        assert!(out.stderr.contains(&want), "{verb}: {}", out.stderr);
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{verb} took {:?} to fail",
+            t0.elapsed()
+        );
+    }
+}
+
 #[test]
 fn refusals_name_the_cause_and_strangers_are_turned_away() {
     let w = world("acc-refuse");
