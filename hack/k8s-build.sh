@@ -155,7 +155,7 @@ fi
 command -v go >/dev/null 2>&1 ||
 	die "'go' not found; run hack/install-deps.sh, or install Go >= 1.24 into /usr/local/go"
 
-log "building ${MISSING[*]} ($VERSION) into $BIN; the first build takes a long time (~25 min on 2 cores)"
+log "building ${MISSING[*]} ($VERSION) into $BIN; the first build takes ~12 minutes on 2 cores"
 # The Kubernetes module's commands in one `go build`: the go command then
 # links one binary while it compiles the next one's packages, instead of
 # linking each (single-threaded, ~20 s) with the other core idle.
