@@ -59,6 +59,12 @@ pub async fn connect(t: &Target) -> Result<(Client, String), ConnectError> {
             .map_err(|source| ConnectError::Kubeconfig { path: None, source })?,
         None => Config::infer().await.map_err(ConnectError::Infer)?,
     };
+    // kube's default client retries 429, 503 and 504 up to 15 times with
+    // exponential backoff, minutes in all: a command a person waits for
+    // reports the answer at once instead (the subresource API says 503 for
+    // a VM whose node is lost), as kubectl does without a Retry-After.
+    let mut config = config;
+    config.default_retry = false;
     let namespace = t
         .namespace
         .clone()
