@@ -69,8 +69,21 @@ pub fn repo_root() -> PathBuf {
 const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
 const PORT_BLOCK: u16 = 200;
 
-/// The blocks this process owns (lock files kept open) and the next port.
-static PORTS: Mutex<(Vec<std::fs::File>, u16, u16)> = Mutex::new((Vec::new(), 0, 0));
+/// The port blocks this process owns and where it is in the newest one.
+struct PortBlocks {
+    /// The blocks' lock files, kept open (and locked) until the process ends.
+    held: Vec<std::fs::File>,
+    /// The next port to hand out.
+    next: u16,
+    /// The end of the current block.
+    end: u16,
+}
+
+static PORTS: Mutex<PortBlocks> = Mutex::new(PortBlocks {
+    held: Vec::new(),
+    next: 0,
+    end: 0,
+});
 
 /// Takes a block no other process holds; its first port.
 fn take_port_block(held: &mut Vec<std::fs::File>) -> Result<u16, SupportError> {
@@ -108,14 +121,14 @@ pub fn free_port() -> Result<u16, SupportError> {
     let mut guard = PORTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (held, next, end) = &mut *guard;
+    let blocks = &mut *guard;
     loop {
-        if *next >= *end {
-            *next = take_port_block(held)?;
-            *end = *next + PORT_BLOCK;
+        if blocks.next >= blocks.end {
+            blocks.next = take_port_block(&mut blocks.held)?;
+            blocks.end = blocks.next + PORT_BLOCK;
         }
-        let port = *next;
-        *next += 1;
+        let port = blocks.next;
+        blocks.next += 1;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }

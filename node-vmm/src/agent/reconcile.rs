@@ -89,21 +89,20 @@ impl Ctx {
 
     /// VMMs alive on this node.
     pub fn running_count(&self) -> i32 {
-        let running = self
-            .running
+        i32::try_from(self.running_set().len()).unwrap_or(i32::MAX)
+    }
+
+    fn running_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.running
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        i32::try_from(running.len()).unwrap_or(i32::MAX)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records whether VM `uid`'s VMM is alive; wakes the heartbeat when
     /// that changes the count.
     pub(super) fn set_running(&self, uid: &str, alive: bool) {
         let changed = {
-            let mut running = self
-                .running
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut running = self.running_set();
             if alive {
                 running.insert(uid.to_string())
             } else {
