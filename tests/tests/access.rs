@@ -645,6 +645,25 @@ fn top_shows_web_only(env: &Env, kubeconfig: &std::path::Path) {
     );
 }
 
+/// Waits until the one-connection-at-a-time TCP echo of the dhcpnet guest
+/// has ended every connection it reported on its serial (tests/guests/
+/// tcpecho.c names the first ten): a client that went away must leave no
+/// connection open in the guest, and the next client is not refused as
+/// "busy" by a teardown still in flight.
+fn wait_guest_tcp_closed(env: &Env, name: &str) {
+    wait_for(
+        60,
+        "the guest to end every TCP connection it accepted",
+        || {
+            let log = vm_cli(env, &["logs", name]).stdout;
+            let opened = log.matches("tcp: connection from").count();
+            let ended = log.lines().filter(|l| l.starts_with("tcp: ")).count() - opened;
+            (opened > 0 && opened == ended).then_some(())
+        },
+        || vm_cli(env, &["logs", name]).stdout,
+    );
+}
+
 #[test]
 fn port_forward_reaches_a_guest_service_through_the_api_server() {
     // The dhcpnet guest answers TCP echo on port 7 once it has its lease,
@@ -696,6 +715,7 @@ fn port_forward_reaches_a_guest_service_through_the_api_server() {
         },
     );
     assert!(piped.success, "{}", piped.stderr);
+    wait_guest_tcp_closed(env, "svc");
 
     // A local port, as kubectl port-forward: connect, write, read the echo.
     let mut pf = vm_cmd(env, None)
@@ -724,6 +744,7 @@ fn port_forward_reaches_a_guest_service_through_the_api_server() {
     drop(conn);
     let _ = pf.kill();
     let _ = pf.wait();
+    wait_guest_tcp_closed(env, "svc");
 
     // A port nothing listens on: the guest refuses, the user is told.
     let out = run_with_input(
