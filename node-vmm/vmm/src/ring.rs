@@ -66,7 +66,12 @@ pub const MAX_CAPACITY: u64 = 256 << 20;
 /// Where `written` and `writing` are, together.
 const COUNTERS_AT: u64 = 32;
 /// Header reads before a reader gives up on a header that keeps changing.
-const HEADER_TRIES: usize = 64;
+/// A writer appending in a tight loop changes it every few microseconds;
+/// past the first tries the reader yields between pairs, so this bounds
+/// the wait to a few milliseconds of a writer that never pauses.
+const HEADER_TRIES: usize = 4096;
+/// Tries before the reader starts yielding the CPU between them.
+const HEADER_SPINS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -214,12 +219,18 @@ fn stable_header(file: &File) -> Result<Header, RingError> {
         Ok(b)
     };
     let mut last = read()?;
-    for _ in 0..HEADER_TRIES {
+    for attempt in 0..HEADER_TRIES {
         let now = read()?;
         if now == last {
             return Header::decode(&now);
         }
-        last = now;
+        if attempt >= HEADER_SPINS {
+            // Let the writer finish its update, then read a fresh pair.
+            std::thread::yield_now();
+            last = read()?;
+        } else {
+            last = now;
+        }
     }
     Err(RingError::Unstable)
 }
