@@ -18,6 +18,7 @@ const TOKEN_STDIN: u64 = 2;
 const TOKEN_API: u64 = 3;
 const TOKEN_CONSOLE: u64 = 4;
 const TOKEN_CONSOLE_OUTPUT: u64 = 5;
+const TOKEN_SERIAL_DRAIN: u64 = 6;
 const QUEUE_BASE: u64 = 1 << 32;
 const BACKEND_BASE: u64 = 2 << 32;
 const CONSOLE_CLIENT_BASE: u64 = 3 << 32;
@@ -62,6 +63,9 @@ pub fn run(vm: &Vm, endpoints: &Endpoints, started: Instant) -> Result<ExitReaso
             if let Some(reason) = state.dispatch(ev.data(), ev.event_set()) {
                 // The guest's last words (a panic message, "powering
                 // off") reach the clients that can take them now.
+                if let Some(q) = &vm.serial_queue {
+                    q.drain();
+                }
                 vm.console.service(state.registry());
                 return Ok(reason);
             }
@@ -93,6 +97,9 @@ fn register(epoll: &Epoll, vm: &Vm, endpoints: &Endpoints) -> Result<(), EventLo
             TOKEN_CONSOLE_OUTPUT,
             EventSet::IN,
         )?;
+    }
+    if let Some(q) = &vm.serial_queue {
+        add(epoll, q.timer_fd(), TOKEN_SERIAL_DRAIN, EventSet::IN)?;
     }
     for (d, slot) in vm.virtio.iter().enumerate() {
         for (q, evt) in slot.queue_events.iter().enumerate() {
@@ -173,6 +180,11 @@ impl LoopState<'_> {
                 }
             }
             TOKEN_CONSOLE_OUTPUT => vm.console.service(self.registry()),
+            TOKEN_SERIAL_DRAIN => {
+                if let Some(q) = &vm.serial_queue {
+                    q.on_timer();
+                }
+            }
             t if t & !0xffff_ffff == CONSOLE_CLIENT_BASE => {
                 // At most what the UART's receive FIFO holds at a time.
                 let mut buf = [0u8; 64];

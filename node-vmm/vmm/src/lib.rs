@@ -6,6 +6,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod coalesced;
 pub mod config;
 pub mod console;
 pub mod devices;

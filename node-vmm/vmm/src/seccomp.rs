@@ -26,13 +26,28 @@ vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
 vmm_sys_util::ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_bindings::kvm_translation);
 vmm_sys_util::ioctl_iow_nr!(TUNSETOFFLOAD, 0x54, 208, libc::c_uint);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_REGISTER_COALESCED_MMIO,
+    KVMIO,
+    0x67,
+    kvm_bindings::kvm_coalesced_mmio_zone
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_UNREGISTER_COALESCED_MMIO,
+    KVMIO,
+    0x68,
+    kvm_bindings::kvm_coalesced_mmio_zone
+);
 
 /// ioctl requests allowed after set-up: running vCPUs, the SCI line, the
 /// registers and code address reported when a guest crashes, tap offloads
 /// the guest negotiates, the console's isatty and non-blocking client sockets.
-fn allowed_ioctls() -> [u64; 8] {
+fn allowed_ioctls() -> [u64; 10] {
     [
         KVM_RUN(),
+        // The serial port switches coalescing of its writes on and off.
+        KVM_REGISTER_COALESCED_MMIO(),
+        KVM_UNREGISTER_COALESCED_MMIO(),
         KVM_IRQ_LINE(),
         KVM_GET_REGS(),
         KVM_GET_SREGS(),

@@ -165,6 +165,9 @@ pub struct VcpuContext {
     pub gate: Arc<PauseGate>,
     /// seccomp filter each vCPU thread installs before its first `KVM_RUN`.
     pub filters: Option<crate::seccomp::Filters>,
+    /// Console writes KVM queued instead of exiting: replayed at every
+    /// exit, before the exit itself, so the device sees them in order.
+    pub serial_queue: Option<Arc<crate::devices::serial::SerialQueue>>,
 }
 
 impl std::fmt::Debug for VcpuContext {
@@ -256,6 +259,17 @@ fn apply_filters(index: u8, ctx: &VcpuContext) -> bool {
     }
 }
 
+/// Bookkeeping after each `KVM_RUN`: its time, and the console writes KVM
+/// queued meanwhile, replayed before the exit is handled so that devices
+/// see every write in the guest's order.
+fn after_run(ctx: &VcpuContext, stats: &VcpuStats, start: Instant) {
+    let elapsed = start.elapsed().as_nanos() as u64;
+    stats.run_ns.fetch_add(elapsed, Ordering::Relaxed);
+    if let Some(q) = &ctx.serial_queue {
+        q.drain();
+    }
+}
+
 fn run(index: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, stats: &VcpuStats) {
     let stopped = StopOnDrop(&ctx.gate);
     if !apply_filters(index, ctx) {
@@ -272,8 +286,7 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, stats: &VcpuStats) {
         // Cleared before the loop looks at the pause request again: a kick
         // after this point finds the request already visible.
         set_immediate_exit(0);
-        let elapsed = start.elapsed().as_nanos() as u64;
-        stats.run_ns.fetch_add(elapsed, Ordering::Relaxed);
+        after_run(ctx, stats, start);
         let outcome = match result {
             Ok(VcpuExit::IoOut(port, data)) => {
                 stats.count(1);
@@ -469,6 +482,7 @@ mod tests {
             exit: exit.clone(),
             gate: gate.clone(),
             filters: None,
+            serial_queue: None,
         };
         install_kick_handler().unwrap();
         let mut vcpus = Vec::new();

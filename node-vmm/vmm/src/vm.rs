@@ -14,12 +14,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{acpi, cpuid, irq, layout, regs};
 use crate::boot::{self, BootSpec};
+use crate::coalesced::{Ring, Zone};
 use crate::config::{SerialMode, VmConfig};
 use crate::console::Console;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::i8042::I8042;
 use crate::devices::legacy::{PostPort, PvPanic};
-use crate::devices::serial::{SerialDevice, SerialFile, SerialSink};
+use crate::devices::serial::{SerialDevice, SerialFile, SerialQueue, SerialSink};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::rng::Rng;
@@ -105,6 +106,8 @@ pub struct Vm {
     pub exit: ExitSignal,
     pub gate: Arc<PauseGate>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// COM1 transmit writes KVM queues for us, when it can.
+    pub serial_queue: Option<Arc<SerialQueue>>,
     /// The clients of the console socket (`socket` mode).
     pub console: Console,
     pub acpi_pm: Arc<Mutex<AcpiPm>>,
@@ -269,6 +272,34 @@ impl LegacyDevices {
     }
 }
 
+/// Lets KVM queue the guest's writes to COM1's transmit register rather
+/// than exit for each byte (see `coalesced`). Without `KVM_CAP_COALESCED_PIO`,
+/// or if it cannot be set up, every write exits as before.
+fn queue_serial_writes(
+    kvm: &Kvm,
+    vm_fd: &Arc<VmFd>,
+    vcpus: &[kvm_ioctls::VcpuFd],
+    serial: &Arc<Mutex<SerialDevice>>,
+) -> Option<Arc<SerialQueue>> {
+    if !kvm.check_extension(Cap::CoalescedPio) {
+        return None;
+    }
+    let vcpu = vcpus.first()?;
+    let start = || -> Result<SerialQueue, String> {
+        let ring = Ring::map(vcpu).map_err(|e| e.to_string())?;
+        let zone = Zone::register(vm_fd.clone(), layout::COM1_PORT).map_err(|e| e.to_string())?;
+        SerialQueue::start(ring, zone, serial.clone(), layout::COM1_PORT)
+            .map_err(|e| format!("the console drain timer: {e}"))
+    };
+    match start() {
+        Ok(q) => Some(Arc::new(q)),
+        Err(e) => {
+            eprintln!("kubevmm-vmm: console writes exit one by one: {e}");
+            None
+        }
+    }
+}
+
 /// Disks, NICs and the RNG as virtio-mmio devices with irqfds and ioeventfds.
 fn create_virtio_devices(
     vm_fd: &VmFd,
@@ -429,6 +460,7 @@ impl Vm {
         )?;
 
         let pending_vcpus = create_vcpus(&kvm, &vm_fd, &mem, config.cpus, entry)?;
+        let serial_queue = queue_serial_writes(&kvm, &vm_fd, &pending_vcpus, &legacy.serial);
 
         Ok(Self {
             config,
@@ -437,6 +469,7 @@ impl Vm {
             exit,
             gate: Arc::new(PauseGate::default()),
             serial: legacy.serial,
+            serial_queue,
             console: legacy.console,
             acpi_pm: legacy.acpi_pm,
             virtio,
@@ -459,6 +492,7 @@ impl Vm {
             exit: self.exit.clone(),
             gate: self.gate.clone(),
             filters,
+            serial_queue: self.serial_queue.clone(),
         };
         for (i, fd) in std::mem::take(&mut self.pending_vcpus)
             .into_iter()

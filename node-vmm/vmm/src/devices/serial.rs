@@ -4,13 +4,19 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::BusDevice;
+use crate::coalesced::{QueuedWrite, Ring, Zone};
 use crate::config::SerialFileFormat;
 use crate::console::Console;
 use crate::ring::{Opened, RingError, RingWriter};
@@ -198,20 +204,65 @@ impl Write for SerialSink {
 pub struct Tee {
     pub sink: SerialSink,
     pub log: Option<SerialFile>,
+    /// While replaying queued writes: their bytes, written out at once.
+    held: Option<Vec<u8>>,
+    /// The last `held` buffer, kept for the next replay.
+    spare: Vec<u8>,
 }
 
-impl Write for Tee {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl Tee {
+    pub fn new(sink: SerialSink, log: Option<SerialFile>) -> Self {
+        Self {
+            sink,
+            log,
+            held: None,
+            spare: Vec::new(),
+        }
+    }
+
+    fn hold(&mut self) {
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.clear();
+        self.held = Some(buf);
+    }
+
+    /// Writes what was held, in one piece.
+    fn release(&mut self) {
+        if let Some(bytes) = self.held.take() {
+            if !bytes.is_empty() {
+                let _ = self.pass(&bytes);
+                let _ = self.sink.flush();
+            }
+            self.spare = bytes;
+        }
+    }
+
+    fn pass(&mut self, buf: &[u8]) -> io::Result<usize> {
         // The log first: whatever a console client is sent is in the log
         // already.
         if let Some(log) = &mut self.log {
             // A full or broken log must not take the console down.
             let _ = log.write_all(buf);
         }
-        self.sink.write(buf)
+        self.sink.write_all(buf).map(|()| buf.len())
+    }
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.held {
+            Some(held) => {
+                held.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            None => self.pass(buf),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.held.is_some() {
+            return Ok(());
+        }
         self.sink.flush()
     }
 }
@@ -222,6 +273,9 @@ pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, Tee>,
     /// Bytes written by the guest (stats).
     pub tx_bytes: u64,
+    /// Coalesced writes to the transmit register, when KVM offers them.
+    zone: Option<Zone>,
+    zone_failed: bool,
 }
 
 impl SerialDevice {
@@ -230,11 +284,47 @@ impl SerialDevice {
         let irq = evt.try_clone().map_err(SerialError::EventFd)?;
         Ok((
             Self {
-                uart: Serial::new(IrqTrigger(irq), Tee { sink, log }),
+                uart: Serial::new(IrqTrigger(irq), Tee::new(sink, log)),
                 tx_bytes: 0,
+                zone: None,
+                zone_failed: false,
             },
             evt,
         ))
+    }
+
+    /// Lets KVM queue the guest's writes to the transmit register (see
+    /// `coalesced`) while nothing the guest waits for depends on them.
+    pub fn coalesce(&mut self, zone: Zone) {
+        self.zone = Some(zone);
+        self.update_zone();
+    }
+
+    /// Coalescing is safe while a transmit-register write has no effect
+    /// the guest can wait for: no THR-empty interrupt enabled, and not in
+    /// loopback (where the byte comes back as input, with an interrupt).
+    fn update_zone(&mut self) {
+        let Some(zone) = &mut self.zone else { return };
+        let st = self.uart.state();
+        let want = coalescing_safe(st.interrupt_enable, st.modem_control);
+        if let Err(e) = zone.set(want) {
+            // The drain timer still moves queued bytes, only later.
+            if !self.zone_failed {
+                eprintln!("kubevmm-vmm: serial: {e}");
+                self.zone_failed = true;
+            }
+        }
+    }
+
+    /// Replays writes KVM queued, oldest first, as if each had exited.
+    pub fn replay(&mut self, port: u64, writes: &[QueuedWrite]) {
+        self.uart.writer_mut().hold();
+        for w in writes {
+            if let Some(offset) = w.addr.checked_sub(port).filter(|o| *o < 8) {
+                self.write(offset, w.data());
+            }
+        }
+        self.uart.writer_mut().release();
     }
 
     /// Queues host input for the guest; returns how many bytes fit.
@@ -257,13 +347,141 @@ impl BusDevice for SerialDevice {
             }
             // Output errors (closed stdout, full disk) must not stop the guest.
             let _ = self.uart.write(offset as u8, b);
+            // IER, MCR: whether the guest now waits on its writes.
+            if offset == 1 || offset == 4 {
+                self.update_zone();
+            }
         }
     }
+}
+
+/// KVM's queue of writes to COM1's transmit register (see `coalesced`)
+/// and the device they are for. Drained by each vCPU whenever it exits,
+/// and by the event loop every `DRAIN_EVERY`, so bytes a guest writes
+/// before it halts do not wait for its next exit.
+#[derive(Debug)]
+pub struct SerialQueue {
+    consumer: Mutex<(Ring, Vec<QueuedWrite>)>,
+    serial: Arc<Mutex<SerialDevice>>,
+    port: u64,
+    timer: Mutex<TimerFd>,
+    failed: AtomicBool,
+}
+
+/// How long queued console bytes wait at most for a vCPU exit.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(20);
+
+impl SerialQueue {
+    /// Starts coalescing writes to `port` (COM1) into `ring`; the timer
+    /// is created here, before the seccomp filter.
+    pub fn start(
+        ring: Ring,
+        zone: Zone,
+        serial: Arc<Mutex<SerialDevice>>,
+        port: u16,
+    ) -> io::Result<Self> {
+        let mut timer = TimerFd::new().map_err(io::Error::from)?;
+        timer
+            .reset(DRAIN_EVERY, Some(DRAIN_EVERY))
+            .map_err(io::Error::from)?;
+        serial.lock().expect("serial lock poisoned").coalesce(zone);
+        Ok(Self {
+            consumer: Mutex::new((ring, Vec::new())),
+            serial,
+            port: u64::from(port),
+            timer: Mutex::new(timer),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Replays every queued write on the device, oldest first. Holding the
+    /// queue while replaying keeps concurrent drains in order.
+    pub fn drain(&self) {
+        let mut guard = self
+            .consumer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (ring, writes) = &mut *guard;
+        writes.clear();
+        if let Err(e) = ring.drain_into(writes) {
+            if !self.failed.swap(true, Ordering::Relaxed) {
+                eprintln!("kubevmm-vmm: serial: {e}");
+            }
+        }
+        if !writes.is_empty() {
+            self.serial
+                .lock()
+                .expect("serial lock poisoned")
+                .replay(self.port, writes);
+        }
+    }
+
+    /// The drain timer's fd, for the event loop.
+    pub fn timer_fd(&self) -> std::os::fd::RawFd {
+        self.timer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_raw_fd()
+    }
+
+    /// The timer fired: acknowledge it and drain.
+    pub fn on_timer(&self) {
+        let _ = self
+            .timer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .wait();
+        self.drain();
+    }
+}
+
+const IER_THR_EMPTY: u8 = 0x02;
+const MCR_LOOP: u8 = 0x10;
+
+/// Whether writes to the transmit register may wait in KVM's queue, given
+/// the interrupt enable and modem control registers.
+fn coalescing_safe(ier: u8, mcr: u8) -> bool {
+    ier & IER_THR_EMPTY == 0 && mcr & MCR_LOOP == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coalescing_only_while_the_guest_waits_on_no_write() {
+        // (IER, MCR) → safe
+        let table = [
+            (0x00, 0x00, true),  // polling driver, interrupts off
+            (0x01, 0x0b, true),  // receive interrupts only (Linux console)
+            (0x02, 0x00, false), // THR-empty interrupt: the guest waits on it
+            (0x03, 0x0b, false),
+            (0x00, 0x10, false), // loopback: the byte comes back as input
+            (0x01, 0x1b, false),
+        ];
+        for (ier, mcr, safe) in table {
+            assert_eq!(coalescing_safe(ier, mcr), safe, "IER {ier:#x} MCR {mcr:#x}");
+        }
+    }
+
+    #[test]
+    fn replayed_writes_reach_the_sink_in_one_piece_and_in_order() {
+        let path = std::env::temp_dir().join(format!("kubevmm-replay-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let file = SerialFile::open(&path, SerialFileFormat::Text, 1 << 20).unwrap();
+        let (mut dev, _irq) = SerialDevice::new(SerialSink::File(file), None).unwrap();
+        dev.write(0, b"a");
+        let queued: Vec<QueuedWrite> = b"bcd"
+            .iter()
+            .map(|&b| QueuedWrite::for_test(0x3f8, &[b]))
+            .chain([QueuedWrite::for_test(0x500, b"x")]) // not ours: ignored
+            .collect();
+        dev.replay(0x3f8, &queued);
+        dev.write(0, b"e");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "abcde");
+        assert_eq!(dev.tx_bytes, 5);
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn capped_file_keeps_the_newest_output_within_the_limit() {
