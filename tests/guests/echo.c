@@ -7,7 +7,9 @@
  * "flood N" writes N KiB as fast as the UART takes them: 64-byte lines, each
  * an 8-digit line number, a space, 54 letters that depend on the number and
  * "\n" (raw bytes, no "\r"), 16 at a time as into a 16550's FIFO; then
- * "flood done <crc32 of those bytes>". */
+ * "flood done <number of lines> lines". The reader checks every line
+ * against the pattern, so the count completes the check; a CRC here cost
+ * more guest time than the output itself. */
 #include "guest.h"
 #include "apic.h"
 #include "idt.h"
@@ -54,14 +56,14 @@ static const char letters[] =
 	"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz"
 	"abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz";
 
-/* Line n of a flood (see the top of the file), built from line n - 1 in
- * l: the number counts up in place and the letters are copied, since
- * every instruction costs ~1 µs in software KVM's emulator. */
+/* Line n of a flood (see the top of the file), made from line n - 1 in l:
+ * the number counts up in place and the letters are one copy, since every
+ * instruction costs ~1 µs in software KVM's emulator. */
 static void next_flood_line(usize n, char *l)
 {
 	int i = 7;
 	if (n == 0) {
-		memcpy(l, "00000000 ", 9);
+		movsb(l, "00000000 ", 9);
 		l[63] = '\n';
 	} else {
 		while (i >= 0 && l[i] == '9')
@@ -75,19 +77,18 @@ static void next_flood_line(usize n, char *l)
 static void flood(usize kib)
 {
 	char l[64];
-	u32 crc = 0;
-	for (usize n = 0; n < kib * 16; n++) {
+	usize n;
+	for (n = 0; n < kib * 16; n++) {
 		next_flood_line(n, l);
 		for (int i = 0; i < 64; i += 16) {
 			while (!(inb(COM1 + 5) & 0x20))
 				cpu_relax();
 			outsb(COM1, l + i, 16);
 		}
-		crc = crc32((const u8 *)l, 64, crc);
 	}
 	puts("flood done ");
-	put_hex(crc);
-	puts("\n");
+	put_dec(n);
+	puts(" lines\n");
 }
 
 /* The number after "flood ", or 0. */
