@@ -115,3 +115,67 @@ fn a_line_longer_than_the_guests_buffer_is_cut_not_overflowed() {
     let out = wait(child, &dir);
     assert_eq!(out.code, Some(code::POWER_OFF), "{out:?}");
 }
+
+/// Byte `i` of the uartirq guest's pattern.
+fn uart_pattern(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            if i % 64 == 63 {
+                '\n'
+            } else {
+                char::from(b'A' + (i % 26) as u8)
+            }
+        })
+        .collect()
+}
+
+/// Console writes wait in KVM's queue only while the guest does not wait
+/// on them: a driver that sends on THR-empty interrupts gets an exit (and
+/// its interrupt) for every byte, a polling one does not; both outputs
+/// arrive whole and in order.
+#[test]
+fn interrupt_driven_and_polled_output_both_arrive_and_only_polled_writes_are_queued() {
+    let dir = scratch("uartirq");
+    let sock = dir.join("api.sock");
+    let mut c = config("uartirq", &dir);
+    c.api_socket = Some(sock.clone());
+    let vmm = spawn(&c, &dir);
+    wait_for("the polled part", || {
+        serial_log(&dir).contains("uartirq: polled").then_some(())
+    });
+    let (status, stats) = api(&sock, "GET", "/vm/stats");
+    assert_eq!(status, 200);
+    let io_out = stats["vcpus"][0]["exits"]["io_out"].as_u64().unwrap();
+    let log = serial_log(&dir);
+    let irq_part = format!(
+        "uartirq: interrupt-driven\r\n{}uartirq: ",
+        uart_pattern(512)
+    );
+    assert!(log.contains(&irq_part), "interrupt-driven part: {log}");
+    let counts = log.split("uartirq: ").nth(2).unwrap_or_default();
+    let irqs: usize = counts
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no interrupt count in {counts:?}"));
+    assert!(
+        counts.starts_with(&format!("{irqs} interrupts for 512 bytes\r\n")),
+        "{counts:?}"
+    );
+    // One interrupt per FIFO's worth (16 bytes), give or take the first.
+    assert!((31..=40).contains(&irqs), "{irqs} interrupts");
+    let polled = format!("{}uartirq: polled 4096 bytes", uart_pattern(4096));
+    assert!(log.contains(&polled), "polled part: {log}");
+    // Every interrupt-driven byte exited (IER and the rest add a few); the
+    // 4096 polled bytes did not, when KVM can queue them.
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    if kvm.check_extension(kvm_ioctls::Cap::CoalescedPio) {
+        assert!((512..1000).contains(&io_out), "{io_out} port writes exited");
+    } else {
+        assert!(io_out > 4096 + 512, "{io_out} port writes exited");
+    }
+    let (status, _) = api(&sock, "PUT", "/vm/shutdown");
+    assert_eq!(status, 200);
+    let out = wait(vmm, &dir);
+    assert_eq!(out.code, Some(code::POWER_OFF), "{out:?}");
+}
