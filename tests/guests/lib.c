@@ -14,6 +14,10 @@ void puts(const char *s)
 {
 	while (*s)
 		putc(*s++);
+	/* As Linux's console write ends: wait until the transmitter is empty.
+	 * The read also hands the VMM any writes KVM queued (docs/vmm.md). */
+	while (!(inb(COM1 + 5) & 0x40))
+		cpu_relax();
 }
 
 void put_hex(u64 v)
