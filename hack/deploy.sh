@@ -24,7 +24,7 @@
 # hack/node.sh, and
 #   KUBEVMM_BIN            release binaries [$CARGO_TARGET_DIR/release or target/release]
 #   KUBEVMM_IMAGE_TAG      tag of both images [the chart's appVersion]
-#   KUBEVMM_HELM           helm [on PATH, else ~/.cache/kubevmm/helm-v3.17.4/helm]
+#   KUBEVMM_HELM           helm [on PATH, else ~/.cache/kubevmm/helm-v3.18.6/helm]
 #   KUBEVMM_HELM_VALUES    an extra values file for the release
 #   KUBEVMM_RELEASE        release name [kubevmm], in namespace kubevmm-system
 #   KUBEVMM_PROMETHEUS     1: `up` also starts Prometheus (hack/prometheus.sh,
@@ -45,7 +45,7 @@ BIN=$("$HERE/k8s-build.sh" --print-bin-dir)
 exe_of() { echo "$BIN/$1"; }
 kc() { "$(kubectl_bin)" --kubeconfig "$D/admin.kubeconfig" "$@"; }
 
-HELM="${KUBEVMM_HELM:-$(command -v helm 2>/dev/null || echo "$HOME/.cache/kubevmm/helm-v3.17.4/helm")}"
+HELM="${KUBEVMM_HELM:-$(command -v helm 2>/dev/null || echo "$HOME/.cache/kubevmm/helm-v3.18.6/helm")}"
 NODE_IP="${KUBEVMM_NODE_IP:-$(ip -4 -o route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')}"
 [ -n "$NODE_IP" ] || die "cannot find this machine's address (no default route); set KUBEVMM_NODE_IP"
 export KUBEVMM_NODE_IP="$NODE_IP"

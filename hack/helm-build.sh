@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds helm, promtool and prometheus from the Go module proxy at pinned
-# releases into ~/.cache/kubevmm/{helm,promtool}-<version>/ (used by the
-# tests and hack/prometheus.sh).
+# Puts helm, promtool and prometheus, built from the Go module proxy at
+# pinned releases, into ~/.cache/kubevmm/{helm,promtool}-<version>/ (used
+# by the tests, hack/deploy.sh and hack/prometheus.sh). helm is built by
+# hack/k8s-build.sh with Kubernetes' commands (it shares their packages)
+# and linked here; promtool and prometheus are built here.
 #
 # Usage: hack/helm-build.sh [--no-promtool]
 #
@@ -9,7 +11,8 @@
 # GOFLAGS (default -p=2) bounds the parallel compiles on shared machines.
 set -euo pipefail
 
-HELM_VERSION=v3.17.4
+# helm: also pinned in hack/k8s-build/go.mod, which must name the same version.
+HELM_VERSION=v3.18.6
 # Prometheus v3.9.1 (module versions are v0.3XX.Y for v3.XX.Y); also pinned
 # in hack/promtool-build/go.mod, which must name the same version.
 PROMTOOL_VERSION=v0.309.1
@@ -38,29 +41,25 @@ fi
 
 CACHE="$HOME/.cache/kubevmm"
 
-# build NAME VERSION PACKAGE@VERSION
-build() {
-	local name=$1 version=$2 pkg=$3
-	local dir="$CACHE/$name-$version"
-	if [ -x "$dir/$name" ]; then
-		log "$name $version present ($dir/$name)"
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# helm from hack/k8s-build.sh's build, linked into its versioned directory.
+link_helm() {
+	local pinned dir="$CACHE/helm-$HELM_VERSION" bin
+	pinned=$(awk '$1 == "helm.sh/helm/v3" { print $2; exit }' "$HERE/k8s-build/go.mod")
+	[ "$pinned" = "$HELM_VERSION" ] ||
+		die "hack/k8s-build/go.mod pins helm ${pinned:-nowhere}, this script $HELM_VERSION: make them agree"
+	if [ -x "$dir/helm" ]; then
+		log "helm $HELM_VERSION present ($dir/helm)"
 		return 0
 	fi
+	bin=$("$HERE/k8s-build.sh" --print-bin-dir)
+	[ -x "$bin/helm" ] || "$HERE/k8s-build.sh"
 	mkdir -p "$dir"
-	local t0
-	t0=$(date +%s)
-	log "building $name $version from the Go module proxy (a few minutes)"
-	# A temporary GOBIN keeps a half-built binary out of the cache directory.
-	local tmp
-	tmp=$(mktemp -d)
-	GOBIN="$tmp" CGO_ENABLED=0 GOFLAGS="${GOFLAGS:--p=2}" go install "$pkg" ||
-		{ rm -rf "$tmp"; die "go install $pkg failed"; }
-	mv "$tmp/$name" "$dir/$name"
-	rm -rf "$tmp"
-	log "$name $version built in $(($(date +%s) - t0))s: $dir/$name"
+	ln -f "$bin/helm" "$dir/helm" 2>/dev/null || cp -f "$bin/helm" "$dir/helm"
+	log "helm $HELM_VERSION linked from $bin/helm to $dir/helm"
 }
-
-build helm "$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+link_helm
 
 # promtool and prometheus: Prometheus's go.mod has exclude directives, which
 # `go install pkg@version` refuses, so they are built inside the wrapper
@@ -76,7 +75,6 @@ build helm "$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 # go.sum), plugins.go replaced, and built with a `replace` to the copy.
 PLUGINS='kubernetes'
 if [ "$PROMTOOL" = 1 ]; then
-	HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 	MOD="$HERE/promtool-build"
 	grep -q "github.com/prometheus/prometheus $PROMTOOL_VERSION\$" "$MOD/go.mod" ||
 		die "$MOD/go.mod does not require prometheus $PROMTOOL_VERSION"

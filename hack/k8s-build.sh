@@ -5,7 +5,10 @@
 #
 # Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 # kube-proxy and the kubelet at the Kubernetes release pinned in
-# hack/k8s-build/go.mod, and crictl (cri-tools, pinned below), into
+# hack/k8s-build/go.mod, helm at the release pinned there too (it shares
+# most of their packages, so it costs a fraction when built with them;
+# hack/helm-build.sh links it into ~/.cache/kubevmm/helm-<version>/), and
+# crictl (cri-tools, pinned below), into
 #   ${KUBEVMM_K8S_CACHE:-~/.cache/kubevmm}/k8s-<version>/bin/
 # and makes sure a kubectl is available: /usr/bin/kubectl (or any kubectl on
 # PATH) when it works, otherwise k8s.io/kubernetes/cmd/kubectl is built into
@@ -64,6 +67,10 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 	LDFLAGS="$LDFLAGS -X $pkg.gitVersion=$VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$MINOR"
 	LDFLAGS="$LDFLAGS -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
+# helm's own release (`helm version`), as its release builds stamp it.
+HELM=$(awk '$1 == "helm.sh/helm/v3" && $2 ~ /^v/ { print $2; exit }' "$MOD/go.mod")
+[ -n "$HELM" ] || die "cannot find the helm.sh/helm/v3 version in $MOD/go.mod"
+LDFLAGS="$LDFLAGS -X helm.sh/helm/v3/internal/version.version=$HELM -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 
 # crictl is not part of the Kubernetes module: `go install` at its own
 # release (its go.mod, checked against sum.golang.org). CRI is stable, so a
@@ -77,7 +84,7 @@ KEY_FILE="$BIN/.build-key"
 # name -> Go package. etcd's main package is go.etcd.io/etcd/server/v3, which
 # `go build -o DIR/` would name "server" (or "v3"); always build to a named
 # output instead.
-NAMES=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet crictl)
+NAMES=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet helm crictl)
 declare -A PKG=(
 	[etcd]=go.etcd.io/etcd/server/v3
 	[kube-apiserver]=k8s.io/kubernetes/cmd/kube-apiserver
@@ -85,6 +92,7 @@ declare -A PKG=(
 	[kube-scheduler]=k8s.io/kubernetes/cmd/kube-scheduler
 	[kube-proxy]=k8s.io/kubernetes/cmd/kube-proxy
 	[kubelet]=k8s.io/kubernetes/cmd/kubelet
+	[helm]=helm.sh/helm/v3/cmd/helm
 	# Not part of the Kubernetes module: `go install` at its own release
 	# (its go.mod, checked against sum.golang.org). CRI is stable, so a
 	# newer crictl talks to containerd 1.6 fine.

@@ -44,7 +44,7 @@
 # KUBEVMM_ACCESS_PORT [18443] (the operator's subresource API),
 # KUBEVMM_NODE_ACCESS_PORT [10260] (node-vmm's streams, for the operator),
 # KUBEVMM_ACCESS_TIMEOUT [60] (seconds to wait for the APIService),
-# KUBEVMM_HELM [helm on PATH, else ~/.cache/kubevmm/helm-v3.17.4/helm].
+# KUBEVMM_HELM [helm on PATH, else ~/.cache/kubevmm/helm-v3.18.6/helm].
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -243,8 +243,8 @@ find_helm() {
 		echo "$KUBEVMM_HELM"
 	elif command -v helm >/dev/null 2>&1; then
 		command -v helm
-	elif [ -x "$HOME/.cache/kubevmm/helm-v3.17.4/helm" ]; then
-		echo "$HOME/.cache/kubevmm/helm-v3.17.4/helm"
+	elif [ -x "$HOME/.cache/kubevmm/helm-v3.18.6/helm" ]; then
+		echo "$HOME/.cache/kubevmm/helm-v3.18.6/helm"
 	fi
 }
 

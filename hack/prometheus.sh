@@ -22,7 +22,7 @@
 #   KUBEVMM_PROMETHEUS_BIN   the prometheus binary
 #                            [~/.cache/kubevmm/promtool-<version>/prometheus]
 #   KUBEVMM_RELEASE          the chart's release [kubevmm], in kubevmm-system
-#   KUBEVMM_HELM             helm [on PATH, else ~/.cache/kubevmm/helm-v3.17.4/helm]
+#   KUBEVMM_HELM             helm [on PATH, else ~/.cache/kubevmm/helm-v3.18.6/helm]
 #   KUBEVMM_READY_TIMEOUT    seconds to wait for readiness and targets [120]
 #
 # Decisions (docs/monitoring.md, "Prometheus on the local cluster"): one
@@ -69,7 +69,7 @@ exe_of() {
 	esac
 }
 kc() { "$(kubectl_bin)" --kubeconfig "$CD/admin.kubeconfig" "$@"; }
-HELM="${KUBEVMM_HELM:-$(command -v helm 2>/dev/null || echo "$HOME/.cache/kubevmm/helm-v3.17.4/helm")}"
+HELM="${KUBEVMM_HELM:-$(command -v helm 2>/dev/null || echo "$HOME/.cache/kubevmm/helm-v3.18.6/helm")}"
 
 # ------------------------------------------------------------ config
 make_access() { # client certificate, kubeconfig and RBAC for the discovery
