@@ -58,7 +58,7 @@ lint:
 	echo "lint: took $$(($$(date +%s) - start))s"
 
 ## The end-to-end tests run the workspace's binaries: build them first.
-## hack/test-lanes.py runs the test binaries two at a time (KUBEVMM_TEST_LANES;
+## hack/test-lanes.py runs the test binaries three at a time (KUBEVMM_TEST_LANES;
 ## 1 is `cargo test --workspace --no-fail-fast`'s order), every one to the end.
 test-rust:
 	start=$$(date +%s); \

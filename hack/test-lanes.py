@@ -6,8 +6,10 @@ Usage: hack/test-lanes.py [--lanes N] [-- ARGS...]
 `cargo test --workspace` runs one test binary after another. Ours mostly
 wait: on a private control plane, on a guest in software KVM, on a
 kubelet. One binary keeps ~1.2 of this machine's 2 cores busy, and a
-binary whose last test is slow leaves the rest of the machine idle. This
-runs N binaries at once (default 2; KUBEVMM_TEST_LANES), each with
+binary whose last test is slow leaves the rest of the machine idle, and
+the longest one (access, which holds a console idle for ten minutes) is
+mostly asleep. This
+runs N binaries at once (default 3; KUBEVMM_TEST_LANES), each with
 libtest's own threads, taking the longest first (durations of the last run,
 kept in $CARGO_TARGET_DIR/test-lanes.json; without them, the order below).
 Every binary runs to the end (like --no-fail-fast); its output is printed
@@ -99,7 +101,7 @@ def main():
     if "--" in args:
         extra = args[args.index("--") + 1:]
         args = args[:args.index("--")]
-    lanes = int(os.environ.get("KUBEVMM_TEST_LANES", "2"))
+    lanes = int(os.environ.get("KUBEVMM_TEST_LANES", "3"))
     if args[:1] == ["--lanes"] and len(args) == 2 and args[1].isdigit():
         lanes = int(args[1])
     elif args:
