@@ -39,8 +39,11 @@ fn bound(env: &Env, name: &str, after: usize) -> Vec<String> {
         120,
         &format!("{name} to take a DHCP lease"),
         || {
+            // Whole lines only: the guest may be in the middle of one.
             let c = env.console(&uid);
-            c.lines()
+            let whole = &c[..c.rfind('\n').map_or(0, |i| i + 1)];
+            whole
+                .lines()
                 .filter(|l| l.starts_with("dhcp: bound "))
                 .nth(after)
                 .map(|l| l.split_whitespace().map(String::from).collect())
