@@ -25,17 +25,6 @@ __attribute__((interrupt)) static void on_tick(struct interrupt_frame *f)
 	lapic_write(LAPIC_EOI, 0);
 }
 
-__attribute__((interrupt)) static void on_spurious(struct interrupt_frame *f)
-{
-	(void)f;
-}
-
-__attribute__((interrupt)) static void on_other(struct interrupt_frame *f)
-{
-	(void)f;
-	fail("unexpected exception or interrupt vector");
-}
-
 static char line[LINE_MAX + 1];
 static usize len;
 
@@ -136,9 +125,8 @@ static int take(u8 c)
 void guest_main(struct hvm_start_info *si)
 {
 	(void)si;
-	idt_load(on_other);
+	idt_load_default();
 	set_gate(VEC_TICK, on_tick);
-	set_gate(0xff, on_spurious);
 	hlt_timer_start(VEC_TICK, 10000000); /* 100 Hz */
 	puts("echo guest ready\n");
 	__asm__ volatile("sti");

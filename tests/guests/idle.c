@@ -18,24 +18,12 @@ __attribute__((interrupt)) static void on_tick(struct interrupt_frame *f)
 	lapic_write(LAPIC_EOI, 0);
 }
 
-__attribute__((interrupt)) static void on_spurious(struct interrupt_frame *f)
-{
-	(void)f;
-}
-
-__attribute__((interrupt)) static void on_other(struct interrupt_frame *f)
-{
-	(void)f;
-	fail("unexpected exception or interrupt vector");
-}
-
 void guest_main(struct hvm_start_info *si)
 {
 	u64 seen = 0;
 	(void)si;
-	idt_load(on_other);
+	idt_load_default();
 	set_gate(VEC_TICK, on_tick);
-	set_gate(0xff, on_spurious);
 	/* Only the local APIC timer wakes us. */
 	hlt_timer_start(VEC_TICK, 100000000); /* 10 Hz */
 	puts("idle guest running\n");

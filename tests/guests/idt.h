@@ -42,4 +42,25 @@ static inline void idt_load(irq_handler fallback)
 	idtr.base = (u64)idt;
 	__asm__ volatile("lidt %0" : : "m"(idtr));
 }
+
+/* Ignores the interrupt (the local APIC's spurious vector needs no EOI). */
+__attribute__((interrupt, unused)) static void idt_ignore(struct interrupt_frame *f)
+{
+	(void)f;
+}
+
+/* Any vector a guest did not expect: an exception or a stray interrupt. */
+__attribute__((interrupt, unused)) static void idt_unexpected(struct interrupt_frame *f)
+{
+	(void)f;
+	fail("unexpected exception or interrupt vector");
+}
+
+/* The IDT with every vector at idt_unexpected and the spurious vector
+ * 0xff ignored. */
+static inline void idt_load_default(void)
+{
+	idt_load(idt_unexpected);
+	set_gate(0xff, idt_ignore);
+}
 #endif

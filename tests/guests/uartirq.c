@@ -43,24 +43,12 @@ __attribute__((interrupt)) static void on_uart(struct interrupt_frame *f)
 	lapic_write(LAPIC_EOI, 0);
 }
 
-__attribute__((interrupt)) static void on_spurious(struct interrupt_frame *f)
-{
-	(void)f;
-}
-
-__attribute__((interrupt)) static void on_other(struct interrupt_frame *f)
-{
-	(void)f;
-	fail("unexpected exception or interrupt vector");
-}
-
 void guest_main(struct hvm_start_info *si)
 {
 	char chunk[16];
 	(void)si;
-	idt_load(on_other);
+	idt_load_default();
 	set_gate(VEC_UART, on_uart);
-	set_gate(0xff, on_spurious);
 	outb(0x21, 0xff);
 	outb(0xa1, 0xff);
 	lapic_write(LAPIC_SVR, 0x100 | 0xff);

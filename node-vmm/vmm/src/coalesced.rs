@@ -324,17 +324,12 @@ mod tests {
         }
     }
 
-    /// Runs `code` (32-bit) on a one-vCPU VM until its first exit to
-    /// userspace, with writes to `zone_port` coalesced when `coalesce`.
+    /// Guest writes to port 0x3f8 on a real VM, with the zone on and off.
     mod on_kvm {
-        use kvm_bindings::kvm_userspace_memory_region;
-        use kvm_ioctls::{Kvm, VcpuExit};
-        use vm_memory::{
-            Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-        };
+        use kvm_ioctls::VcpuExit;
 
         use super::super::*;
-        use crate::arch::regs::{self, EntryMode};
+        use crate::test_vm::TestVm;
 
         /// `mov dx, 0x3f8; mov al, 'a'; out dx, al; mov al, 'b'; out dx, al;
         /// mov al, 1; out 0x99, al; jmp $`
@@ -345,29 +340,11 @@ mod tests {
 
         /// The first exit's port and bytes, and what the ring held then.
         fn first_exit(coalesce: bool) -> ((u16, Vec<u8>), Vec<QueuedWrite>) {
-            let kvm = Kvm::new().expect("/dev/kvm");
+            let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
             assert!(kvm.check_extension(kvm_ioctls::Cap::CoalescedPio));
-            let vm = Arc::new(kvm.create_vm().unwrap());
-            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-            let region = mem.iter().next().unwrap();
-            let r = kvm_userspace_memory_region {
-                slot: 0,
-                flags: 0,
-                guest_phys_addr: 0,
-                memory_size: region.len(),
-                userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
-            };
-            // SAFETY: `mem` is a live mapping that outlives the VM (both
-            // are dropped at the end of this function, the VM first).
-            unsafe { vm.set_user_memory_region(r) }.unwrap();
-            mem.write_slice(CODE, GuestAddress(0x1_0000)).unwrap();
-            let mut vcpu = vm.create_vcpu(0).unwrap();
-            let mode = EntryMode::Pvh {
-                entry: 0x1_0000,
-                start_info: 0,
-            };
-            regs::setup_sregs(&mem, &vcpu, mode).unwrap();
-            regs::setup_regs(&vcpu, mode).unwrap();
+            let t = TestVm::new();
+            let vm = t.vm.clone();
+            let mut vcpu = t.vcpu(0, CODE);
             let mut ring = Ring::map(&vcpu).unwrap();
             let mut zone = Zone::register(vm.clone(), 0x3f8).unwrap();
             zone.set(coalesce).unwrap();

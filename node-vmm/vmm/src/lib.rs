@@ -18,6 +18,8 @@ pub mod jail;
 pub mod ring;
 pub mod rss;
 pub mod seccomp;
+#[cfg(test)]
+mod test_vm;
 pub mod vcpu;
 pub mod vm;
 

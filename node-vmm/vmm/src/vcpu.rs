@@ -423,13 +423,9 @@ fn internal_error(index: u8, vcpu: &mut VcpuFd, mem: &GuestMemoryMmap) -> String
 mod tests {
     use std::sync::mpsc;
 
-    use kvm_bindings::kvm_userspace_memory_region;
-    use kvm_ioctls::{Kvm, VmFd};
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-
     use super::*;
-    use crate::arch::regs::{self, EntryMode};
     use crate::devices::BusDevice;
+    use crate::test_vm::TestVm;
 
     /// Port 0x99: any write asks the machine to power off.
     struct PowerOffPort(ExitSignal);
@@ -444,7 +440,7 @@ mod tests {
     /// A VM of `codes.len()` vCPUs, vCPU i running `codes[i]` in 32-bit
     /// protected mode, started.
     struct Machine {
-        _vm: VmFd,
+        _vm: TestVm,
         gate: Arc<PauseGate>,
         exit: ExitSignal,
         vcpus: Vec<VcpuHandle>,
@@ -456,20 +452,7 @@ mod tests {
     const SPIN: &[u8] = &[0xeb, 0xfe];
 
     fn machine(codes: &[&[u8]]) -> Machine {
-        let kvm = Kvm::new().expect("/dev/kvm");
-        let vm = kvm.create_vm().unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let region = mem.iter().next().unwrap();
-        let r = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: region.len(),
-            userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
-        };
-        // SAFETY: `mem` is a live mapping; the VM and its vCPUs live no
-        // longer than the test process that keeps `mem` (cloned below).
-        unsafe { vm.set_user_memory_region(r) }.unwrap();
+        let t = TestVm::new();
         let exit = ExitSignal::new().unwrap();
         let mut pio = Bus::default();
         pio.insert(0x99, 1, Arc::new(Mutex::new(PowerOffPort(exit.clone()))))
@@ -478,28 +461,22 @@ mod tests {
         let ctx = VcpuContext {
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::default()),
-            mem: mem.clone(),
+            mem: t.mem.clone(),
             exit: exit.clone(),
             gate: gate.clone(),
             filters: None,
             serial_queue: None,
         };
         install_kick_handler().unwrap();
-        let mut vcpus = Vec::new();
-        for (i, code) in codes.iter().enumerate() {
-            let entry = 0x1_0000 + 0x1000 * i as u64;
-            mem.write_slice(code, GuestAddress(entry)).unwrap();
-            let vcpu = vm.create_vcpu(i as u64).unwrap();
-            let mode = EntryMode::Pvh {
-                entry,
-                start_info: 0,
-            };
-            regs::setup_sregs(&mem, &vcpu, mode).unwrap();
-            regs::setup_regs(&vcpu, mode).unwrap();
-            vcpus.push(VcpuHandle::spawn(i as u8, vcpu, ctx.clone()).unwrap());
-        }
+        let vcpus = codes
+            .iter()
+            .enumerate()
+            .map(|(i, code)| {
+                VcpuHandle::spawn(i as u8, t.vcpu(i as u8, code), ctx.clone()).unwrap()
+            })
+            .collect();
         Machine {
-            _vm: vm,
+            _vm: t,
             gate,
             exit,
             vcpus,
