@@ -479,7 +479,7 @@ async fn two_replicas_one_leader_and_failover_without_duplicates() {
             .expect("list")
             .items
             .iter()
-            .map(describe)
+            .map(placement)
             .collect();
         v.sort();
         v

@@ -356,6 +356,17 @@ pub fn cond(vm: &VirtualMachine, ty: &str) -> Option<(String, String, String)> {
 }
 
 pub fn describe(vm: &VirtualMachine) -> String {
+    summary(vm, true)
+}
+
+/// What a pass decides for the VM: `describe` without the conditions'
+/// messages (a Pending VM's message names each node's state at the time,
+/// which moves with heartbeats even when nothing is placed differently).
+pub fn placement(vm: &VirtualMachine) -> String {
+    summary(vm, false)
+}
+
+fn summary(vm: &VirtualMachine, messages: bool) -> String {
     let s = vm.status.clone().unwrap_or_default();
     format!(
         "{}: label={:?} nodeName={:?} phase={:?} restarts={} conditions={:?} finalizers={:?}",
@@ -366,7 +377,14 @@ pub fn describe(vm: &VirtualMachine) -> String {
         s.restart_count,
         s.conditions
             .iter()
-            .map(|c| format!("{}={} {} {:?}", c.type_, c.status, c.reason, c.message))
+            .map(|c| {
+                let head = format!("{}={} {}", c.type_, c.status, c.reason);
+                if messages {
+                    format!("{head} {:?}", c.message)
+                } else {
+                    head
+                }
+            })
             .collect::<Vec<_>>(),
         vm.finalizers()
     )
