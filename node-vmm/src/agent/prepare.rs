@@ -441,6 +441,9 @@ pub fn plan(
         seccomp: true,
         fds: kubevmm_vmm::config::HandedFds::default(),
         jail: None,
+        // The guest's product_uuid is the VM's UID (an API server UID is
+        // always a UUID; anything else leaves the SMBIOS UUID unset).
+        uuid: uuid::Uuid::parse_str(vm.uid).ok(),
     };
     Ok(Plan {
         config,

@@ -263,6 +263,10 @@ pub struct VmConfig {
     /// Confine the process before building the machine.
     #[serde(default)]
     pub jail: Option<JailConfig>,
+    /// The machine's SMBIOS system UUID, as the guest reads it in
+    /// `/sys/class/dmi/id/product_uuid` (the agent passes the VM's UID).
+    #[serde(default)]
+    pub uuid: Option<uuid::Uuid>,
 }
 
 fn default_true() -> bool {
@@ -287,6 +291,7 @@ impl VmConfig {
             seccomp: true,
             fds: HandedFds::default(),
             jail: None,
+            uuid: None,
         }
     }
 

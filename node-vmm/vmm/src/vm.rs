@@ -53,6 +53,10 @@ pub enum VmError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
+    Mptable(#[from] crate::arch::mptable::MptableError),
+    #[error(transparent)]
+    Smbios(#[from] crate::arch::smbios::SmbiosError),
+    #[error(transparent)]
     Regs(#[from] regs::RegsError),
     #[error(transparent)]
     Irq(#[from] irq::IrqError),
@@ -446,6 +450,8 @@ impl Vm {
         let mut mmio = Bus::default();
         let (virtio, infos) = create_virtio_devices(&vm_fd, &mem, &config, &mut mmio)?;
         let rsdp_addr = acpi::write_tables(&mem, config.cpus, &infos)?;
+        crate::arch::mptable::write(&mem, config.cpus)?;
+        crate::arch::smbios::write(&mem, &config.uuid.map_or([0; 16], |u| *u.as_bytes()))?;
         let entry = boot::load(
             &mem,
             &BootSpec {

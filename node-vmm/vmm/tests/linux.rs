@@ -52,7 +52,8 @@ fn fixtures() -> Fixtures {
 }
 
 /// Lines the stock kernel prints from what our VMM gave it: banner, the
-/// e820 map of a 256 MiB guest (docs/vmm.md), and every ACPI table we build.
+/// e820 map of a 256 MiB guest (docs/vmm.md), the SMBIOS and MP tables, and
+/// every ACPI table we build.
 const SMOKE_LINES: &[&str] = &[
     "Linux version ",
     "Command line: console=ttyS0 earlyprintk=serial",
@@ -60,6 +61,9 @@ const SMOKE_LINES: &[&str] = &[
     "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
     "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
     "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
+    "SMBIOS 3.2.0 present.",
+    "DMI: kubevmm kubevmm virtual machine, BIOS ",
+    "found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]",
     "ACPI: RSDP 0x00000000000E0000",
     "ACPI: XSDT 0x",
     "ACPI: FACP 0x",

@@ -20,7 +20,7 @@ pub fn memory_map(mem_size: u64) -> Vec<E820Entry> {
             size: layout::EBDA_START,
             kind: E820_RAM,
         },
-        // EBDA, VGA hole and BIOS area; our ACPI tables live at its top.
+        // EBDA (the MP table), VGA hole and BIOS area (ACPI, SMBIOS).
         E820Entry {
             addr: layout::EBDA_START,
             size: layout::HIMEM_START - layout::EBDA_START,

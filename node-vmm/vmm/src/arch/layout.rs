@@ -22,9 +22,13 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// Start of the extended BIOS data area: usable low RAM ends here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The MP table starts here (floating pointer, then the configuration table).
+pub const MPTABLE_START: u64 = EBDA_START;
 /// ACPI tables live in the legacy BIOS area, where Linux also scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
-pub const ACPI_END: u64 = 0x10_0000;
+pub const ACPI_END: u64 = SMBIOS_START;
+/// SMBIOS entry point and tables: the BIOS area, where Linux scans for them.
+pub const SMBIOS_START: u64 = 0xf0000;
 /// Start of high memory: kernels load at or above it.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// RAM below 4 GiB ends here; the rest of RAM goes above 4 GiB.
