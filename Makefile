@@ -108,7 +108,7 @@ cluster-down-local:
 	hack/kubevmm-local.sh down
 	hack/cluster.sh down
 
-bench: build guests
+bench: build guests fixtures
 	hack/install-deps.sh --no-k8s --bench
 	hack/bench-vmm.sh
 	hack/bench-net.sh

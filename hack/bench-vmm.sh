@@ -20,6 +20,10 @@
 #     xorshift offsets everywhere) in IOPS: the guest on the raw file vs the
 #     host's pread(2), and on a qcow2 overlay vs raw and vs QEMU microvm on
 #     the same overlay (the qcow2 overlay also for the sequential reads).
+#   - start-up step by step (`kubevmm-vmm --trace-boot`, medians over RUNS),
+#     and Debian's stock kernel (hack/fixtures-linux.sh) from start to its
+#     banner and to its MADT line, ours beside QEMU microvm (LINUX_RUNS,
+#     default 3: about 20 s a boot here).
 # Nothing here is asserted; the figures go in docs/testing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +32,16 @@ command -v qemu-system-x86_64 >/dev/null ||
 	{ echo "bench-vmm: qemu-system-x86_64 missing: run hack/install-deps.sh --bench (make bench does)" >&2; exit 1; }
 [ -e /usr/share/qemu/qboot.rom ] ||
 	{ echo "bench-vmm: /usr/share/qemu/qboot.rom missing: run hack/install-deps.sh" >&2; exit 1; }
-cargo build --release -q -p kubevmm-vmm --bin kubevmm-vmm --example bench
+cargo build --release -q -p kubevmm-vmm --bin kubevmm-vmm --example bench --example bench_boot
 make -s -C tests/guests
 WORK="$(mktemp -d /tmp/kubevmm-bench.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 T="${CARGO_TARGET_DIR:-target}/release"
 "$T/examples/bench" "$T/kubevmm-vmm" tests/guests/build/bench.elf "$WORK" "$RUNS"
+LINUX_ARGS=()
+if [ -f "${KUBEVMM_LINUX_DIR:-$HOME/.cache/kubevmm/linux}/vmlinux" ]; then
+	LINUX_ARGS=("${KUBEVMM_LINUX_DIR:-$HOME/.cache/kubevmm/linux}/vmlinux" "${LINUX_RUNS:-3}")
+else
+	echo "bench-vmm: no Linux fixture: the early-boot comparison is skipped (hack/fixtures-linux.sh makes it)" >&2
+fi
+"$T/examples/bench_boot" "$T/kubevmm-vmm" tests/guests/build/bench.elf "$WORK" "$RUNS" "${LINUX_ARGS[@]}"

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod boot_trace;
 pub mod coalesced;
 pub mod config;
 pub mod console;
@@ -86,8 +87,11 @@ pub fn run(config: VmConfig) -> Result<ExitReason, RunError> {
     } else {
         None
     };
+    boot_trace::mark(boot_trace::Step::Seccomp);
     let mut machine = vm::Vm::build(config)?;
     machine.start_vcpus(filters.clone())?;
+    // Before the main thread's filter: the vCPU threads run meanwhile.
+    boot_trace::mark(boot_trace::Step::Threads);
     if let Some(f) = &filters {
         f.apply()?;
     }

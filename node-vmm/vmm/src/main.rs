@@ -6,35 +6,57 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use kubevmm_vmm::boot_trace::{self, Step};
 use kubevmm_vmm::config::OnReboot;
 use kubevmm_vmm::exit::code;
 use kubevmm_vmm::{ExitReason, VmConfig};
 
-const USAGE: &str = "usage: kubevmm-vmm --config FILE.json [--api-sock PATH]";
+const USAGE: &str = "usage: kubevmm-vmm --config FILE.json [--api-sock PATH] [--trace-boot]";
 
-fn parse_args() -> Result<(PathBuf, Option<PathBuf>), String> {
+struct Args {
+    config: PathBuf,
+    api: Option<PathBuf>,
+    /// Report when each start-up step ended (`boot_trace`).
+    trace_boot: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
     let mut config = None;
     let mut api = None;
+    let mut trace_boot = false;
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
         match a.to_str() {
             Some("--config") => config = args.next().map(PathBuf::from),
             Some("--api-sock") => api = args.next().map(PathBuf::from),
+            Some("--trace-boot") => trace_boot = true,
             Some("--help" | "-h") => return Err(USAGE.into()),
             _ => return Err(format!("unknown argument {a:?}\n{USAGE}")),
         }
     }
-    Ok((config.ok_or(USAGE)?, api))
+    Ok(Args {
+        config: config.ok_or(USAGE)?,
+        api,
+        trace_boot,
+    })
 }
 
 fn main() -> ExitCode {
-    let (config_path, api) = match parse_args() {
+    let main_ns = boot_trace::monotonic_ns();
+    let Args {
+        config: config_path,
+        api,
+        trace_boot,
+    } = match parse_args() {
         Ok(a) => a,
         Err(msg) => {
             eprintln!("kubevmm-vmm: {msg}");
             return ExitCode::from(code::VMM_ERROR as u8);
         }
     };
+    if trace_boot {
+        boot_trace::enable(main_ns);
+    }
     let mut config = match VmConfig::from_file(&config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -49,6 +71,7 @@ fn main() -> ExitCode {
         eprintln!("kubevmm-vmm: {e}");
         return ExitCode::from(code::VMM_ERROR as u8);
     }
+    boot_trace::mark(Step::Config);
     if let Some(jail) = &config.jail {
         // Before any thread and any guest input: see `jail`.
         kubevmm_vmm::rss::preopen();

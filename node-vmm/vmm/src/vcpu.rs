@@ -276,6 +276,9 @@ fn run(index: u8, mut vcpu: VcpuFd, ctx: &VcpuContext, stats: &VcpuStats) {
         return;
     }
     let kick_target = KickTarget::set(std::ptr::from_mut(vcpu.get_kvm_run()));
+    if index == 0 {
+        crate::boot_trace::mark(crate::boot_trace::Step::FirstRun);
+    }
     loop {
         ctx.gate.park_if_requested();
         if ctx.exit.reason().is_some() {

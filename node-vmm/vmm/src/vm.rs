@@ -2,6 +2,7 @@
 //! `Vm::build` sets everything up; `Vm::run` starts the vCPUs and runs the
 //! event loop until the guest powers off, crashes or is stopped.
 
+use crate::boot_trace::{self as trace, Step};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -419,6 +420,7 @@ impl Vm {
             }
         }
         let kvm = open_kvm(config.fds.kvm)?;
+        trace::mark(Step::Kvm);
         let max = kvm.get_max_vcpus();
         if usize::from(config.cpus) > max {
             return Err(VmError::TooManyCpus {
@@ -433,6 +435,7 @@ impl Vm {
         vm_fd
             .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("set the identity map address"))?;
+        trace::mark(Step::VmCreated);
         vm_fd
             .create_irq_chip()
             .map_err(kvm_err("create the in-kernel irqchip"))?;
@@ -443,12 +446,15 @@ impl Vm {
                 ..Default::default()
             })
             .map_err(kvm_err("create the in-kernel PIT"))?;
+        trace::mark(Step::Irqchip);
         let mem = create_memory(&vm_fd, config.memory)?;
+        trace::mark(Step::Memory);
         let exit = ExitSignal::new().map_err(io_err("the exit eventfd"))?;
 
         let legacy = LegacyDevices::create(&vm_fd, &exit, &config)?;
         let mut mmio = Bus::default();
         let (virtio, infos) = create_virtio_devices(&vm_fd, &mem, &config, &mut mmio)?;
+        trace::mark(Step::Devices);
         let rsdp_addr = acpi::write_tables(&mem, config.cpus, &infos)?;
         crate::arch::mptable::write(&mem, config.cpus)?;
         crate::arch::smbios::write(&mem, &config.uuid.map_or([0; 16], |u| *u.as_bytes()))?;
@@ -465,8 +471,10 @@ impl Vm {
             },
         )?;
 
+        trace::mark(Step::Kernel);
         let pending_vcpus = create_vcpus(&kvm, &vm_fd, &mem, config.cpus, entry)?;
         let serial_queue = queue_serial_writes(&kvm, &vm_fd, &pending_vcpus, &legacy.serial);
+        trace::mark(Step::Vcpus);
 
         Ok(Self {
             config,

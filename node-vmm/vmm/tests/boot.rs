@@ -26,6 +26,30 @@ fn hello_on_stdout() {
     assert_eq!(out.code, Some(code::POWER_OFF));
 }
 
+/// `--trace-boot` reports every start-up step once, in order, after the
+/// guest's first output (which the report also names); without the flag
+/// nothing is reported.
+#[test]
+fn trace_boot_reports_every_step_in_order() {
+    use kubevmm_vmm::boot_trace::{parse_line, Step};
+    let dir = scratch("trace-boot");
+    let c = config("hello", &dir);
+    let mut cmd = std::process::Command::new(vmm_bin());
+    cmd.arg("--trace-boot");
+    let out = wait(spawn_with(cmd, &c, &dir, "vm.json"), &dir);
+    assert_eq!(out.code, Some(code::POWER_OFF), "{out:?}");
+    let steps: Vec<(Step, u64)> = out.stderr.lines().filter_map(parse_line).collect();
+    let names: Vec<Step> = steps.iter().map(|(s, _)| *s).collect();
+    assert_eq!(names, Step::ALL, "{}", out.stderr);
+    assert!(
+        steps.windows(2).all(|w| w[0].1 <= w[1].1),
+        "stamps go forward: {}",
+        out.stderr
+    );
+    let plain = run(&config("hello", &dir), &dir);
+    assert!(!plain.stderr.contains("boot-trace"), "{plain:?}");
+}
+
 #[test]
 fn triple_fault_is_reported_as_crash() {
     let dir = scratch("triple");

@@ -238,6 +238,7 @@ impl Tee {
     }
 
     fn pass(&mut self, buf: &[u8]) -> io::Result<usize> {
+        crate::boot_trace::mark(crate::boot_trace::Step::FirstOutput);
         // The log first: whatever a console client is sent is in the log
         // already.
         if let Some(log) = &mut self.log {
