@@ -13,7 +13,9 @@
  *              every run, here and under QEMU), queue depth 1, timed with
  *              rdtsc; after blkread when both are given
  * Results are printed as "bench: <what> <numbers>" for the driver to parse;
- * blkread and blkrand both as "bench: <what> bytes N cycles N first X". */
+ * blkread and blkrand both as "bench: <what> bytes N cycles N wait N first X",
+ * where wait is the part of the cycles spent between a request's notify and
+ * its used entry (the device's time, as the guest sees it). */
 #include "guest.h"
 
 #define IOLOOP_N 20000
@@ -43,6 +45,8 @@ static void ioloop(void)
 
 static struct vq vq;
 static u64 blk_base, capacity;
+/* Cycles between notify and used, summed over the requests. */
+static u64 blk_wait;
 
 /* Sets the first disk up once: one queue whose chain is header, buf, status. */
 static void blk_open(int qemu)
@@ -64,6 +68,7 @@ static void blk_open(int qemu)
 /* Reads `len` bytes at `sector` into buf and waits for them. */
 static void blk_read(u64 sector, u32 len)
 {
+	u64 t;
 	vq.desc[1].len = len;
 	req.type = 0;
 	req.sector = sector;
@@ -72,8 +77,10 @@ static void blk_read(u64 sector, u32 len)
 	barrier();
 	vq.avail_idx++;
 	vq.avail->idx = vq.avail_idx;
+	t = rdtsc();
 	virtio_notify(blk_base, 0);
 	vq_wait_used(&vq);
+	blk_wait += rdtsc() - t;
 	if (status)
 		fail("disk read failed");
 }
@@ -86,6 +93,9 @@ static void blk_report(const char *what, u64 bytes, u64 cycles)
 	put_dec(bytes);
 	puts(" cycles ");
 	put_dec(cycles);
+	puts(" wait ");
+	put_dec(blk_wait);
+	blk_wait = 0;
 	puts(" first ");
 	put_hex(*(u64 *)buf);
 	puts("\n");

@@ -359,9 +359,19 @@ fn host_rand_iops(path: &Path) -> Result<f64, BenchError> {
     Ok(f64::from(BLKRAND_N) / t0.elapsed().as_secs_f64())
 }
 
-/// One guest run started by `cmd` with `blkread blkrand`: (MiB/s of the
-/// sequential reads, IOPS of the random ones).
-fn guest_blk(cmd: Command, hz: f64) -> Result<(f64, f64), BenchError> {
+/// One guest run with `blkread blkrand`.
+struct BlkRun {
+    /// MiB/s of the sequential 1 MiB reads.
+    seq: f64,
+    /// IOPS of the random 4 KiB reads.
+    rand: f64,
+    /// Per sequential request, in µs: notify → used (the device's time as
+    /// the guest sees it), and the rest (the guest's own code).
+    device_us: f64,
+    guest_us: f64,
+}
+
+fn guest_blk(cmd: Command, hz: f64) -> Result<BlkRun, BenchError> {
     let mut p = spawn(cmd)?;
     let out = read_until(&mut p, "bench: blkrand")?;
     drop(p);
@@ -372,7 +382,14 @@ fn guest_blk(cmd: Command, hz: f64) -> Result<(f64, f64), BenchError> {
     let (seq_bytes, seq_secs) = secs("blkread")?;
     let (rand_bytes, rand_secs) = secs("blkrand")?;
     let reads = rand_bytes / BLKRAND_LEN as u64;
-    Ok((mib(seq_bytes) / seq_secs, reads as f64 / rand_secs))
+    let requests = (seq_bytes / CHUNK as u64).max(1) as f64;
+    let device_us = field(&out, "blkread", "wait")? as f64 / hz / requests * 1e6;
+    Ok(BlkRun {
+        seq: mib(seq_bytes) / seq_secs,
+        rand: reads as f64 / rand_secs,
+        device_us,
+        guest_us: seq_secs / requests * 1e6 - device_us,
+    })
 }
 
 /// Opens `path` read-only for a child to inherit; returns it (keep it
@@ -398,6 +415,8 @@ fn inherited(path: &Path) -> Result<(std::fs::File, i32), BenchError> {
 struct BlkFigures {
     host: Stats,
     raw: Stats,
+    /// The raw runs' request split: device µs, guest µs.
+    raw_split: (Stats, Stats),
     overlay: Stats,
     qemu: Result<Stats, BenchError>,
     rand_host: Stats,
@@ -407,8 +426,8 @@ struct BlkFigures {
 }
 
 /// Sequential and random figures of three runs, split.
-fn split(runs: Vec<(f64, f64)>) -> (Stats, Stats) {
-    let (seq, rand) = runs.into_iter().unzip();
+fn split(runs: Vec<BlkRun>) -> (Stats, Stats) {
+    let (seq, rand) = runs.into_iter().map(|r| (r.seq, r.rand)).unzip();
     (stats(seq), stats(rand))
 }
 
@@ -478,6 +497,10 @@ fn blk_bench(s: &Setup, hz: f64) -> Result<BlkFigures, BenchError> {
             ]);
         qemu.push(guest_blk(q, hz));
     }
+    let raw_split = (
+        stats(raw.iter().map(|r| r.device_us).collect()),
+        stats(raw.iter().map(|r| r.guest_us).collect()),
+    );
     let (raw, rand_raw) = split(raw);
     let (overlay, rand_overlay) = split(ovl);
     let (qemu, rand_qemu) = match qemu.into_iter().collect::<Result<Vec<_>, _>>() {
@@ -493,6 +516,7 @@ fn blk_bench(s: &Setup, hz: f64) -> Result<BlkFigures, BenchError> {
     Ok(BlkFigures {
         host: stats(host),
         raw,
+        raw_split,
         overlay,
         qemu,
         rand_host: stats(rand_host),
@@ -598,6 +622,14 @@ fn print_blk(blk: &BlkFigures) {
         "| virtio-blk 1 MiB sequential reads (64 MiB, warm page cache), median [min-max] of 3 | {:.0} MiB/s [{:.0}-{:.0}] | host read(2) {:.0} MiB/s [{:.0}-{:.0}] | ≥ 50 % of host | {:.1} % of host |",
         guest.median, guest.min, guest.max, host.median, host.min, host.max,
         guest.median / host.median * 100.0
+    );
+    let (device, guest_own) = &blk.raw_split;
+    println!(
+        "| virtio-blk, one 1 MiB sequential read: notify → used (the device, as the guest times it) / the guest's own code around it | {:.0} µs / {:.0} µs | host read(2) of 1 MiB {:.0} µs | - | device {:.0} % of the request |",
+        device.median,
+        guest_own.median,
+        1e6 / host.median,
+        device.median / (device.median + guest_own.median) * 100.0
     );
     let o = &blk.overlay;
     let qemu = match &blk.qemu {
