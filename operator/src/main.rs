@@ -294,8 +294,10 @@ async fn control_loop(ctx: Context, notify: std::sync::Arc<Notify>, resync: Dura
             }
             continue;
         }
-        // Coalesce bursts of watch events into one pass.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // No waiting before a pass: bursts coalesce on their own, since
+        // the events that arrive while a pass runs leave one permit, for
+        // one more pass (a fixed delay here was 50 ms of every VM's
+        // apply → Running).
         let started = std::time::Instant::now();
         let outcome = reconcile::reconcile_all(&ctx).await;
         ctx.metrics
