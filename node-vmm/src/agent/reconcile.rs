@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::host::prepare_host;
 use super::lifecycle::{self, AfterExit, Ended, Stop, StopAction};
-use super::report::{event, timed_step, write_status, StartStep};
+use super::report::{event, note_transition, timed_step, write_status, StartStep};
 use super::supervisor::{self, ProcessId, VmDir};
 use super::{prepare, vmm_client, AgentConfig};
 
@@ -174,6 +174,9 @@ fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileErro
     let what = what.into();
     move |source| ReconcileError::Api { what, source }
 }
+
+/// How long a reconcile that spawned a VMM waits for its first answer.
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// Controller error policy: retry after a pause (signature fixed by kube-runtime).
 #[allow(clippy::needless_pass_by_value)]
@@ -358,13 +361,24 @@ async fn step(
         );
         if want && due {
             start(ctx, vm, uid, &dir, local).await;
+            requeue = Duration::from_millis(100);
+            if local.proc.is_some() {
+                // The agent bound the control socket: a request waits until
+                // the VMM serves it, once its vCPUs run. So the first status
+                // says Running, with no polling interval before it.
+                if let Ok(next) =
+                    tokio::time::timeout(FIRST_ANSWER_WAIT, observe_running(ctx, vm, &dir, local))
+                        .await
+                {
+                    requeue = next;
+                }
+            }
             // The new phase first: a stopped Manual VM whose request looked
             // handled while its phase still read Stopped would be released.
             if let Some(done) = &restart {
                 write_status(ctx, vm, local).await?;
                 mark_restart_handled(ctx, vm, done).await?;
             }
-            requeue = Duration::from_millis(100);
         } else if want {
             requeue = local
                 .next_start
@@ -563,6 +577,7 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
             local.spawned = Some(Instant::now());
             local.started_at = Some(Timestamp::now());
             local.phase = Some(VmPhase::Starting);
+            note_transition(vm, local);
             local.interfaces = plan
                 .interfaces
                 .iter()

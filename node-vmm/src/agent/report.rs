@@ -112,6 +112,24 @@ pub async fn timed_step(ctx: &Ctx, vm: &VirtualMachine, step: StartStep, took: D
     }
 }
 
+/// Records the local phase as a transition now (after the newest of the
+/// local and the live history), for the next status write: a phase that
+/// is never written on its own (Starting, when the VMM answers at once)
+/// still shows in `phaseTransitionTimestamps`.
+pub fn note_transition(vm: &VirtualMachine, local: &mut LocalVm) {
+    let live = vm
+        .status
+        .as_ref()
+        .map_or(&[][..], |s| &s.phase_transition_timestamps[..]);
+    let created = vm.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    local.transitions = record_transition(
+        &status_body::newest_transitions(&local.transitions, live),
+        local.phase,
+        created,
+        Timestamp::now(),
+    );
+}
+
 /// Writes this agent's part of the status when it differs from the live one.
 pub async fn write_status(
     ctx: &Ctx,
@@ -125,13 +143,7 @@ pub async fn write_status(
     }
     let live = vm.status.as_ref();
     let created = vm.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    let live_transitions = live.map_or(&[][..], |s| &s.phase_transition_timestamps[..]);
-    local.transitions = record_transition(
-        &status_body::newest_transitions(&local.transitions, live_transitions),
-        local.phase,
-        created,
-        Timestamp::now(),
-    );
+    note_transition(vm, local);
     let mut conditions = Vec::new();
     if let Some(r) = &local.ready {
         conditions.push(condition_json(
