@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_blk as vb;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
@@ -28,12 +29,12 @@ use request::{
 
 const QUEUE_SIZE: u16 = 256;
 
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_SEG_MAX: u64 = 1 << vb::VIRTIO_BLK_F_SEG_MAX;
+const F_RO: u64 = 1 << vb::VIRTIO_BLK_F_RO;
+const F_BLK_SIZE: u64 = 1 << vb::VIRTIO_BLK_F_BLK_SIZE;
+const F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
+const F_DISCARD: u64 = 1 << vb::VIRTIO_BLK_F_DISCARD;
+const F_WRITE_ZEROES: u64 = 1 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {

@@ -2,6 +2,8 @@
 
 use std::sync::atomic::Ordering;
 
+use virtio_bindings::virtio_config as vc;
+use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -13,14 +15,14 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4d56_4b4b; // "KKVM"
 
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 64;
-const STATUS_FAILED: u32 = 128;
+const STATUS_ACKNOWLEDGE: u32 = vc::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const STATUS_DRIVER: u32 = vc::VIRTIO_CONFIG_S_DRIVER;
+const STATUS_DRIVER_OK: u32 = vc::VIRTIO_CONFIG_S_DRIVER_OK;
+const STATUS_FEATURES_OK: u32 = vc::VIRTIO_CONFIG_S_FEATURES_OK;
+const STATUS_NEEDS_RESET: u32 = vc::VIRTIO_CONFIG_S_NEEDS_RESET;
+const STATUS_FAILED: u32 = vc::VIRTIO_CONFIG_S_FAILED;
 
-pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+pub const QUEUE_NOTIFY_OFFSET: u64 = reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 /// A virtio device behind its mmio registers.
 pub struct MmioTransport {
@@ -204,27 +206,28 @@ impl MmioTransport {
                 .copied()
                 .map_or(0, u32::from)
         };
-        match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => self.device.device_type(),
-            0x00c => VENDOR_ID,
-            0x010 => match self.device_features_sel {
+        // Offsets past u32 match no register.
+        match u32::try_from(offset).unwrap_or(u32::MAX) {
+            reg::VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            reg::VIRTIO_MMIO_VERSION => VERSION,
+            reg::VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            reg::VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            reg::VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.offered_features() as u32,
                 1 => (self.offered_features() >> 32) as u32,
                 _ => 0,
             },
-            0x034 => max_size(self),
-            0x044 => u32::from(
+            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => max_size(self),
+            reg::VIRTIO_MMIO_QUEUE_READY => u32::from(
                 self.activated
                     || self
                         .queues
                         .get(self.queue_sel as usize)
                         .is_some_and(QueueT::ready),
             ),
-            0x060 => self.interrupt.status.load(Ordering::SeqCst),
-            0x070 => self.status,
-            0x0fc => self.config_generation,
+            reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            reg::VIRTIO_MMIO_STATUS => self.status,
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
@@ -232,9 +235,12 @@ impl MmioTransport {
     fn write_reg(&mut self, offset: u64, v: u32) {
         let driver_ready =
             self.status & STATUS_DRIVER != 0 && self.status & STATUS_ACKNOWLEDGE != 0;
-        match offset {
-            0x014 => self.device_features_sel = v,
-            0x020 if driver_ready && self.status & STATUS_FEATURES_OK == 0 => {
+        // Offsets past u32 match no register.
+        match u32::try_from(offset).unwrap_or(u32::MAX) {
+            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES
+                if driver_ready && self.status & STATUS_FEATURES_OK == 0 =>
+            {
                 match self.driver_features_sel {
                     0 => {
                         self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v);
@@ -246,9 +252,9 @@ impl MmioTransport {
                     _ => {}
                 }
             }
-            0x024 => self.driver_features_sel = v,
-            0x030 => self.queue_sel = v,
-            0x038 => {
+            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            reg::VIRTIO_MMIO_QUEUE_NUM => {
                 // A size that does not fit 16 bits is invalid, not truncated;
                 // the queue keeps its size (and checks the new one) otherwise.
                 if let (Some(q), Ok(size)) = (self.selected_queue(), u16::try_from(v)) {
@@ -257,23 +263,35 @@ impl MmioTransport {
                     }
                 }
             }
-            0x044 => {
+            reg::VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(v == 1);
                 }
             }
-            // 0x050 QueueNotify: a notify that reaches us matched no
+            // QueueNotify: a notify that reaches us matched no
             // ioeventfd (unknown queue) and is ignored like other writes.
-            0x064 => {
+            reg::VIRTIO_MMIO_INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
             }
-            0x070 => self.set_status(v),
-            0x080 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            0x084 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            0x090 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            0x094 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            0x0a0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            0x0a4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            reg::VIRTIO_MMIO_STATUS => self.set_status(v),
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => {
+                self.with_queue(|q| q.set_desc_table_address(Some(v), None));
+            }
+            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                self.with_queue(|q| q.set_desc_table_address(None, Some(v)));
+            }
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+                self.with_queue(|q| q.set_avail_ring_address(Some(v), None));
+            }
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(v)));
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW => {
+                self.with_queue(|q| q.set_used_ring_address(Some(v), None));
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                self.with_queue(|q| q.set_used_ring_address(None, Some(v)));
+            }
             _ => {}
         }
     }

@@ -19,16 +19,16 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_RNG: u32 = 4;
+pub const TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+pub const TYPE_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+pub const TYPE_RNG: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 
 /// Feature bits common to all devices.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 /// `InterruptStatus` bits.
-pub const INT_VRING: u32 = 1;
-pub const INT_CONFIG: u32 = 2;
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {

@@ -6,6 +6,7 @@
 //! 16 bytes (`sector` u64, `num_sectors` u32, `flags` u32, little endian),
 //! one per request here (`max_discard_seg` = `max_write_zeroes_seg` = 1).
 
+use virtio_bindings::virtio_blk as vb;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
@@ -23,19 +24,19 @@ pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
 /// which bounds the slow path (zeroes written where the file system cannot
 /// allocate zero ranges) of one request.
 pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << (30 - SECTOR_SHIFT);
-/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`: the zeroed range may be deallocated.
-pub const FLAG_UNMAP: u32 = 1;
-pub const ID_BYTES: usize = 20;
+/// The zeroed range may be deallocated.
+pub const FLAG_UNMAP: u32 = vb::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+pub const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 
 // `sector_ranges` reads the one segment a request may carry.
 const _: () = assert!(MAX_DISCARD_SEG == 1 && MAX_WRITE_ZEROES_SEG == 1);
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
+const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
+const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
+const T_DISCARD: u32 = vb::VIRTIO_BLK_T_DISCARD;
+const T_WRITE_ZEROES: u32 = vb::VIRTIO_BLK_T_WRITE_ZEROES;
 const HEADER_LEN: u32 = 16;
 const RANGE_SEGMENT_LEN: u32 = 16;
 
@@ -133,9 +134,10 @@ impl RequestError {
     }
 }
 
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+// The status byte's values (they fit in its u8).
+pub const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+pub const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+pub const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// One guest buffer of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
