@@ -310,6 +310,11 @@ pub fn run_with_input(cmd: &mut Command, input: &str) -> Outcome {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+/// The last 40 lines of a log or an output, for failure messages.
+pub fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
 
 /// Where cargo put this workspace's binaries (`target/debug`), found from
 /// the test executable (`target/debug/deps/<test>`), so `CARGO_TARGET_DIR`

@@ -322,10 +322,7 @@ pub fn alive(pid: i32) -> bool {
         .is_ok_and(|s| s.rfind(')').is_some_and(|i| !s[i + 2..].starts_with('Z')))
 }
 
-pub fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
+pub use kubevmm_e2e::tail;
 
 impl Drop for Env {
     fn drop(&mut self) {

@@ -76,10 +76,7 @@ pub fn ok(cmd: &mut Command) -> String {
     o.stdout
 }
 
-pub fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
+pub use kubevmm_e2e::tail;
 
 /// The Lease namespace the binaries use; install releases expect it.
 pub fn ensure_lease_namespace(cp: &ControlPlane) {
