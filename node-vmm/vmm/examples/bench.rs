@@ -7,9 +7,11 @@
 // the printed figures loses nothing that shows.
 #![allow(clippy::cast_precision_loss)]
 
+mod bench_common;
+use bench_common::{qemu_microvm, Proc};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kubevmm_vmm::config::{DiskConfig, SerialConfig, SerialMode};
@@ -49,16 +51,6 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BenchError {
     move |source| BenchError::Kvm { what, source }
 }
 
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Setup {
     vmm: PathBuf,
     guest: PathBuf,
@@ -90,28 +82,10 @@ impl Setup {
 
     fn qemu(&self, append: &str) -> Command {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-M",
-            "microvm",
-            "-bios",
-            "/usr/share/qemu/qboot.rom",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-m",
-            "64M",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=1",
-            "-kernel",
-        ])
-        .arg(&self.guest)
-        .args(["-append", append]);
+        qemu_microvm(&mut cmd, "64M")
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-kernel"])
+            .arg(&self.guest)
+            .args(["-append", append]);
         cmd
     }
 }

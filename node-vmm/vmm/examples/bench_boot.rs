@@ -9,9 +9,11 @@
 
 #![allow(clippy::cast_precision_loss)]
 
+mod bench_common;
+use bench_common::{qemu_microvm, Proc};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kubevmm_vmm::boot_trace::{self, Step};
@@ -41,16 +43,6 @@ enum BenchError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     let what = what.into();
     move |source| BenchError::Io { what, source }
-}
-
-/// Kills the child when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -183,26 +175,10 @@ fn line_times(mut cmd: Command, watch: &[&str]) -> Result<Vec<f64>, BenchError> 
 
 fn qemu_linux(vmlinux: &Path) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm",
-        "-bios",
-        "/usr/share/qemu/qboot.rom",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-m",
-        "256M",
-        "-kernel",
-    ])
-    .arg(vmlinux)
-    .args(["-append", LINUX_CMDLINE]);
+    qemu_microvm(&mut cmd, "256M")
+        .arg("-kernel")
+        .arg(vmlinux)
+        .args(["-append", LINUX_CMDLINE]);
     cmd
 }
 

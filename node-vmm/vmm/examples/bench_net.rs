@@ -34,6 +34,8 @@
 // Counts and rates far below 2^52: nothing that shows is lost.
 #![allow(clippy::cast_precision_loss)]
 
+mod bench_common;
+use bench_common::qemu_microvm;
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
@@ -351,32 +353,18 @@ fn ours(vmm: &Path, guest: &Path, work: &Path, ns: &Netns) -> Result<Command, Be
 
 fn qemu(guest: &Path, ns: &Netns) -> Command {
     let mut cmd = ns.command("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm",
-        "-bios",
-        "/usr/share/qemu/qboot.rom",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-m",
-        "64M",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-netdev",
-        &format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
-        "-device",
-        &format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"),
-        "-kernel",
-    ])
-    .arg(guest)
-    .args(["-append", "swap qemu"]);
+    qemu_microvm(&mut cmd, "64M")
+        .args([
+            "-global",
+            "virtio-mmio.force-legacy=false",
+            "-netdev",
+            &format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
+            "-device",
+            &format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"),
+            "-kernel",
+        ])
+        .arg(guest)
+        .args(["-append", "swap qemu"]);
     cmd
 }
 
