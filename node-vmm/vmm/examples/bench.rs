@@ -8,7 +8,7 @@
 #![allow(clippy::cast_precision_loss)]
 
 mod bench_common;
-use bench_common::{qemu_microvm, Proc};
+use bench_common::{io, kvm, qemu_microvm, BenchError, Proc};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,31 +25,6 @@ const IOLOOP_N: u32 = 20_000;
 const BLKRAND_N: u32 = 4096;
 const BLKRAND_LEN: usize = 4096;
 const BLKRAND_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
-
-#[derive(Debug, thiserror::Error)]
-enum BenchError {
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Bad(String),
-    #[error("KVM: {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
-    let what = what.into();
-    move |source| BenchError::Io { what, source }
-}
-
-fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BenchError {
-    move |source| BenchError::Kvm { what, source }
-}
 
 struct Setup {
     vmm: PathBuf,

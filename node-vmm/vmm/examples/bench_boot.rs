@@ -10,7 +10,7 @@
 #![allow(clippy::cast_precision_loss)]
 
 mod bench_common;
-use bench_common::{qemu_microvm, Proc};
+use bench_common::{io, qemu_microvm, BenchError, Proc};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,22 +28,6 @@ const LINUX_BANNER: &str = "Linux version ";
 const LINUX_LAST: &str = "ACPI: APIC ";
 /// A kernel that has not printed its last line by then is stuck.
 const LINUX_DEADLINE: Duration = Duration::from_secs(180);
-
-#[derive(Debug, thiserror::Error)]
-enum BenchError {
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Bad(String),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
-    let what = what.into();
-    move |source| BenchError::Io { what, source }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -35,7 +35,7 @@
 #![allow(clippy::cast_precision_loss)]
 
 mod bench_common;
-use bench_common::qemu_microvm;
+use bench_common::{io, qemu_microvm, BenchError};
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
@@ -61,22 +61,6 @@ const PING_SIZE: usize = 64;
 /// The epoch of the datagrams in flight; never reused, so a late echo is
 /// never counted in a later run.
 static EPOCH: AtomicU32 = AtomicU32::new(0);
-
-#[derive(Debug, thiserror::Error)]
-enum BenchError {
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Bad(String),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
-    let what = what.into();
-    move |source| BenchError::Io { what, source }
-}
 
 fn run_cmd(args: &[&str]) -> Result<(), BenchError> {
     let out = Command::new(args[0])

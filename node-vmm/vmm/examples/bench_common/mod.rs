@@ -6,6 +6,33 @@
 
 use std::process::{Child, Command};
 
+/// One error type for the benches: what failed, in words.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Bad(String),
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Maps an I/O error to `BenchError::Io` saying what was being done.
+pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BenchError {
+    move |source| BenchError::Kvm { what, source }
+}
+
 /// QEMU microvm as every bench runs it: qboot, KVM, the host's CPU without
 /// the arch-capabilities MSR (software KVM lacks it), no default devices,
 /// the serial port on stdio, `mem` of RAM. The caller adds devices,
