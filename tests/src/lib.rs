@@ -475,6 +475,24 @@ pub fn kill_guests(state: &Path) {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
+        // Its taps (persistent: they outlive the VMM), named as the agent
+        // names them: `kvt` + the uid's first 8 hex digits + `n<index>`.
+        let short: String = d
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(8)
+            .collect();
+        for tap in std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("kvt{short}n")))
+        {
+            let _ = Command::new("ip").args(["link", "del", &tap]).output();
+        }
         // The VM's cgroups in every hierarchy (`kubevmm/<node>/vm-<uid>`):
         // empty once its processes are gone; retried briefly.
         let leaf = format!("vm-{}", d.file_name().to_string_lossy());

@@ -112,6 +112,11 @@ fn leaf(dir: &Path, name: &str, cn: &str, ca: &str, ext: &str) {
 }
 
 impl AccessPki {
+    /// Where the keys and certificates are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Makes the CAs and certificates in `dir`: the subresource API's valid
     /// for `ip` (the machine's non-loopback address) and 127.0.0.1.
     pub fn new(dir: &Path, ip: &str) -> Self {

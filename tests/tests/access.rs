@@ -69,6 +69,7 @@ impl Drop for World {
                 "--wait=false",
             ])
             .output();
+        let _ = std::fs::remove_dir_all(self.pki.dir());
     }
 }
 
