@@ -112,7 +112,9 @@ bench: build guests fixtures
 	hack/install-deps.sh --no-k8s --bench
 	hack/bench-vmm.sh
 	hack/bench-net.sh
-	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster --bin bench-import --bin bench-console -p node-vmm -p kubevmm-operator -p kubevmm-vmm -p kubectl-vm
+	# (the binaries they start come from `build`: a --bin filter here would
+	# apply to every -p package and build none of theirs)
+	$(CARGO) build --release -p kubevmm-e2e --bin bench-cluster --bin bench-import --bin bench-console
 	$(RELEASE_BIN)/bench-cluster
 	$(RELEASE_BIN)/bench-import
 	$(RELEASE_BIN)/bench-console
