@@ -8,13 +8,13 @@
 #![allow(clippy::cast_precision_loss)]
 
 mod bench_common;
-use bench_common::{io, kvm, qemu_microvm, BenchError, Proc};
+use bench_common::{io, kvm, qemu_microvm, stdout_config, BenchError, Proc};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kubevmm_vmm::config::{DiskConfig, SerialConfig, SerialMode};
+use kubevmm_vmm::config::DiskConfig;
 use kubevmm_vmm::VmConfig;
 
 const GUEST_RAM: u64 = 64 << 20;
@@ -35,15 +35,7 @@ struct Setup {
 
 impl Setup {
     fn our_config(&self, cmdline: &str) -> VmConfig {
-        let mut c = VmConfig::new(&self.guest, GUEST_RAM);
-        c.cmdline = cmdline.into();
-        c.serial = SerialConfig {
-            mode: SerialMode::Stdout,
-            path: None,
-            log: None,
-            ..SerialConfig::default()
-        };
-        c
+        stdout_config(&self.guest, GUEST_RAM, cmdline)
     }
 
     fn ours(&self, c: &VmConfig, name: &str) -> Result<Command, BenchError> {

@@ -10,14 +10,13 @@
 #![allow(clippy::cast_precision_loss)]
 
 mod bench_common;
-use bench_common::{io, qemu_microvm, BenchError, Proc};
+use bench_common::{io, qemu_microvm, stdout_config, BenchError, Proc};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kubevmm_vmm::boot_trace::{self, Step};
-use kubevmm_vmm::config::{SerialConfig, SerialMode};
 use kubevmm_vmm::VmConfig;
 
 const BENCH_RAM: u64 = 64 << 20;
@@ -47,18 +46,6 @@ fn config_file(work: &Path, name: &str, c: &VmConfig) -> Result<PathBuf, BenchEr
     let json = serde_json::to_vec(c).map_err(|e| BenchError::Bad(e.to_string()))?;
     std::fs::write(&path, json).map_err(io(format!("write {}", path.display())))?;
     Ok(path)
-}
-
-fn stdout_config(kernel: &Path, ram: u64, cmdline: &str) -> VmConfig {
-    let mut c = VmConfig::new(kernel, ram);
-    c.cmdline = cmdline.into();
-    c.serial = SerialConfig {
-        mode: SerialMode::Stdout,
-        path: None,
-        log: None,
-        ..SerialConfig::default()
-    };
-    c
 }
 
 /// One traced start: each step's end in ms after the spawn, the spawn

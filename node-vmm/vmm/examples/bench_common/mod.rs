@@ -57,6 +57,20 @@ pub fn qemu_microvm<'c>(cmd: &'c mut Command, mem: &str) -> &'c mut Command {
     ])
 }
 
+/// A one-vCPU machine booting `kernel` with `ram` bytes and `cmdline`, its
+/// serial port on the VMM's stdout.
+pub fn stdout_config(kernel: &std::path::Path, ram: u64, cmdline: &str) -> kubevmm_vmm::VmConfig {
+    let mut c = kubevmm_vmm::VmConfig::new(kernel, ram);
+    c.cmdline = cmdline.into();
+    c.serial = kubevmm_vmm::config::SerialConfig {
+        mode: kubevmm_vmm::config::SerialMode::Stdout,
+        path: None,
+        log: None,
+        ..kubevmm_vmm::config::SerialConfig::default()
+    };
+    c
+}
+
 /// A child process, killed and reaped when dropped.
 pub struct Proc(pub Child);
 
