@@ -4,8 +4,11 @@
 //! Leader-elected: any number of replicas, one acts.
 
 mod access;
+mod cache;
+mod controller;
 mod heartbeat;
 mod leader;
+mod ledger;
 mod metrics;
 mod reconcile;
 mod retry;
@@ -16,16 +19,11 @@ mod uninstall;
 use std::time::Duration;
 
 use clap::Parser;
-use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{watcher, WatchStreamExt};
 use kubevmm_crds::contract;
-use kubevmm_crds::{HypervisorNode, VirtualMachine};
 use tokio::sync::{watch, Notify};
 
 use crate::leader::{Elector, LeaderConfig};
@@ -210,158 +208,6 @@ async fn ensure_namespace(client: &kube::Client) -> Result<(), MainError> {
     }
 }
 
-/// Watches VMs, `HypervisorNode`s and node Leases (metadata only): every
-/// change pokes `notify`; `synced` turns true once all three have listed.
-fn spawn_watchers(
-    client: &kube::Client,
-    flags: &Flags,
-    notify: &std::sync::Arc<Notify>,
-    metrics: &Metrics,
-) {
-    let vms: Api<PartialObjectMeta<VirtualMachine>> = match &flags.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let nodes: Api<PartialObjectMeta<HypervisorNode>> = Api::all(client.clone());
-    let leases: Api<PartialObjectMeta<Lease>> =
-        Api::namespaced(client.clone(), contract::LEASE_NAMESPACE);
-    let mut node_cfg = watcher::Config::default();
-    if let Some(sel) = &flags.node_selector {
-        node_cfg = node_cfg.labels(sel);
-    }
-    let synced = std::sync::Arc::new(std::sync::Mutex::new([false; 3]));
-    let streams = [
-        watcher(vms, watcher::Config::default())
-            .default_backoff()
-            .map(|e| e.map(|ev| matches!(ev, watcher::Event::InitDone)))
-            .boxed(),
-        watcher(nodes, node_cfg)
-            .default_backoff()
-            .map(|e| e.map(|ev| matches!(ev, watcher::Event::InitDone)))
-            .boxed(),
-        watcher(leases, watcher::Config::default())
-            .default_backoff()
-            .map(|e| e.map(|ev| matches!(ev, watcher::Event::InitDone)))
-            .boxed(),
-    ];
-    for (i, mut stream) in streams.into_iter().enumerate() {
-        let notify = notify.clone();
-        let synced = synced.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(init_done) => {
-                        if init_done {
-                            let mut s = synced
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
-                            s[i] = true;
-                            if s.iter().all(|x| *x) {
-                                metrics.set_ready(true);
-                            }
-                        }
-                        notify.notify_one();
-                    }
-                    Err(e) => {
-                        metrics
-                            .reconcile_errors_total
-                            .with_label_values(&["watch"])
-                            .inc();
-                        tracing::warn!(error = %e, "watch failed; retrying with backoff");
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// Runs passes while leader: after each change (coalesced), when a Lease
-/// is due to expire or a failed VM's backoff ends, on resync, and after a
-/// failed pass (nothing could be read) with exponential backoff. Errors of
-/// single VMs do not slow the loop down: those VMs back off on their own
-/// (see `retry`), and watch events keep triggering passes for the others.
-async fn control_loop(ctx: Context, notify: std::sync::Arc<Notify>, resync: Duration) {
-    let mut leader_rx = ctx.leadership.subscribe();
-    let mut backoff = Duration::ZERO;
-    loop {
-        if !*leader_rx.borrow() {
-            // Observations made before losing leadership may be arbitrarily
-            // old by the time it comes back: start over with a first look.
-            ctx.heartbeats().reset();
-            if leader_rx.changed().await.is_err() {
-                return;
-            }
-            continue;
-        }
-        // No waiting before a pass: bursts coalesce on their own, since
-        // the events that arrive while a pass runs leave one permit, for
-        // one more pass (a fixed delay here was 50 ms of every VM's
-        // apply → Running).
-        let started = std::time::Instant::now();
-        let outcome = reconcile::reconcile_all(&ctx).await;
-        ctx.metrics
-            .reconcile_duration
-            .observe(started.elapsed().as_secs_f64());
-        let mut wake = resync;
-        match outcome {
-            Ok(report) if report.errors.is_empty() => {
-                ctx.metrics
-                    .reconcile_total
-                    .with_label_values(&["success"])
-                    .inc();
-                backoff = Duration::ZERO;
-                if let Some(w) = report.wake_in {
-                    wake = wake.min(w);
-                }
-            }
-            Ok(report) => {
-                ctx.metrics
-                    .reconcile_total
-                    .with_label_values(&["error"])
-                    .inc();
-                for e in &report.errors {
-                    ctx.metrics
-                        .reconcile_errors_total
-                        .with_label_values(&[e.kind()])
-                        .inc();
-                    tracing::warn!(error = %e, "reconcile; this VM is retried with backoff");
-                }
-                backoff = Duration::ZERO;
-                if let Some(w) = report.wake_in {
-                    wake = wake.min(w);
-                }
-            }
-            Err(e) => {
-                ctx.metrics
-                    .reconcile_total
-                    .with_label_values(&["error"])
-                    .inc();
-                ctx.metrics
-                    .reconcile_errors_total
-                    .with_label_values(&[e.kind()])
-                    .inc();
-                tracing::warn!(error = %e, "reconcile pass failed");
-                backoff = next_backoff(backoff);
-                wake = wake.min(backoff);
-            }
-        }
-        tokio::select! {
-            () = notify.notified(), if backoff.is_zero() => {}
-            () = tokio::time::sleep(wake) => {}
-            _ = leader_rx.changed() => {}
-        }
-    }
-}
-
-fn next_backoff(d: Duration) -> Duration {
-    if d.is_zero() {
-        Duration::from_millis(200)
-    } else {
-        (d * 2).min(Duration::from_secs(30))
-    }
-}
-
 async fn run(flags: Flags) -> Result<(), MainError> {
     telemetry::init(telemetry::parse_level(&flags.log_level)?)?;
     let overcommit = Overcommit::new(flags.cpu_overcommit, flags.memory_overcommit)?;
@@ -394,7 +240,6 @@ async fn run(flags: Flags) -> Result<(), MainError> {
     let election = tokio::spawn(elector.run(shutdown_rx));
 
     let notify = std::sync::Arc::new(Notify::new());
-    spawn_watchers(&client, &flags, &notify, &metrics);
     let ctx = Context {
         recorder: Recorder::new(
             client.clone(),
@@ -413,8 +258,9 @@ async fn run(flags: Flags) -> Result<(), MainError> {
         leadership,
         heartbeats: std::sync::Mutex::default(),
         retries: std::sync::Mutex::default(),
+        ledger: std::sync::Mutex::default(),
     };
-    let control = tokio::spawn(control_loop(
+    let control = tokio::spawn(controller::run(
         ctx,
         notify,
         Duration::from_secs(flags.resync_seconds.max(1)),

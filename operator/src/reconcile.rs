@@ -3,12 +3,14 @@
 //! operator's part of each VM should be, and writes only the differences.
 //!
 //! A pass is global rather than per object because placement is: every
-//! binding changes the free capacity the next one sees. VMs are read with a
-//! fresh (quorum) LIST at the start of each pass, so a pass always sees the
-//! bindings the previous one wrote; every write carries the
-//! `resourceVersion` it was decided on, so a stale decision (or a second
-//! replica that still believes it leads) fails with a conflict instead of
-//! overwriting, and the pass is retried.
+//! binding changes the free capacity the next one sees. It reads watch-fed
+//! caches ([`crate::cache`]), seen through the ledger of the operator's own
+//! writes ([`crate::ledger`]), so a pass always sees the bindings the
+//! previous one wrote even before their watch events arrive; every write
+//! carries the `resourceVersion` it was decided on, so a stale decision (or
+//! a second replica that still believes it leads) fails with a conflict
+//! instead of overwriting, and the VM is decided again after its next
+//! watch event.
 //!
 //! The binding is `status.nodeName` as written by the operator (its field
 //! manager owns that field); the `kubevmm.io/node` label is derived from it
@@ -29,14 +31,14 @@
 //! once wrote disappears by omission.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::ResourceExt;
 use kubevmm_crds::contract::{self, condition, reason, ConditionStatus};
@@ -44,24 +46,28 @@ use kubevmm_crds::quantity::parse_bytes;
 use kubevmm_crds::{HypervisorNode, RunStrategy, VirtualMachine, VmPhase};
 use serde_json::{json, Value};
 
+use crate::cache::{strip_foreign_managed_fields, Caches};
 use crate::heartbeat::{HeartbeatClock, LeaseRecord, Liveness};
 use crate::leader::{is_status, Leadership};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::retry::{self, Retries};
 use crate::scheduling::{self, BoundVm, NodeInfo, Overcommit, Request};
 
 mod decide;
+mod plan;
 mod status;
 use decide::{decide, object_ref, owned_by_operator};
+use plan::plan;
 use status::status_apply;
 
 /// What can fail in a pass. Every error is retried with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    /// Listing VMs, nodes or Leases failed.
-    #[error("cannot list {what}: {source}")]
+    /// Reading a node outside `--node-selector` failed.
+    #[error("cannot read {what}: {source}")]
     List {
-        /// What was listed.
+        /// What was read.
         what: &'static str,
         /// The client error.
         source: kube::Error,
@@ -122,6 +128,8 @@ pub struct Context {
     pub heartbeats: Mutex<HeartbeatClock>,
     /// VMs whose writes failed, and when to try them again.
     pub retries: Mutex<Retries>,
+    /// The operator's writes its caches have not shown yet.
+    pub ledger: Mutex<Ledger>,
 }
 
 impl Context {
@@ -136,6 +144,18 @@ impl Context {
         self.retries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets the operator's own writes (a new term starts from caches
+    /// that listed after them).
+    pub fn forget_writes(&self) {
+        *self.ledger() = Ledger::default();
     }
 }
 
@@ -361,44 +381,38 @@ fn binding_of(obj: &DynamicObject, owned: &Owned) -> Option<String> {
         .map(String::from)
 }
 
-fn vm_resource() -> ApiResource {
+/// The `VirtualMachine` resource, for dynamic (schema-free) reads and writes.
+pub fn vm_resource() -> ApiResource {
     ApiResource::erase::<VirtualMachine>(&())
 }
 
-/// Runs one pass. `Err` only when nothing could be read; per-VM failures are
-/// in the report.
+/// Runs one pass over the caches. `Err` only when the pass must stop (no
+/// longer the leader, a node outside the selector unreadable); per-VM
+/// failures are in the report.
 #[allow(clippy::too_many_lines)] // read, decide, place, write: one straight sequence
-pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> {
+pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport, ReconcileError> {
     let client = ctx.client.clone();
     let now = Timestamp::now();
     let ar = vm_resource();
-    let vm_api: Api<DynamicObject> = match &ctx.settings.namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-        None => Api::all_with(client.clone(), &ar),
-    };
     let node_api: Api<HypervisorNode> = Api::all(client.clone());
-    let lease_api: Api<Lease> = Api::namespaced(client.clone(), contract::LEASE_NAMESPACE);
-
-    let mut node_lp = ListParams::default();
-    if let Some(sel) = &ctx.settings.node_selector {
-        node_lp = node_lp.labels(sel);
-    }
-    // The three reads at once: a pass waits for the slowest, not the sum.
-    let lp = ListParams::default();
-    let (nodes, leases, vms) = tokio::join!(
-        node_api.list(&node_lp),
-        lease_api.list(&lp),
-        vm_api.list(&lp)
-    );
-    let list_err = |what| move |source| ReconcileError::List { what, source };
-    let nodes = nodes.map_err(list_err("HypervisorNodes"))?;
-    let leases = leases.map_err(list_err("Leases in kubevmm-system"))?;
-    let vms = vms.map_err(list_err("VirtualMachines"))?;
+    let nodes = caches.nodes.state();
+    let leases = caches.leases.state();
+    // The VMs as the cache has them, or as the operator's own writes left
+    // them when the cache is behind.
+    let vms: Vec<Arc<DynamicObject>> = {
+        let cached = caches.vms.state();
+        let present: BTreeSet<String> = cached
+            .iter()
+            .filter_map(|o| o.metadata.uid.clone())
+            .collect();
+        let mut ledger = ctx.ledger();
+        ledger.retain(&present);
+        cached.into_iter().map(|o| ledger.view(o)).collect()
+    };
 
     // Heartbeats: record what changed, on the operator's clock.
     let mono = Instant::now();
     let records: BTreeMap<String, LeaseRecord> = leases
-        .items
         .iter()
         .filter_map(|l| Some((l.name_any(), lease_record(l)?)))
         .collect();
@@ -417,7 +431,6 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
             .unwrap_or(Liveness::NoLease)
     };
     let mut states: BTreeMap<String, NodeState> = nodes
-        .items
         .iter()
         .map(|n| (n.name_any(), node_state(n, heartbeats(&n.name_any()))))
         .collect();
@@ -428,7 +441,6 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
     // --node-selector (look them up, so a node is never taken for deleted
     // just because the selector hides it), or deleted (treated as lost).
     let missing: BTreeSet<String> = vms
-        .items
         .iter()
         .filter_map(|o| binding_of(o, &owned_by_operator(o)))
         .filter(|n| !states.contains_key(n))
@@ -458,7 +470,7 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
 
     // VMs by phase, as read.
     ctx.metrics.vms.reset();
-    for o in &vms.items {
+    for o in &vms {
         let phase = o
             .data
             .get("status")
@@ -468,93 +480,7 @@ pub async fn reconcile_all(ctx: &Context) -> Result<PassReport, ReconcileError> 
         ctx.metrics.vms.with_label_values(&[phase]).inc();
     }
 
-    // Oldest first: placement is first come, first served.
-    let mut items = vms.items;
-    items.sort_by(|a, b| {
-        let key = |o: &DynamicObject| {
-            (
-                o.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                o.namespace(),
-                o.name_any(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
-
-    let mut works: Vec<Work> = items.into_iter().map(|obj| decide(obj, &states)).collect();
-
-    // Capacity taken by what stays bound, then placement in order.
-    let bound: Vec<BoundVm> = works
-        .iter()
-        .filter_map(|w| {
-            let node = w.bind.clone()?;
-            let req = w.request.as_ref();
-            Some(BoundVm {
-                node,
-                cpus: req.map_or(0, |r| r.cpus),
-                memory: req.map_or(0, |r| r.memory),
-                phase: w.phase.or(w.phase_now()),
-                strategy: w.vm.as_ref().map(|v| v.spec.run_strategy),
-                start_requested: w
-                    .vm
-                    .as_ref()
-                    .is_some_and(|v| contract::pending_restart(v.annotations()).is_some()),
-            })
-        })
-        .collect();
-    let mut used = scheduling::usage_by_node(&bound);
-    let infos: Vec<NodeInfo> = states
-        .values()
-        .filter(|s| !s.deleted)
-        .map(|s| s.info.clone())
-        .collect();
-    for w in works.iter_mut().filter(|w| w.candidate) {
-        let Some(req) = w.request.clone() else {
-            continue;
-        };
-        match scheduling::place(&req, &infos, &used, ctx.settings.overcommit) {
-            Ok(node) => {
-                used.entry(node.clone())
-                    .or_default()
-                    .add(req.cpus, req.memory);
-                w.first_binding = w.current_status().restart_count == 0
-                    && matches!(w.phase_now(), None | Some(VmPhase::Pending));
-                w.phase = Some(VmPhase::Scheduled);
-                w.conditions.insert(
-                    condition::SCHEDULED,
-                    Want::new(
-                        ConditionStatus::True,
-                        reason::SCHEDULED,
-                        format!("bound to node {node}"),
-                    ),
-                );
-                w.events.push(Ev {
-                    warning: false,
-                    reason: "Scheduled",
-                    note: format!("bound to node {node}"),
-                });
-                w.bind = Some(node);
-            }
-            Err(u) => {
-                w.phase = Some(VmPhase::Pending);
-                let changed = w.current_condition(condition::SCHEDULED).is_none_or(|c| {
-                    c.message != u.message || ConditionStatus::of(&c) != ConditionStatus::False
-                });
-                if changed {
-                    w.failure_reason = Some(u.reason);
-                    w.events.push(Ev {
-                        warning: true,
-                        reason: "FailedScheduling",
-                        note: u.message.clone(),
-                    });
-                }
-                w.conditions.insert(
-                    condition::SCHEDULED,
-                    Want::new(ConditionStatus::False, reason::UNSCHEDULABLE, u.message),
-                );
-            }
-        }
-    }
+    let works = plan(vms, &states, ctx.settings.overcommit);
 
     // Next wake-up: the earliest expiry of a Lease a VM waits on (bound
     // VMs watch their node; unconfirmed nodes become placeable or lost).
@@ -638,6 +564,17 @@ async fn execute(
             Err(ReconcileError::NotLeader)
         }
     };
+    // Each successful write: the next one is conditional on its version,
+    // and the ledger keeps it until the cache shows it.
+    let wrote = |w: &mut Work, mut out: DynamicObject| {
+        let replaced = w.obj.metadata.resource_version.clone();
+        w.obj
+            .metadata
+            .resource_version
+            .clone_from(&out.metadata.resource_version);
+        strip_foreign_managed_fields(&mut out);
+        ctx.ledger().record(replaced, out);
+    };
     let merge = |rv: Option<String>, meta: Value| {
         let mut m = meta;
         m["resourceVersion"] = json!(rv);
@@ -664,8 +601,11 @@ async fn execute(
             .patch(&w.name, &PatchParams::default(), &patch)
             .await
             .map_err(|e| werr("add finalizer to", &w, e))?;
-        w.obj.metadata.resource_version = out.metadata.resource_version;
-        w.obj.metadata.finalizers = out.metadata.finalizers;
+        w.obj
+            .metadata
+            .finalizers
+            .clone_from(&out.metadata.finalizers);
+        wrote(&mut w, out);
     }
 
     if let Some(body) = status_apply(&w, now) {
@@ -675,7 +615,7 @@ async fn execute(
             .patch_status(&w.name, &pp, &Patch::Apply(body))
             .await
             .map_err(|e| werr("update status of", &w, e))?;
-        w.obj.metadata.resource_version = out.metadata.resource_version;
+        wrote(&mut w, out);
         if let Some(reason) = w.failure_reason {
             ctx.metrics
                 .scheduling_failures_total
@@ -701,7 +641,7 @@ async fn execute(
             .patch(&w.name, &pp, &patch)
             .await
             .map_err(|e| werr("set the node label of", &w, e))?;
-        w.obj.metadata.resource_version = out.metadata.resource_version;
+        wrote(&mut w, out);
         if let Some(node) = &w.bind {
             tracing::info!(vm = %format!("{}/{}", w.namespace, w.name), %node, "bound");
             if w.first_binding {

@@ -104,6 +104,80 @@ async fn pending_until_another_vm_is_deleted() {
     assert_eq!(wait_bound(&client, &ns, "second", &[&op]).await, node);
 }
 
+/// The operator decides from watch caches that lag its own writes; a burst
+/// of VMs must still never be bound past a node's capacity (its ledger of
+/// unseen writes counts them). Nothing ever unbinds an over-booked VM, so
+/// the settled state shows any double-counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_vms_never_overbooks_a_node() {
+    let (cp, client, ns, nodes) = setup("op-burst").await;
+    let node = nodes.add("three", 3, 3 * GI, &[]).await;
+    let op = Operator::start(cp, &ns, "a");
+    let names: Vec<String> = (0..12).map(|i| format!("vm-{i:02}")).collect();
+    futures::future::join_all(
+        names
+            .iter()
+            .map(|n| create_vm(&client, &ns, n, 1, "128Mi", json!({}))),
+    )
+    .await;
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns);
+    let settle = |bound: usize| {
+        let api = api.clone();
+        let node = node.clone();
+        async move {
+            let list = api
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let on_node = list
+                .items
+                .iter()
+                .filter(|v| v.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&node))
+                .count();
+            let pending = list
+                .items
+                .iter()
+                .filter(|v| cond(v, contract::condition::SCHEDULED).is_some_and(|c| c.0 == "False"))
+                .count();
+            let summary = || {
+                list.items
+                    .iter()
+                    .map(placement)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert!(on_node <= 3, "node {node} over-booked:\n{}", summary());
+            if on_node == bound && pending + bound == list.items.len() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{on_node} bound, {pending} pending:\n{}",
+                    summary()
+                ))
+            }
+        }
+    };
+    wait_for("3 bound, 9 pending", &[&op], || settle(3)).await;
+    await_full_pass(&op, &[]).await;
+    settle(3).await.expect("still 3 bound after another pass");
+
+    // Freeing one slot binds exactly one more.
+    let first = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .find(|v| v.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&node))
+        .expect("a bound VM")
+        .name_any();
+    api.delete(&first, &DeleteParams::default())
+        .await
+        .expect("delete");
+    node_releases(&client, &ns, &first).await;
+    wait_for("3 bound again, 8 pending", &[&op], || settle(3)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_selector_and_cordon_are_honoured() {
     let (cp, client, ns, nodes) = setup("op-select").await;

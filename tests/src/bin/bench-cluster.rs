@@ -470,7 +470,7 @@ async fn main() {
     if let Some((count, mean)) = passes {
         println!();
         println!(
-            "operator passes up to then (3 LISTs, decide, writes): {count}, mean {}",
+            "operator passes up to then (read caches, decide, writes): {count}, mean {}",
             ms(mean)
         );
     }
