@@ -7,10 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod agent;
-mod console_log;
-mod doctor;
-mod standalone;
+use node_vmm::{agent, console_log, doctor, standalone};
 
 /// kubevmm node agent: boots `VirtualMachine`s on this host with KVM.
 #[derive(Debug, Parser)]

@@ -7,6 +7,7 @@
 //! did not start. Every test gets its own namespace.
 
 pub mod http_server;
+pub mod node_sim;
 pub mod pki;
 
 use std::net::TcpListener;

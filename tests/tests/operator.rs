@@ -256,6 +256,11 @@ async fn stale_heartbeat_marks_node_lost_and_fencing_replaces_always_vms() {
     .await;
     assert_eq!(wait_bound(&client, &ns, "keep", &[&op]).await, a);
     assert_eq!(wait_bound(&client, &ns, "once", &[&op]).await, a);
+    // node-vmm on a starts both: Running, Ready=True under its own manager
+    // (the operator later takes Ready's fields to say the state is unknown).
+    for name in ["keep", "once"] {
+        node_reports_running(&client, &ns, name).await;
+    }
     // A second node appears only now, so both VMs are on a.
     let b = nodes.add("b", 4, 4 * GI, &[]).await;
 
@@ -288,20 +293,38 @@ async fn stale_heartbeat_marks_node_lost_and_fencing_replaces_always_vms() {
         );
         assert_eq!(
             vm.status.as_ref().and_then(|s| s.phase),
-            Some(VmPhase::Scheduled),
+            Some(VmPhase::Running),
             "phase is left alone: {}",
             describe(&vm)
         );
     }
 
-    // Heartbeat back: NodeLost cleared.
+    // Heartbeat back: NodeLost cleared; the operator keeps its
+    // Ready=Unknown until node-vmm, seeing it, writes its own Ready again.
     nodes.resume_heartbeat(&a);
     wait_for("NodeLost cleared", &[&op], || async {
         let vm = get_vm(&client, &ns, "keep").await.ok_or("absent")?;
         match cond(&vm, contract::condition::NODE_LOST) {
-            Some((s, _, _)) if s == "False" && cond(&vm, contract::condition::READY).is_none() => {
-                Ok(())
-            }
+            Some((s, _, _)) if s == "False" => Ok(()),
+            _ => Err(describe(&vm)),
+        }
+    })
+    .await;
+    await_full_pass(&op, &[]).await;
+    let vm = get_vm(&client, &ns, "keep").await.expect("vm");
+    assert_eq!(
+        cond(&vm, contract::condition::READY).map(|c| (c.0, c.1)),
+        Some(("Unknown".into(), "NodeLost".into())),
+        "{}",
+        describe(&vm)
+    );
+    for name in ["keep", "once"] {
+        node_reports_running(&client, &ns, name).await;
+    }
+    wait_for("node-vmm's Ready back", &[&op], || async {
+        let vm = get_vm(&client, &ns, "keep").await.ok_or("absent")?;
+        match cond(&vm, contract::condition::READY) {
+            Some((s, r, _)) if s == "True" && r == "GuestRunning" => Ok(()),
             _ => Err(describe(&vm)),
         }
     })
@@ -350,12 +373,22 @@ async fn stale_heartbeat_marks_node_lost_and_fencing_replaces_always_vms() {
         "{}",
         describe(&vm)
     );
+    // Ready says the guest is gone (its fields were the operator's since
+    // the node was lost: dropping them would leave an invalid condition).
+    assert_eq!(
+        cond(&vm, contract::condition::READY).map(|c| (c.0, c.1)),
+        Some(("False".into(), "Rescheduled".into())),
+        "{}",
+        describe(&vm)
+    );
     wait_for("the Once VM failed and released", &[&op], || async {
         let vm = get_vm(&client, &ns, "once").await.ok_or("absent")?;
         let s = vm.status.clone().unwrap_or_default();
         if s.phase == Some(VmPhase::Failed)
             && s.node_name.is_none()
             && vm.labels().get(contract::LABEL_NODE).is_none()
+            && cond(&vm, contract::condition::READY)
+                .is_some_and(|c| c.0 == "False" && c.1 == "NodeGone")
         {
             Ok(())
         } else {
@@ -363,6 +396,26 @@ async fn stale_heartbeat_marks_node_lost_and_fencing_replaces_always_vms() {
         }
     })
     .await;
+    // node-vmm on b starts it; the operator lets Ready go to it, with no
+    // write refused on the way.
+    node_reports_running(&client, &ns, "keep").await;
+    await_full_pass(&op, &[]).await;
+    let vm = get_vm(&client, &ns, "keep").await.expect("vm");
+    assert_eq!(
+        cond(&vm, contract::condition::READY).map(|c| (c.0, c.1)),
+        Some(("True".into(), "GuestRunning".into())),
+        "{}",
+        describe(&vm)
+    );
+    assert_eq!(
+        metric_sum(
+            &op,
+            "kubevmm_operator_reconcile_errors_total{kind=\"write\"}"
+        ),
+        Some(0),
+        "no write refused: {}",
+        op.log_tail()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,11 @@ pub enum JailIdError {
 }
 
 /// The id for `vm_uid` given the ids in `used` (pure).
-pub fn pick(vm_uid: &str, used: &HashSet<u32>, range: Range) -> Option<u32> {
+pub fn pick<S: std::hash::BuildHasher>(
+    vm_uid: &str,
+    used: &HashSet<u32, S>,
+    range: Range,
+) -> Option<u32> {
     let count = range.count.max(1);
     let h = vm_uid.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)

@@ -127,6 +127,8 @@ pub struct NodeReporter {
     lease_seconds: i32,
     /// `status.accessEndpoint`: where the operator reaches the access server.
     access_endpoint: Option<String>,
+    /// Capacity reported instead of this host's (simulated nodes).
+    capacity: Option<(u32, u64)>,
     /// When each condition last changed (type -> (ok, time)).
     since: std::sync::Arc<std::sync::Mutex<BTreeMap<&'static str, (bool, Timestamp)>>>,
 }
@@ -148,6 +150,7 @@ impl NodeReporter {
             reserve,
             lease_seconds,
             access_endpoint: None,
+            capacity: None,
             since: std::sync::Arc::default(),
         }
     }
@@ -156,6 +159,15 @@ impl NodeReporter {
     #[must_use]
     pub fn with_access_endpoint(mut self, endpoint: Option<String>) -> Self {
         self.access_endpoint = endpoint;
+        self
+    }
+
+    /// Reports `cpus` and `memory` bytes as capacity instead of this
+    /// host's: a simulated node (`bench-scale` runs 100 of them on one
+    /// host, as Kubernetes' kubemark runs hollow kubelets).
+    #[must_use]
+    pub fn with_capacity(mut self, cpus: u32, memory: u64) -> Self {
+        self.capacity = Some((cpus, memory));
         self
     }
 
@@ -267,7 +279,7 @@ impl NodeReporter {
         let mut status = build_status(
             &host_check::probe(),
             host_check::cpu_model(),
-            capacity(),
+            self.capacity.unwrap_or_else(capacity),
             self.reserve,
             running_vms,
             now,

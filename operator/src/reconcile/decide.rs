@@ -169,7 +169,15 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
                         format!("{why}; the guest is gone and the VM is placed anew"),
                     ),
                 );
-                w.drop_conditions.insert(condition::READY);
+                // Stated, not dropped: see `operator_ready`.
+                w.conditions.insert(
+                    condition::READY,
+                    Want::new(
+                        ConditionStatus::False,
+                        reason::RESCHEDULED,
+                        format!("{why}; the guest is gone, waiting for its next node to start it"),
+                    ),
+                );
                 w.events.push(Ev {
                     warning: true,
                     reason: "Rescheduled",
@@ -195,7 +203,14 @@ pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -
                         format!("{why}; the guest is gone"),
                     ),
                 );
-                w.drop_conditions.insert(condition::READY);
+                w.conditions.insert(
+                    condition::READY,
+                    Want::new(
+                        ConditionStatus::False,
+                        reason::NODE_GONE,
+                        format!("{why}; the guest is gone"),
+                    ),
+                );
                 w.conditions.insert(
                     condition::SCHEDULED,
                     Want::new(
@@ -391,8 +406,27 @@ pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
                 note: format!("node {node} is heartbeating again"),
             });
         }
-        w.drop_conditions.insert(condition::READY);
+        if !operator_ready(w.current_condition(condition::READY).as_ref()) {
+            w.drop_conditions.insert(condition::READY);
+        }
     }
+}
+
+/// Whether `Ready` still holds what the operator wrote while the node was
+/// lost or gone (`NodeLost`, `Rescheduled`, `NodeGone`) rather than the
+/// agent's own.
+///
+/// The operator takes `Ready`'s fields from node-vmm (a forced apply) to
+/// say a guest's state is unknown or gone; node-vmm keeps co-owning the
+/// entry's `type`. Dropping the condition while its fields are still the
+/// operator's would leave an entry with only a `type`, which the API
+/// server refuses: the operator keeps re-applying its value until the
+/// node's agent writes its own (which takes the fields back), and only
+/// then lets go.
+pub(super) fn operator_ready(ready: Option<&Condition>) -> bool {
+    ready.is_some_and(|c| {
+        [reason::NODE_LOST, reason::RESCHEDULED, reason::NODE_GONE].contains(&c.reason.as_str())
+    })
 }
 
 pub(super) fn fmt_time(t: Timestamp) -> String {
@@ -476,6 +510,30 @@ pub(super) mod tests {
             owned.conditions.into_iter().collect::<Vec<_>>(),
             vec!["NodeLost".to_string(), "Scheduled".to_string()]
         );
+    }
+
+    #[test]
+    fn ready_is_let_go_only_once_the_agent_wrote_its_own() {
+        let ready = |status: &str, reason: &str| Condition {
+            type_: condition::READY.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        };
+        // Ready now | still the operator's
+        let table = [
+            (None, false),
+            (Some(ready("Unknown", reason::NODE_LOST)), true),
+            (Some(ready("False", reason::RESCHEDULED)), true),
+            (Some(ready("False", reason::NODE_GONE)), true),
+            (Some(ready("True", reason::GUEST_RUNNING)), false),
+            (Some(ready("False", reason::STARTING)), false),
+        ];
+        for (c, ours) in table {
+            assert_eq!(operator_ready(c.as_ref()), ours, "{c:?}");
+        }
     }
 
     #[test]

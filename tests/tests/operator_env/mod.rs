@@ -440,6 +440,15 @@ pub async fn wait_unschedulable(
     .await
 }
 
+/// Plays node-vmm reporting the VM's guest Running (its own status code).
+pub async fn node_reports_running(client: &kube::Client, ns: &str, name: &str) {
+    let api: Api<VirtualMachine> = Api::namespaced(client.clone(), ns);
+    let vm = api.get(name).await.expect("get VirtualMachine");
+    kubevmm_e2e::node_sim::report_running(&api, &vm)
+        .await
+        .expect("node-vmm's status apply");
+}
+
 /// Plays node-vmm finishing a deletion: removes the finalizer.
 pub async fn node_releases(client: &kube::Client, ns: &str, name: &str) {
     let api: Api<VirtualMachine> = Api::namespaced(client.clone(), ns);
