@@ -7,6 +7,7 @@
 #   make cluster-up-local / cluster-down-local  the same control plane with the operator
 #                      and node-vmm as host processes (the inner loop, no images)
 #   make bench         benchmarks beside their anchors
+#   make bench-scale   the operator with 500 and 5,000 VMs on 100 simulated nodes
 #   make doctor        what this machine has and lacks for guests
 #   make install       kubectl-vm (the `kubectl vm` plugin) and node-vmm into $(PREFIX)/bin
 SHELL := /bin/bash
@@ -16,7 +17,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 RELEASE_BIN := $(TARGET_DIR)/release
 
 .PHONY: all build install deps guests fixtures crds lint test test-rust test-linux-hw demo demo-standalone demo-cluster \
-	cluster-up cluster-down cluster-up-local cluster-down-local bench doctor clean
+	cluster-up cluster-down cluster-up-local cluster-down-local bench bench-scale doctor clean
 
 all: build
 
@@ -118,6 +119,14 @@ bench: build guests fixtures
 	$(RELEASE_BIN)/bench-cluster
 	$(RELEASE_BIN)/bench-import
 	$(RELEASE_BIN)/bench-console
+
+## The operator at scale (tests/src/bin/bench-scale.rs): the real control
+## plane and operator, 100 nodes simulated with node-vmm's own heartbeat and
+## status code, 500 then 5,000 VMs, then 10 nodes lost. About 10 minutes.
+bench-scale: build
+	hack/install-deps.sh --no-k8s
+	$(CARGO) build --release -p kubevmm-e2e --bin bench-scale
+	$(RELEASE_BIN)/bench-scale
 
 clean:
 	$(CARGO) clean

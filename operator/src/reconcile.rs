@@ -306,7 +306,8 @@ struct Ev {
 #[derive(Debug)]
 #[allow(clippy::struct_excessive_bools)] // independent decisions, not a state machine
 struct Work {
-    obj: DynamicObject,
+    /// The object as read (shared with the cache until written).
+    obj: Arc<DynamicObject>,
     vm: Option<VirtualMachine>,
     name: String,
     namespace: String,
@@ -568,7 +569,7 @@ async fn execute(
     // and the ledger keeps it until the cache shows it.
     let wrote = |w: &mut Work, mut out: DynamicObject| {
         let replaced = w.obj.metadata.resource_version.clone();
-        w.obj
+        Arc::make_mut(&mut w.obj)
             .metadata
             .resource_version
             .clone_from(&out.metadata.resource_version);
@@ -601,7 +602,7 @@ async fn execute(
             .patch(&w.name, &PatchParams::default(), &patch)
             .await
             .map_err(|e| werr("add finalizer to", &w, e))?;
-        w.obj
+        Arc::make_mut(&mut w.obj)
             .metadata
             .finalizers
             .clone_from(&out.metadata.finalizers);

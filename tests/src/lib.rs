@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 /// What can go wrong while preparing a test cluster.
 #[derive(Debug, thiserror::Error)]
@@ -339,9 +340,15 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// `node-vmm agent` for node `node` on this control plane, state in `state`,
-/// boot files allowed from `allowed`, no vCPU reserve, metrics on a free
-/// port: the benchmarks' agent (add their own flags).
-pub fn bench_agent(cp: &ControlPlane, node: &str, state: &Path, allowed: &Path) -> Command {
+/// boot files allowed from `allowed`, `reserved_cpus` kept for the host,
+/// metrics on a free port (add more flags to the command).
+pub fn agent_command(
+    cp: &ControlPlane,
+    node: &str,
+    state: &Path,
+    allowed: &Path,
+    reserved_cpus: &str,
+) -> Command {
     let mut cmd = Command::new(bin_path("node-vmm"));
     cmd.env("KUBECONFIG", cp.kubeconfig())
         .args([
@@ -349,15 +356,44 @@ pub fn bench_agent(cp: &ControlPlane, node: &str, state: &Path, allowed: &Path) 
             "--node-name",
             node,
             "--reserved-cpus",
-            "0",
-            "--state-dir",
+            reserved_cpus,
         ])
+        .arg("--state-dir")
         .arg(state)
         .arg("--allowed-dir")
         .arg(allowed)
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{}", free_port().expect("port")));
     cmd
+}
+
+/// The benchmarks' agent: [`agent_command`] with no vCPU reserve.
+pub fn bench_agent(cp: &ControlPlane, node: &str, state: &Path, allowed: &Path) -> Command {
+    agent_command(cp, node, state, allowed, "0")
+}
+
+/// `GET path` from the HTTP server at `addr` (`host:port`): the whole
+/// response, head and body; `None` while it does not answer.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// The body of a `200 OK` answer to `GET path` at `addr`.
+pub fn http_get_ok(addr: &str, path: &str) -> Option<String> {
+    let response = http_get(addr, path)?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?;
+    (status == "200").then(|| body.to_string())
 }
 
 /// Builds the freestanding test guests and returns their directory

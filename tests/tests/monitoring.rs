@@ -8,7 +8,6 @@
 //! into `~/.cache/kubevmm/promtool-<version>/`.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,19 +42,9 @@ fn promtool() -> PathBuf {
     path
 }
 
-/// `GET http://<addr>/metrics` with a plain HTTP/1.0 request.
+/// The body of `GET http://<addr>/metrics`.
 fn scrape(addr: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok()?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200")
-        .then(|| body.to_string())
-        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+    kubevmm_e2e::http_get_ok(addr, "/metrics")
 }
 
 /// The metric family names in an exposition (`# TYPE name kind`).

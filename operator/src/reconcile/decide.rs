@@ -47,11 +47,11 @@ pub(super) fn owned_by_operator(obj: &DynamicObject) -> Owned {
 
 /// Decides everything but placement for one VM.
 #[allow(clippy::too_many_lines)]
-pub(super) fn decide(obj: DynamicObject, states: &BTreeMap<String, NodeState>) -> Work {
+pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeState>) -> Work {
     let name = obj.name_any();
     let namespace = obj.namespace().unwrap_or_default();
     let owned = owned_by_operator(&obj);
-    let parsed = serde_json::to_value(&obj)
+    let parsed = serde_json::to_value(&*obj)
         .and_then(serde_json::from_value::<VirtualMachine>)
         .map_err(|e| e.to_string());
     let mut w = Work {
@@ -540,7 +540,7 @@ pub(super) mod tests {
     fn unparseable_memory_is_a_condition_not_a_crash() {
         let mut obj = DynamicObject::new("bad", &vm_resource()).within("ns");
         obj.data = json!({"spec": {"memory": "lots", "boot": {"kernel": {"path": "/k"}}}});
-        let w = decide(obj, &BTreeMap::new());
+        let w = decide(Arc::new(obj), &BTreeMap::new());
         assert!(!w.candidate);
         assert_eq!(w.phase, Some(VmPhase::Pending));
         let c = &w.conditions[condition::SCHEDULED];
@@ -604,7 +604,7 @@ pub(super) mod tests {
         for (state, moved, lost) in table {
             let liveness = state.liveness;
             let states = BTreeMap::from([("a".to_string(), state)]);
-            let w = decide(bound_vm("a", "Always"), &states);
+            let w = decide(Arc::new(bound_vm("a", "Always")), &states);
             assert_eq!(w.bind.is_none(), moved, "{liveness:?}");
             assert_eq!(w.candidate, moved, "{liveness:?}");
             assert_eq!(
@@ -627,7 +627,7 @@ pub(super) mod tests {
         let mut state = deleted_node_state("a", Liveness::Unconfirmed { expires_at: t0 });
         state.deleted = false;
         let states = BTreeMap::from([("a".to_string(), state)]);
-        let w = decide(bound_vm("a", "Always"), &states);
+        let w = decide(Arc::new(bound_vm("a", "Always")), &states);
         assert_eq!(w.bind.as_deref(), Some("a"));
         assert!(!w.conditions.contains_key(condition::NODE_LOST));
         assert!(!w.conditions.contains_key(condition::READY));
@@ -680,7 +680,7 @@ pub(super) mod tests {
                     ));
                 }
             }
-            let w = decide(obj, &alive());
+            let w = decide(Arc::new(obj), &alive());
             assert_eq!(disk_node(&w).as_deref(), after, "{now:?} {strategy}");
             assert_eq!(
                 w.request.as_ref().and_then(|r| r.disk_node.as_deref()),
@@ -710,7 +710,7 @@ pub(super) mod tests {
                 },
             ),
         )]);
-        let w = decide(obj, &states);
+        let w = decide(Arc::new(obj), &states);
         assert_eq!(w.bind, None);
         assert!(w.candidate, "placed by the scheduler like any unbound VM");
         assert!(w.events.iter().any(|e| e.reason == "NodeLabelIgnored"));

@@ -25,10 +25,7 @@ pub(super) fn plan(
         key(a).cmp(&key(b))
     });
 
-    let mut works: Vec<Work> = items
-        .into_iter()
-        .map(|obj| decide(Arc::unwrap_or_clone(obj), states))
-        .collect();
+    let mut works: Vec<Work> = items.into_iter().map(|obj| decide(obj, states)).collect();
 
     // Capacity taken by what stays bound, then placement in order.
     let bound: Vec<BoundVm> = works

@@ -146,12 +146,12 @@ mod tests {
         let mut obj = bound_vm("a", "Always");
         obj.data["status"]["conditions"] = ready_running();
         obj.data["status"]["printableStatus"] = json!("Running");
-        let w = decide(obj.clone(), &alive("a"));
+        let w = decide(Arc::new(obj.clone()), &alive("a"));
         assert_eq!(status_apply(&w, Timestamp::UNIX_EPOCH), None);
 
         // The word is missing or stale (an older agent): the operator fills it in.
         obj.data["status"]["printableStatus"] = json!("Starting");
-        let w = decide(obj, &alive("a"));
+        let w = decide(Arc::new(obj), &alive("a"));
         let body = status_apply(&w, Timestamp::UNIX_EPOCH).expect("a write");
         assert_eq!(body["status"]["printableStatus"], "Running", "{body}");
     }
@@ -175,12 +175,12 @@ mod tests {
                 )
             },
         )]);
-        let w = decide(obj.clone(), &lost);
+        let w = decide(Arc::new(obj.clone()), &lost);
         let body = status_apply(&w, Timestamp::UNIX_EPOCH).expect("a write");
         assert_eq!(body["status"]["printableStatus"], "NodeLost", "{body}");
 
         obj.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
-        let w = decide(obj, &alive("a"));
+        let w = decide(Arc::new(obj), &alive("a"));
         let body = status_apply(&w, Timestamp::UNIX_EPOCH).expect("a write");
         assert_eq!(body["status"]["printableStatus"], "Terminating", "{body}");
     }
@@ -192,7 +192,7 @@ mod tests {
         obj.data["status"] = json!({});
         obj.metadata.labels = None;
         obj.metadata.managed_fields = None;
-        let mut w = decide(obj, &alive("a"));
+        let mut w = decide(Arc::new(obj), &alive("a"));
         // What the pass does on a successful placement.
         w.bind = Some("a".into());
         w.phase = Some(VmPhase::Scheduled);

@@ -147,11 +147,7 @@ async fn watch_start(api: &Api<VirtualMachine>, vm: &VirtualMachine) -> Seen {
 
 /// (passes, mean duration) from the operator's reconcile histogram.
 fn pass_times(port: u16) -> Option<(u64, Duration)> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
+    let text = kubevmm_e2e::http_get_ok(&format!("127.0.0.1:{port}"), "/metrics")?;
     let value = |name: &str| -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())

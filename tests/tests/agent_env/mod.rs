@@ -80,14 +80,8 @@ pub fn start_agent_env(
     extra: &[&str],
     envs: &[(&str, &std::path::Path)],
 ) -> Daemon {
-    let mut cmd = std::process::Command::new(bin_path("node-vmm"));
+    let mut cmd = kubevmm_e2e::agent_command(cp, node, state, guests, reserved_cpus);
     cmd.envs(envs.iter().copied())
-        .env("KUBECONFIG", cp.kubeconfig())
-        .args(["agent", "--node-name", node, "--state-dir"])
-        .arg(state)
-        .arg("--allowed-dir")
-        .arg(guests)
-        .args(["--reserved-cpus", reserved_cpus])
         // Short Leases make node loss quick to test, unless a test sets its own.
         .args(
             (!extra.contains(&"--lease-seconds"))
@@ -95,8 +89,6 @@ pub fn start_agent_env(
                 .into_iter()
                 .flatten(),
         )
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{}", free_port().expect("port")))
         .args(extra);
     Daemon::start(cmd, state.join(log))
 }

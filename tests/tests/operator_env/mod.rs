@@ -19,97 +19,61 @@ pub use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParam
 pub use kube::ResourceExt;
 pub use kubevmm_crds::contract;
 pub use kubevmm_crds::{HypervisorNode, VirtualMachine, VmPhase};
-pub use kubevmm_e2e::ControlPlane;
+pub use kubevmm_e2e::{bin_path, ControlPlane, Daemon};
 pub use serde_json::json;
 
 pub const DEADLINE: Duration = Duration::from_secs(90);
 pub const GI: u64 = 1 << 30;
 
-pub fn operator_binary() -> PathBuf {
-    // target/<profile>/deps/operator-<hash> → target/<profile>/kubevmm-operator
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target dir");
-    let bin = dir.join("kubevmm-operator");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build -p kubevmm-operator` (make test does)",
-        bin.display()
-    );
-    bin
-}
-
 /// One running operator process, killed (SIGKILL) when dropped.
 pub struct Operator {
-    pub child: Child,
+    pub daemon: Daemon,
     pub id: String,
     pub metrics_port: u16,
-    pub log: PathBuf,
 }
 
 impl Operator {
     pub fn start(cp: &ControlPlane, ns: &str, id: &str) -> Self {
         let port = kubevmm_e2e::free_port().expect("free port");
+        let mut cmd = Command::new(bin_path("kubevmm-operator"));
+        cmd.args([
+            "--kubeconfig",
+            &cp.kubeconfig().display().to_string(),
+            "--id",
+            id,
+            "--namespace",
+            ns,
+            "--node-selector",
+            &format!("kubevmm.io/test={ns}"),
+            "--leader-lease",
+            &format!("kubevmm-operator-{ns}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "info",
+            // These tests count capacity one vCPU to one vCPU.
+            "--cpu-overcommit",
+            "1",
+        ]);
         let log = cp.dir().join(format!("operator-{ns}-{id}.log"));
-        let out = std::fs::File::create(&log).expect("operator log");
-        let child = Command::new(operator_binary())
-            .args([
-                "--kubeconfig",
-                &cp.kubeconfig().display().to_string(),
-                "--id",
-                id,
-                "--namespace",
-                ns,
-                "--node-selector",
-                &format!("kubevmm.io/test={ns}"),
-                "--leader-lease",
-                &format!("kubevmm-operator-{ns}"),
-                "--metrics-addr",
-                &format!("127.0.0.1:{port}"),
-                "--log-level",
-                "info",
-                // These tests count capacity one vCPU to one vCPU.
-                "--cpu-overcommit",
-                "1",
-            ])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log fd"))
-            .stderr(out)
-            .spawn()
-            .expect("start kubevmm-operator");
         Self {
-            child,
+            daemon: Daemon::start(cmd, log),
             id: id.to_string(),
             metrics_port: port,
-            log,
         }
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.daemon.kill();
     }
 
     /// GET a path on the metrics address; `None` while it does not answer.
     pub fn http_get(&self, path: &str) -> Option<String> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        Some(body)
+        kubevmm_e2e::http_get(&format!("127.0.0.1:{}", self.metrics_port), path)
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        kubevmm_e2e::tail(&self.daemon.output())
     }
 }
 
@@ -154,12 +118,6 @@ pub async fn await_full_pass(op: &Operator, others: &[&Operator]) {
         }
     })
     .await;
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// The node side of one test: `HypervisorNode`s and their heartbeats.
