@@ -34,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -60,6 +61,9 @@ mod status;
 use decide::{decide, object_ref, owned_by_operator};
 use plan::plan;
 use status::status_apply;
+
+/// How many VMs a pass writes at once.
+const WRITES_AT_ONCE: usize = 16;
 
 /// What can fail in a pass. Every error is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -494,21 +498,38 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
 
     let present: BTreeSet<String> = works.iter().map(Work::uid).collect();
     ctx.retries().retain(&present);
+    // A VM whose last write failed waits for its backoff; the others go on.
+    let mut due = Vec::with_capacity(works.len());
     for w in works {
-        let uid = w.uid();
-        // A VM whose last write failed waits for its backoff; the others go on.
-        let waiting = ctx.retries().wait(&uid, Instant::now());
-        if let Some(d) = waiting {
-            wake = Some(wake.map_or(d, |w| w.min(d)));
-            continue;
+        match ctx.retries().wait(&w.uid(), Instant::now()) {
+            Some(d) => wake = Some(wake.map_or(d, |w| w.min(d))),
+            None => due.push(w),
         }
-        // Writes go to the VM's own namespace (a cluster-wide Api has no
-        // namespace in its URLs and cannot patch namespaced objects).
-        let vm_ns_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &w.namespace, &ar);
-        let reference = object_ref(&w);
-        match execute(ctx, &vm_ns_api, w, now).await {
+    }
+    // Writes of different VMs are independent (each VM's own stay in
+    // order): up to WRITES_AT_ONCE VMs at a time, as kube-scheduler binds
+    // in parallel. Placement was decided above, in order, for all of them.
+    let outcomes: Vec<(String, ObjectReference, Result<(), ReconcileError>)> =
+        futures::stream::iter(due)
+            .map(|w| {
+                // Writes go to the VM's own namespace (a cluster-wide Api has
+                // no namespace in its URLs and cannot patch namespaced objects).
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client.clone(), &w.namespace, &ar);
+                async move {
+                    let uid = w.uid();
+                    let reference = object_ref(&w);
+                    (uid, reference, execute(ctx, &api, w, now).await)
+                }
+            })
+            .buffer_unordered(WRITES_AT_ONCE)
+            .collect()
+            .await;
+    let mut not_leader = false;
+    for (uid, reference, result) in outcomes {
+        match result {
             Ok(()) => ctx.retries().succeeded(&uid),
-            Err(ReconcileError::NotLeader) => return Err(ReconcileError::NotLeader),
+            Err(ReconcileError::NotLeader) => not_leader = true,
             Err(e) => {
                 let kind = if e.kind() == "conflict" {
                     retry::Failure::Conflict
@@ -536,6 +557,9 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
                 report.errors.push(e);
             }
         }
+    }
+    if not_leader {
+        return Err(ReconcileError::NotLeader);
     }
     report.wake_in = wake;
     Ok(report)
