@@ -192,6 +192,76 @@ pub fn stop_step(
     }
 }
 
+/// What a reconcile pass saw of one VM: its spec and request, and the
+/// agent's own record of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)] // independent observations, not a state machine
+pub struct Observed {
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// A VMM of this VM runs on the node.
+    pub vmm_running: bool,
+    /// `spec.runStrategy`.
+    pub strategy: RunStrategy,
+    /// A restart was requested (`kubectl vm restart`/`start`) and not yet handled.
+    pub restart_requested: bool,
+    /// The VM ran on this node before.
+    pub ever_ran: bool,
+    /// The phase its last run left it in, when no restart followed.
+    pub held: Option<VmPhase>,
+    /// No start before this instant (restart backoff, image poll).
+    pub next_start: Option<Instant>,
+    /// An image import it waited for just ended.
+    pub image_ready: bool,
+    /// Now, on the agent's monotonic clock.
+    pub now: Instant,
+}
+
+/// What a reconcile pass does with one VM (the executor in `reconcile.rs`
+/// carries it out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// Being deleted while its VMM runs: the next stop step (ACPI → force → SIGKILL).
+    StopForDeletion,
+    /// Being deleted and stopped: release its host resources and the finalizer.
+    Release,
+    /// `Halted`, or a restart asked for: the next stop step.
+    Stop,
+    /// Running as it should: watch the VMM (stats, pause, interfaces).
+    Observe,
+    /// Start it now.
+    Start,
+    /// Start it once the backoff ends.
+    StartAt(Instant),
+    /// Keep it down, in this phase.
+    Hold(VmPhase),
+}
+
+/// The pass's move for a VM (pure).
+pub fn next_move(o: &Observed) -> Move {
+    if o.deleting {
+        return if o.vmm_running {
+            Move::StopForDeletion
+        } else {
+            Move::Release
+        };
+    }
+    if o.vmm_running {
+        return if o.strategy == RunStrategy::Halted || o.restart_requested {
+            Move::Stop
+        } else {
+            Move::Observe
+        };
+    }
+    if !should_start(o.strategy, o.ever_ran, o.held, o.restart_requested) {
+        return Move::Hold(o.held.unwrap_or(VmPhase::Stopped));
+    }
+    match o.next_start {
+        Some(at) if !o.image_ready && o.now < at => Move::StartAt(at),
+        _ => Move::Start,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +451,48 @@ mod tests {
         ];
         for (i, (now, current, grace, action, next)) in cases.into_iter().enumerate() {
             assert_eq!(stop_step(current, grace, now), (action, next), "case {i}");
+        }
+    }
+
+    #[test]
+    fn the_move_of_every_pass() {
+        use RunStrategy::{Always, Halted, Manual, Once, RerunOnFailure};
+        let now = Instant::now();
+        let later = now + Duration::from_secs(4);
+        let base = Observed {
+            deleting: false,
+            vmm_running: false,
+            strategy: RunStrategy::Always,
+            restart_requested: false,
+            ever_ran: false,
+            held: None,
+            next_start: None,
+            image_ready: false,
+            now,
+        };
+        // (what differs from `base`, the move)
+        #[rustfmt::skip]
+        let table: Vec<(&str, Observed, Move)> = vec![
+            ("new Always VM", base, Move::Start),
+            ("deleting, VMM up", Observed { deleting: true, vmm_running: true, ..base }, Move::StopForDeletion),
+            ("deleting, VMM gone", Observed { deleting: true, ..base }, Move::Release),
+            ("deleting wins over a restart", Observed { deleting: true, restart_requested: true, ..base }, Move::Release),
+            ("running", Observed { vmm_running: true, ..base }, Move::Observe),
+            ("running, set to Halted", Observed { vmm_running: true, strategy: Halted, ..base }, Move::Stop),
+            ("running, restart asked", Observed { vmm_running: true, restart_requested: true, ..base }, Move::Stop),
+            ("crashed, in backoff", Observed { ever_ran: true, next_start: Some(later), ..base }, Move::StartAt(later)),
+            ("backoff over", Observed { ever_ran: true, next_start: Some(now), ..base }, Move::Start),
+            ("image ready before the poll", Observed { next_start: Some(later), image_ready: true, ..base }, Move::Start),
+            ("Halted, down", Observed { strategy: Halted, ever_ran: true, ..base }, Move::Hold(VmPhase::Stopped)),
+            ("Once, succeeded", Observed { strategy: Once, ever_ran: true, held: Some(VmPhase::Succeeded), ..base }, Move::Hold(VmPhase::Succeeded)),
+            ("Manual, powered off", Observed { strategy: Manual, ever_ran: true, held: Some(VmPhase::Stopped), ..base }, Move::Hold(VmPhase::Stopped)),
+            ("Manual, start asked", Observed { strategy: Manual, ever_ran: true, held: Some(VmPhase::Stopped), restart_requested: true, ..base }, Move::Start),
+            ("RerunOnFailure, failed", Observed { strategy: RerunOnFailure, ever_ran: true, next_start: Some(later), ..base }, Move::StartAt(later)),
+            ("RerunOnFailure, succeeded", Observed { strategy: RerunOnFailure, ever_ran: true, held: Some(VmPhase::Succeeded), ..base }, Move::Hold(VmPhase::Succeeded)),
+            ("Always after a Failed run", Observed { strategy: Always, ever_ran: true, held: Some(VmPhase::Failed), ..base }, Move::Start),
+        ];
+        for (what, o, want) in table {
+            assert_eq!(next_move(&o), want, "{what}");
         }
     }
 }

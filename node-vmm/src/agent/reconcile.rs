@@ -22,7 +22,7 @@ use kubevmm_crds::{VirtualMachine, VmPhase};
 use serde_json::json;
 
 use super::host::prepare_host;
-use super::lifecycle::{self, AfterExit, Ended, Stop, StopAction};
+use super::lifecycle::{self, AfterExit, Ended, Move, Observed, Stop, StopAction};
 use super::report::{event, note_transition, timed_step, write_status, StartStep};
 use super::supervisor::{self, ProcessId, VmDir};
 use super::{prepare, vmm_client, AgentConfig};
@@ -319,47 +319,44 @@ async fn step(
         handle_exit(ctx, vm, &dir, local, deleting).await;
     }
 
-    // 2. Deletion: stop gracefully, release everything, drop the finalizer.
-    if deleting {
-        if let Some(pid) = local.proc {
+    // 2. What this pass does (lifecycle::next_move), then doing it.
+    let observed = Observed {
+        deleting,
+        vmm_running: local.proc.is_some(),
+        strategy: spec.run_strategy,
+        restart_requested: restart.is_some(),
+        ever_ran: local.ever_ran,
+        held: local.held,
+        next_start: local.next_start,
+        // Only a VM waiting to start consumes its wake-up.
+        image_ready: !deleting && local.proc.is_none() && ctx.importer.take_woken(uid),
+        now: Instant::now(),
+    };
+    match (lifecycle::next_move(&observed), local.proc) {
+        (Move::StopForDeletion, Some(pid)) => {
             stop_step(ctx, vm, &dir, local, pid).await;
             write_status(ctx, vm, local).await?;
             return Ok(Some(Action::requeue(Duration::from_millis(500))));
         }
-        release(ctx, uid, &dir, vm);
-        remove_finalizer(ctx, vm).await?;
-        event(
-            ctx,
-            vm,
-            false,
-            "Deleted",
-            "the guest is stopped and its resources released".into(),
-        )
-        .await;
-        return Ok(None);
-    }
-
-    if let Some(pid) = local.proc {
-        // 3. A VMM runs.
-        if spec.run_strategy == kubevmm_crds::RunStrategy::Halted || restart.is_some() {
+        (Move::Release, _) => {
+            release(ctx, uid, &dir, vm);
+            remove_finalizer(ctx, vm).await?;
+            event(
+                ctx,
+                vm,
+                false,
+                "Deleted",
+                "the guest is stopped and its resources released".into(),
+            )
+            .await;
+            return Ok(None);
+        }
+        (Move::Stop, Some(pid)) => {
             stop_step(ctx, vm, &dir, local, pid).await;
             requeue = Duration::from_millis(500);
-        } else {
-            requeue = observe_running(ctx, vm, &dir, local).await;
         }
-    } else {
-        // 4. No VMM: start one? (At once when an image it waited for is done.)
-        if ctx.importer.take_woken(uid) {
-            local.next_start = None;
-        }
-        let due = local.next_start.is_none_or(|t| Instant::now() >= t);
-        let want = lifecycle::should_start(
-            spec.run_strategy,
-            local.ever_ran,
-            local.held,
-            restart.is_some(),
-        );
-        if want && due {
+        (Move::Observe, _) => requeue = observe_running(ctx, vm, &dir, local).await,
+        (Move::Start, _) => {
             start(ctx, vm, uid, &dir, local).await;
             requeue = Duration::from_millis(100);
             if local.proc.is_some() {
@@ -379,13 +376,10 @@ async fn step(
                 write_status(ctx, vm, local).await?;
                 mark_restart_handled(ctx, vm, done).await?;
             }
-        } else if want {
-            requeue = local
-                .next_start
-                .map_or(requeue, |t| t.saturating_duration_since(Instant::now()));
-        } else {
+        }
+        (Move::StartAt(at), _) => requeue = at.saturating_duration_since(observed.now),
+        (Move::Hold(phase), _) => {
             local.next_start = None;
-            let phase = local.held.unwrap_or(VmPhase::Stopped);
             local.held = Some(phase);
             local.phase = Some(phase);
             if local
@@ -401,6 +395,8 @@ async fn step(
                 );
             }
         }
+        // A stop without a VMM: next_move never asks for one.
+        (Move::StopForDeletion | Move::Stop, None) => {}
     }
     write_status(ctx, vm, local).await?;
     Ok(Some(Action::requeue(requeue)))
