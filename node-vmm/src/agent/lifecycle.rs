@@ -70,7 +70,7 @@ impl Ended {
 }
 
 /// What to do after a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterExit {
     /// Start the guest again after this delay.
     Restart(Duration),

@@ -19,6 +19,7 @@ pub mod hostfs;
 pub mod images;
 pub mod jail_ids;
 pub mod lifecycle;
+pub mod local;
 pub mod masquerade;
 pub mod metrics;
 pub mod netlink;

@@ -7,22 +7,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::UnboundedSender;
-use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt as _};
-use kubevmm_crds::contract::{
-    self, condition, reason, ConditionStatus, ANNOTATION_RESTART_DONE, FINALIZER,
-};
-use kubevmm_crds::printable::{FailureRecord, PhaseTransition};
+use kubevmm_crds::contract::{self, reason, ConditionStatus, ANNOTATION_RESTART_DONE, FINALIZER};
 use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::{VirtualMachine, VmPhase};
 use serde_json::json;
 
 use super::host::prepare_host;
-use super::lifecycle::{self, AfterExit, Ended, Move, Observed, Stop, StopAction};
+use super::lifecycle::{self, AfterExit, Ended, Move, Observed, StopAction};
+pub use super::local::{set_failed, set_ready, LocalVm, ReadyCond};
 use super::report::{event, note_transition, timed_step, write_status, StartStep};
 use super::supervisor::{self, ProcessId, VmDir};
 use super::{prepare, vmm_client, AgentConfig};
@@ -119,57 +117,6 @@ impl Ctx {
     }
 }
 
-/// The agent's `Ready` condition.
-#[derive(Debug, Clone)]
-pub struct ReadyCond {
-    /// True only while the vCPUs run.
-    pub status: ConditionStatus,
-    /// Why (docs/api.md lists every reason).
-    pub reason: String,
-    /// What happened, for people.
-    pub message: String,
-    /// When `status` last changed.
-    pub since: Timestamp,
-}
-
-/// What the agent knows about one VM between reconciles.
-#[derive(Debug, Clone, Default)]
-pub struct LocalVm {
-    /// The running VMM.
-    pub proc: Option<ProcessId>,
-    /// When it was spawned (boot-time metric).
-    spawned: Option<Instant>,
-    /// When the current run started.
-    pub started_at: Option<Timestamp>,
-    /// Phase last reported.
-    pub phase: Option<VmPhase>,
-    /// Ready condition.
-    pub ready: Option<ReadyCond>,
-    /// Paused condition (paused, since).
-    pub paused: Option<(bool, Timestamp)>,
-    /// `status.restartCount`.
-    pub restarts: i32,
-    /// `status.phaseTransitionTimestamps`.
-    pub transitions: Vec<PhaseTransition>,
-    /// `status.lastFailure`.
-    pub failure: Option<FailureRecord>,
-    /// Since when the VM waits for an image import.
-    importing_since: Option<Instant>,
-    /// How far a stop requested by the agent has gone.
-    stopping: Option<Stop>,
-    next_start: Option<Instant>,
-    held: Option<VmPhase>,
-    /// Consecutive failures to prepare the VM (backoff between retries).
-    prepare_failures: u32,
-    /// The spec generation last acted on.
-    generation: Option<i64>,
-    ever_ran: bool,
-    /// `status.interfaces`.
-    pub interfaces: Vec<InterfaceStatus>,
-    last_stats: Option<Instant>,
-    loaded: bool,
-}
-
 fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
     let what = what.into();
     move |source| ReconcileError::Api { what, source }
@@ -212,33 +159,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Ctx>) -> Result<Action,
 /// First sight of a VM by this agent process: take over a VMM that is
 /// already running (agent restart), and the counters from status.
 fn adopt(vm: &VirtualMachine, ctx: &Ctx, uid: &str, local: &mut LocalVm) {
-    local.loaded = true;
-    let status = vm.status.clone().unwrap_or_default();
-    local.restarts = status.restart_count;
-    local.started_at = status.started_at.map(|t| t.0);
-    local.phase = status.phase;
-    local.interfaces = status.interfaces;
-    local.transitions = status.phase_transition_timestamps;
-    local.failure = status.last_failure;
-    local.ever_ran = local.started_at.is_some();
-    if let Some(phase @ (VmPhase::Stopped | VmPhase::Succeeded | VmPhase::Failed)) = status.phase {
-        local.held = Some(phase);
-    }
-    for c in status.conditions {
-        if c.type_ == condition::READY {
-            local.ready = Some(ReadyCond {
-                status: ConditionStatus::parse(&c.status),
-                reason: c.reason,
-                message: c.message,
-                since: c.last_transition_time.0,
-            });
-        } else if c.type_ == condition::PAUSED {
-            local.paused = Some((
-                ConditionStatus::parse(&c.status) == ConditionStatus::True,
-                c.last_transition_time.0,
-            ));
-        }
-    }
+    local.take_over(vm.status.clone().unwrap_or_default());
     let dir = ctx.dir(uid);
     if let Some(pid) = dir.vmm_pid().filter(ProcessId::alive) {
         tracing::info!(vm = %vm.name_any(), pid = pid.pid, "re-adopted running VMM");
@@ -258,37 +179,6 @@ fn watch_exit(ctx: &Ctx, vm: &VirtualMachine, pid: ProcessId) {
         supervisor::wait_exit(pid).await;
         let _ = trigger.unbounded_send(obj);
     });
-}
-
-fn set_ready(local: &mut LocalVm, status: ConditionStatus, reason: &str, message: String) {
-    let since = match &local.ready {
-        Some(r) if r.status == status => r.since,
-        _ => Timestamp::now(),
-    };
-    local.ready = Some(ReadyCond {
-        status,
-        reason: reason.into(),
-        message,
-        since,
-    });
-}
-
-/// Records a failure (counted when it repeats the last one) and reports it
-/// once in `Ready`, with when the next attempt is due.
-fn set_failed(local: &mut LocalVm, reason: &str, message: &str, next_in: Option<Duration>) {
-    let now = Timestamp::now();
-    let rec = FailureRecord::after(local.failure.as_ref(), reason, message, now);
-    let mut text = rec.summary();
-    if let Some(delay) = next_in {
-        let at = SignedDuration::try_from(delay)
-            .ok()
-            .and_then(|d| now.checked_add(d).ok())
-            .and_then(|t| t.round(Unit::Second).ok())
-            .unwrap_or(now);
-        text = format!("{text}; next start at {at} (in {}s)", delay.as_secs());
-    }
-    local.failure = Some(rec);
-    set_ready(local, ConditionStatus::False, reason, text);
 }
 
 /// One pass; `Ok(None)` when the VM is gone from this node for good.
@@ -437,38 +327,7 @@ async fn handle_exit(
         ran_for,
     );
     event(ctx, vm, ended.is_failure(), ended.reason(), ended.message()).await;
-    match after {
-        AfterExit::Restart(delay) if !deleting => {
-            local.next_start = Some(Instant::now() + delay);
-            local.held = None;
-            local.phase = Some(VmPhase::Starting);
-            if ended.is_failure() {
-                set_failed(local, ended.reason(), &ended.message(), Some(delay));
-            } else {
-                set_ready(
-                    local,
-                    ConditionStatus::False,
-                    ended.reason(),
-                    format!("{}; next start in {}s", ended.message(), delay.as_secs()),
-                );
-            }
-        }
-        AfterExit::Restart(_) => {}
-        AfterExit::Stay(phase) => {
-            local.held = Some(phase);
-            local.phase = Some(phase);
-            if ended.is_failure() {
-                set_failed(local, ended.reason(), &ended.message(), None);
-            } else {
-                set_ready(
-                    local,
-                    ConditionStatus::False,
-                    ended.reason(),
-                    ended.message(),
-                );
-            }
-        }
-    }
+    local.after_exit(&ended, after, deleting, Instant::now());
     let _ = std::fs::remove_file(dir.api_socket());
 }
 
