@@ -367,6 +367,18 @@ pub fn agent_command(
     cmd
 }
 
+/// `kubevmm-operator` on this control plane for the VMs of namespace `ns`,
+/// leader Lease `lease`, metrics on `metrics_port` (add more flags).
+pub fn operator_command(cp: &ControlPlane, ns: &str, lease: &str, metrics_port: u16) -> Command {
+    let mut cmd = Command::new(bin_path("kubevmm-operator"));
+    cmd.arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .args(["--namespace", ns, "--leader-lease", lease])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{metrics_port}"));
+    cmd
+}
+
 /// The benchmarks' agent: [`agent_command`] with no vCPU reserve.
 pub fn bench_agent(cp: &ControlPlane, node: &str, state: &Path, allowed: &Path) -> Command {
     agent_command(cp, node, state, allowed, "0")

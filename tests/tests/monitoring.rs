@@ -169,18 +169,11 @@ fn start_daemons(
         node,
         &format!("kubevmm.io/test-node={node}")
     ]));
-    let op_addr = format!("127.0.0.1:{}", free_port().expect("port"));
-    let mut op = Command::new(bin_path("kubevmm-operator"));
-    op.arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .args(["--namespace", ns, "--node-selector"])
-        .arg(format!("kubevmm.io/test-node={node}"))
-        .args([
-            "--leader-lease",
-            &format!("op-{node}"),
-            "--metrics-addr",
-            &op_addr,
-        ]);
+    let op_port = free_port().expect("port");
+    let op_addr = format!("127.0.0.1:{op_port}");
+    let mut op = kubevmm_e2e::operator_command(cp, ns, &format!("op-{node}"), op_port);
+    op.arg("--node-selector")
+        .arg(format!("kubevmm.io/test-node={node}"));
     let operator = Daemon::start(op, state.join("operator.log"));
 
     (agent_addr, op_addr, agent, operator)

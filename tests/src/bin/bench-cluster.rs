@@ -17,7 +17,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::ResourceExt as _;
 use kubevmm_crds::contract::LABEL_NODE;
 use kubevmm_crds::{VirtualMachine, VirtualMachineImage, VmPhase};
-use kubevmm_e2e::{bench_agent, bin_path, build_guests, free_port, ControlPlane, Daemon};
+use kubevmm_e2e::{bench_agent, build_guests, free_port, ControlPlane, Daemon};
 
 const SINGLE_RUNS: usize = 10;
 const BURST: usize = 20;
@@ -268,20 +268,8 @@ async fn main() {
         ]);
     let mut agent = Daemon::start(agent_cmd, state.join("agent.log"));
     let op_metrics = free_port().expect("port");
-    let mut op_cmd = std::process::Command::new(bin_path("kubevmm-operator"));
-    op_cmd
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .args([
-            "--namespace",
-            &ns,
-            "--cpu-overcommit",
-            "20",
-            "--leader-lease",
-            &format!("op-{node}"),
-        ])
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{op_metrics}"));
+    let mut op_cmd = kubevmm_e2e::operator_command(cp, &ns, &format!("op-{node}"), op_metrics);
+    op_cmd.args(["--cpu-overcommit", "20"]);
     let mut operator = Daemon::start(op_cmd, state.join("operator.log"));
     let client = cp.client().await.expect("client");
     let api: Api<VirtualMachine> = Api::namespaced(client, &ns);

@@ -78,14 +78,9 @@ fn start() -> World {
     let mut agent_cmd = bench_agent(cp, &node, &state, &guests);
     agent_cmd.args(pki.agent_flags(&format!("{ip}:{node_port}")));
     let agent = Daemon::start(agent_cmd, state.join("agent.log"));
-    let mut op_cmd = Command::new(bin_path("kubevmm-operator"));
-    op_cmd
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .args(["--namespace", &ns, "--leader-lease", &format!("op-{node}")])
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{}", free_port().expect("port")))
-        .args(pki.operator_flags(&format!("{ip}:{op_port}")));
+    let mut op_cmd =
+        kubevmm_e2e::operator_command(cp, &ns, &format!("op-{node}"), free_port().expect("port"));
+    op_cmd.args(pki.operator_flags(&format!("{ip}:{op_port}")));
     let operator = Daemon::start(op_cmd, state.join("operator.log"));
     register_api_service(cp, &pki, &ip, op_port, || operator.output());
     let manifest = format!(

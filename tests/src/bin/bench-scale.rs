@@ -34,7 +34,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use kubevmm_crds::contract::{self, condition, ConditionStatus};
 use kubevmm_crds::{HypervisorNode, HypervisorNodeSpec, VirtualMachine, VmPhase};
-use kubevmm_e2e::{bin_path, free_port, node_sim, ControlPlane, Daemon};
+use kubevmm_e2e::{free_port, node_sim, operator_command, ControlPlane, Daemon};
 use node_vmm::agent::node::{NodeReporter, Reserve, DEFAULT_LEASE_SECONDS};
 use serde_json::json;
 
@@ -332,22 +332,13 @@ async fn run_size(cp: &ControlPlane, client: &kube::Client, vms: usize) -> Figur
     };
 
     let port = free_port().expect("port");
-    let mut op_cmd = std::process::Command::new(bin_path("kubevmm-operator"));
-    op_cmd
-        .arg("--kubeconfig")
-        .arg(cp.kubeconfig())
-        .args([
-            "--namespace",
-            &ns,
-            "--node-selector",
-            &format!("{LABEL}={ns}"),
-            "--leader-lease",
-            &format!("op-{ns}"),
-            "--log-level",
-            "warn",
-        ])
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"));
+    let mut op_cmd = operator_command(cp, &ns, &format!("op-{ns}"), port);
+    op_cmd.args([
+        "--node-selector",
+        &format!("{LABEL}={ns}"),
+        "--log-level",
+        "warn",
+    ]);
     let operator = Daemon::start(op_cmd, cp.dir().join(format!("operator-{ns}.log")));
     until("operator ready", || {
         let ready = kubevmm_e2e::http_get_ok(&format!("127.0.0.1:{port}"), "/readyz").is_some();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use kubevmm_e2e::{
-    bin_path, build_guests, free_port, kill_guests, run_with_input, wait_for, ControlPlane, Daemon,
+    build_guests, free_port, kill_guests, run_with_input, wait_for, ControlPlane, Daemon,
 };
 use serde_json::Value;
 
@@ -131,18 +131,14 @@ impl Env {
             &node,
             &format!("kubevmm.io/test-node={node}")
         ]));
-        let mut op = std::process::Command::new(bin_path("kubevmm-operator"));
-        op.arg("--kubeconfig")
-            .arg(cp.kubeconfig())
-            .args([
-                "--namespace",
-                &ns,
-                "--node-selector",
-                &format!("kubevmm.io/test-node={node}"),
-            ])
-            .args(extra)
-            .args(["--leader-lease", &format!("op-{node}"), "--metrics-addr"])
-            .arg(format!("127.0.0.1:{}", free_port().expect("port")));
+        let mut op = kubevmm_e2e::operator_command(
+            cp,
+            &ns,
+            &format!("op-{node}"),
+            free_port().expect("port"),
+        );
+        op.args(["--node-selector", &format!("kubevmm.io/test-node={node}")])
+            .args(extra);
         let operator = Daemon::start(op, state.join("operator.log"));
         Self {
             cp,

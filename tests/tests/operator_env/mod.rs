@@ -35,20 +35,13 @@ pub struct Operator {
 impl Operator {
     pub fn start(cp: &ControlPlane, ns: &str, id: &str) -> Self {
         let port = kubevmm_e2e::free_port().expect("free port");
-        let mut cmd = Command::new(bin_path("kubevmm-operator"));
+        let mut cmd =
+            kubevmm_e2e::operator_command(cp, ns, &format!("kubevmm-operator-{ns}"), port);
         cmd.args([
-            "--kubeconfig",
-            &cp.kubeconfig().display().to_string(),
             "--id",
             id,
-            "--namespace",
-            ns,
             "--node-selector",
             &format!("kubevmm.io/test={ns}"),
-            "--leader-lease",
-            &format!("kubevmm-operator-{ns}"),
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
             "--log-level",
             "info",
             // These tests count capacity one vCPU to one vCPU.
