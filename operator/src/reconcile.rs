@@ -306,6 +306,17 @@ struct Ev {
     note: String,
 }
 
+/// What a pass does with the guest-cleanup finalizer of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FinalizerChange {
+    /// Leave it as it is.
+    Keep,
+    /// Add it (a VM the operator sees for the first time).
+    Add,
+    /// Remove it: the VM is being deleted and no guest of it can run.
+    Remove,
+}
+
 /// What one pass decided for one VM.
 #[derive(Debug)]
 #[allow(clippy::struct_excessive_bools)] // independent decisions, not a state machine
@@ -320,8 +331,8 @@ struct Work {
     bind: Option<String>,
     /// The node holding its node-local disks (`status.diskNode`).
     disk_node: Option<String>,
-    add_finalizer: bool,
-    remove_finalizer: bool,
+    /// What happens to the guest-cleanup finalizer.
+    finalizer: FinalizerChange,
     phase: Option<VmPhase>,
     restart_count: Option<i32>,
     conditions: BTreeMap<&'static str, Want>,
@@ -614,8 +625,9 @@ async fn execute(
     // A VM bound in this pass gets its finalizer with its label, in one
     // write: no agent runs it before the label, so nothing needs the
     // finalizer before then (and the label never exists without it).
-    let finalizer_with_label = w.add_finalizer && w.bind.is_some() && w.label() != w.bind;
-    if w.add_finalizer && !finalizer_with_label {
+    let adding = w.finalizer == FinalizerChange::Add;
+    let finalizer_with_label = adding && w.bind.is_some() && w.label() != w.bind;
+    if adding && !finalizer_with_label {
         leader()?;
         let fins = with_finalizer(&w.obj);
         let patch = merge(
@@ -680,7 +692,7 @@ async fn execute(
         }
     }
 
-    if w.remove_finalizer {
+    if w.finalizer == FinalizerChange::Remove {
         leader()?;
         let fins: Vec<String> = w
             .obj

@@ -62,8 +62,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
         owned,
         bind: None,
         disk_node: None,
-        add_finalizer: false,
-        remove_finalizer: false,
+        finalizer: FinalizerChange::Keep,
         phase: None,
         restart_count: None,
         conditions: BTreeMap::new(),
@@ -95,10 +94,10 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
     if deleting {
         if has_finalizer {
             match &bound {
-                None => w.remove_finalizer = true,
+                None => w.finalizer = FinalizerChange::Remove,
                 Some(node) => {
                     if let Some(why) = gone_reason(node, states.get(node)) {
-                        w.remove_finalizer = true;
+                        w.finalizer = FinalizerChange::Remove;
                         w.events.push(Ev {
                             warning: false,
                             reason: "FinalizerRemoved",
@@ -109,7 +108,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
             }
         }
         if let Some(node) = &bound {
-            if !w.remove_finalizer {
+            if w.finalizer != FinalizerChange::Remove {
                 node_health(&mut w, node, states.get(node));
             }
         }
@@ -118,7 +117,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
         return w;
     }
     if !has_finalizer {
-        w.add_finalizer = true;
+        w.finalizer = FinalizerChange::Add;
     }
 
     let vm = match parsed {
@@ -513,6 +512,74 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn the_finalizer_is_added_once_and_removed_when_no_guest_can_run() {
+        let node = |fenced: bool| NodeState {
+            deleted: false,
+            fenced,
+            ..deleted_node_state(
+                "a",
+                Liveness::Alive {
+                    expires_at: Instant::now() + Duration::from_secs(9),
+                },
+            )
+        };
+        let deleting = |mut o: DynamicObject| {
+            o.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+            o
+        };
+        let fresh = || {
+            let mut o = bound_vm("a", "Always");
+            o.metadata.finalizers = None;
+            o.metadata.managed_fields = None;
+            o.metadata.labels = None;
+            o.data["status"] = json!({});
+            o
+        };
+        // object, node a fenced | change
+        let table = [
+            ("new VM", fresh(), false, FinalizerChange::Add),
+            (
+                "bound, running",
+                bound_vm("a", "Always"),
+                false,
+                FinalizerChange::Keep,
+            ),
+            (
+                "deleted, never bound",
+                deleting(fresh()),
+                false,
+                FinalizerChange::Keep,
+            ),
+            (
+                "deleted, unbound, with finalizer",
+                {
+                    let mut o = deleting(fresh());
+                    o.metadata.finalizers = Some(vec![contract::FINALIZER.into()]);
+                    o
+                },
+                false,
+                FinalizerChange::Remove,
+            ),
+            (
+                "deleted, its node up: node-vmm lets go",
+                deleting(bound_vm("a", "Always")),
+                false,
+                FinalizerChange::Keep,
+            ),
+            (
+                "deleted, its node fenced",
+                deleting(bound_vm("a", "Always")),
+                true,
+                FinalizerChange::Remove,
+            ),
+        ];
+        for (what, obj, fenced, want) in table {
+            let states = BTreeMap::from([("a".to_string(), node(fenced))]);
+            assert_eq!(decide(Arc::new(obj), &states).finalizer, want, "{what}");
+        }
+    }
+
+    #[test]
     fn ready_is_let_go_only_once_the_agent_wrote_its_own() {
         let ready = |status: &str, reason: &str| Condition {
             type_: condition::READY.into(),
@@ -546,7 +613,7 @@ pub(super) mod tests {
         let c = &w.conditions[condition::SCHEDULED];
         assert_eq!(c.reason, "InvalidSpec");
         assert!(c.message.contains("spec.memory"), "{}", c.message);
-        assert!(w.add_finalizer);
+        assert_eq!(w.finalizer, FinalizerChange::Add);
     }
 
     /// A VM bound to `node` by the operator (status.nodeName it owns).

@@ -87,7 +87,7 @@ pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
     }
     // Derived over the merged status, exactly as node-vmm derives them, so
     // the two writers agree on the same object. Not for a VM about to go.
-    if !w.remove_finalizer {
+    if w.finalizer != FinalizerChange::Remove {
         let deleting = w.obj.metadata.deletion_timestamp.is_some();
         let printable = printable_status(deleting, &merged);
         changed |= current.printable_status != Some(printable);
