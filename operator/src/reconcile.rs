@@ -453,7 +453,7 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
 
     let mut report = PassReport::default();
 
-    // Nodes VMs are bound to that the list did not return: outside
+    // Nodes VMs are bound to that the node cache does not hold: outside
     // --node-selector (look them up, so a node is never taken for deleted
     // just because the selector hides it), or deleted (treated as lost).
     let missing: BTreeSet<String> = vms
