@@ -61,6 +61,23 @@ pub fn stop_grace(annotations: &BTreeMap<String, String>, spec_seconds: i64) -> 
 /// `Always` VMs may be placed elsewhere.
 pub const ANNOTATION_FENCED: &str = "kubevmm.io/fenced";
 
+/// The merge patch that takes [`FINALIZER`] off an object with these
+/// `finalizers`, conditional on `resource_version`; `None` when it does not
+/// carry it. What the operator and node-vmm both send once no guest of a
+/// deleted VM can run.
+pub fn finalizer_removal(
+    finalizers: &[String],
+    resource_version: Option<&str>,
+) -> Option<serde_json::Value> {
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        return None;
+    }
+    let keep: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
+    Some(serde_json::json!({
+        "metadata": {"finalizers": keep, "resourceVersion": resource_version}
+    }))
+}
+
 /// Namespace of the heartbeat and leader-election Leases.
 pub const LEASE_NAMESPACE: &str = "kubevmm-system";
 
@@ -248,6 +265,28 @@ mod tests {
                 Duration::from_secs(*want),
                 "{pairs:?} spec {spec}"
             );
+        }
+    }
+
+    #[test]
+    fn finalizer_removal_keeps_the_others_and_the_precondition() {
+        let fins = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        // finalizers | patch's finalizers (None: nothing to remove)
+        let table: [(&[&str], Option<serde_json::Value>); 3] = [
+            (&[], None),
+            (&["other"], None),
+            (&["a", FINALIZER, "b"], Some(serde_json::json!(["a", "b"]))),
+        ];
+        for (have, want) in table {
+            let patch = finalizer_removal(&fins(have), Some("42"));
+            assert_eq!(
+                patch.as_ref().map(|p| p["metadata"]["finalizers"].clone()),
+                want,
+                "{have:?}"
+            );
+            if let Some(p) = patch {
+                assert_eq!(p["metadata"]["resourceVersion"], "42");
+            }
         }
     }
 }

@@ -692,20 +692,20 @@ async fn execute(
         }
     }
 
-    if w.finalizer == FinalizerChange::Remove {
+    let removal = (w.finalizer == FinalizerChange::Remove)
+        .then(|| {
+            contract::finalizer_removal(
+                w.obj.finalizers(),
+                w.obj.metadata.resource_version.as_deref(),
+            )
+        })
+        .flatten();
+    if let Some(patch) = removal {
         leader()?;
-        let fins: Vec<String> = w
-            .obj
-            .finalizers()
-            .iter()
-            .filter(|f| *f != contract::FINALIZER)
-            .cloned()
-            .collect();
-        let patch = merge(
-            w.obj.metadata.resource_version.clone(),
-            json!({ "finalizers": fins }),
-        );
-        match api.patch(&w.name, &PatchParams::default(), &patch).await {
+        match api
+            .patch(&w.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
             Ok(_) => {}
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(werr("remove the finalizer of", &w, e)),

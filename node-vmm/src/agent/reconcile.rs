@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt as _};
-use kubevmm_crds::contract::{self, reason, ConditionStatus, ANNOTATION_RESTART_DONE, FINALIZER};
+use kubevmm_crds::contract::{self, reason, ConditionStatus, ANNOTATION_RESTART_DONE};
 use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::{VirtualMachine, VmPhase};
 use serde_json::json;
@@ -615,13 +615,13 @@ fn release(ctx: &Ctx, uid: &str, dir: &VmDir, vm: &VirtualMachine) {
 }
 
 async fn remove_finalizer(ctx: &Ctx, vm: &VirtualMachine) -> Result<(), ReconcileError> {
-    if !vm.finalizers().iter().any(|f| f == FINALIZER) {
+    let Some(patch) =
+        contract::finalizer_removal(vm.finalizers(), vm.resource_version().as_deref())
+    else {
         return Ok(());
-    }
-    let keep: Vec<&String> = vm.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+    };
     let api: Api<VirtualMachine> =
         Api::namespaced(ctx.client.clone(), &vm.namespace().unwrap_or_default());
-    let patch = json!({"metadata": {"finalizers": keep, "resourceVersion": vm.resource_version()}});
     match api
         .patch(
             &vm.name_any(),
