@@ -167,7 +167,11 @@ fn apiserver_requests(cp: &ControlPlane) -> Requests {
 
 fn delta(after: &Requests, before: &Requests, verb: &str, resource: &str, sub: &str) -> u64 {
     let key = (verb.to_string(), resource.to_string(), sub.to_string());
-    after.get(&key).copied().unwrap_or(0) - before.get(&key).copied().unwrap_or(0)
+    after
+        .get(&key)
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(before.get(&key).copied().unwrap_or(0))
 }
 
 /// CPU seconds (user + system) and peak RSS in MiB of a process.
@@ -203,7 +207,8 @@ fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 
-/// Waits until `done` holds, printing `what` and progress every 10 s.
+/// Waits until `progress` reports (have, want) with have >= want, printing
+/// `what` and the progress every 10 s; panics past `DEADLINE`.
 async fn until(what: &str, mut progress: impl FnMut() -> (usize, usize)) -> Duration {
     let start = Instant::now();
     let mut said = Instant::now();
