@@ -4,6 +4,7 @@
 
 pub mod contract;
 pub mod crd;
+pub mod events;
 pub mod image;
 pub mod node;
 pub mod printable;

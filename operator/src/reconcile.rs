@@ -40,7 +40,8 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
+use kubevmm_crds::events::{self, Note};
 use kube::ResourceExt;
 use kubevmm_crds::contract::{self, condition, reason, ConditionStatus};
 use kubevmm_crds::quantity::parse_bytes;
@@ -298,14 +299,6 @@ impl Want {
     }
 }
 
-/// An Event to publish about a VM.
-#[derive(Debug, Clone)]
-struct Ev {
-    warning: bool,
-    reason: &'static str,
-    note: String,
-}
-
 /// What a pass does with the guest-cleanup finalizer of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FinalizerChange {
@@ -343,7 +336,7 @@ struct Work {
     request: Option<Request>,
     first_binding: bool,
     failure_reason: Option<&'static str>,
-    events: Vec<Ev>,
+    events: Vec<Note>,
 }
 
 impl Work {
@@ -557,11 +550,7 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
                     publish(
                         ctx,
                         &reference,
-                        &Ev {
-                            warning: true,
-                            reason: "ReconcileFailed",
-                            note: format!("{e}; retrying this VM with backoff"),
-                        },
+                        &Note::warning("ReconcileFailed", format!("{e}; retrying this VM with backoff")),
                     )
                     .await;
                 }
@@ -721,19 +710,8 @@ async fn execute(
 }
 
 /// Publishes an Event about a VM; a failure is counted and logged, never fatal.
-async fn publish(ctx: &Context, reference: &ObjectReference, ev: &Ev) {
-    let event = Event {
-        type_: if ev.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: ev.reason.to_string(),
-        note: Some(ev.note.chars().take(1000).collect()),
-        action: ev.reason.to_string(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+async fn publish(ctx: &Context, reference: &ObjectReference, note: &Note) {
+    if let Err(e) = events::publish(&ctx.recorder, reference, note).await {
         ctx.metrics
             .reconcile_errors_total
             .with_label_values(&["event"])

@@ -78,14 +78,10 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
     w.bind.clone_from(&bound);
     if let Some(l) = w.label().filter(|l| Some(l) != bound.as_ref()) {
         if !w.owned.label {
-            w.events.push(Ev {
-                warning: true,
-                reason: "NodeLabelIgnored",
-                note: format!(
+            w.events.push(Note::warning("NodeLabelIgnored", format!(
                     "label {}={l} was not set by the operator and binds nothing; it is corrected",
                     contract::LABEL_NODE
-                ),
-            });
+                )));
         }
     }
     let deleting = w.obj.metadata.deletion_timestamp.is_some();
@@ -98,11 +94,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                 Some(node) => {
                     if let Some(why) = gone_reason(node, states.get(node)) {
                         w.finalizer = FinalizerChange::Remove;
-                        w.events.push(Ev {
-                            warning: false,
-                            reason: "FinalizerRemoved",
-                            note: format!("{why}: its guest is gone, deletion completes"),
-                        });
+                        w.events.push(Note::normal("FinalizerRemoved", format!("{why}: its guest is gone, deletion completes")));
                     }
                 }
             }
@@ -177,14 +169,10 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                         format!("{why}; the guest is gone, waiting for its next node to start it"),
                     ),
                 );
-                w.events.push(Ev {
-                    warning: true,
-                    reason: "Rescheduled",
-                    note: match &w.disk_node {
+                w.events.push(Note::warning("Rescheduled", match &w.disk_node {
                         Some(d) => format!("{why}; its disks are on {d}: it starts again there"),
                         None => format!("{why}; placing the VM on another node"),
-                    },
-                });
+                    }));
                 w.candidate = request.is_ok();
             } else {
                 if !scheduling::is_terminal(phase) {
@@ -220,11 +208,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                         ),
                     ),
                 );
-                w.events.push(Ev {
-                    warning: true,
-                    reason: "NodeGone",
-                    note: format!("{why}; runStrategy {strategy:?}: not restarted elsewhere"),
-                });
+                w.events.push(Note::warning("NodeGone", format!("{why}; runStrategy {strategy:?}: not restarted elsewhere")));
             }
         } else if scheduling::is_terminal(phase)
             && !scheduling::wants_to_run(strategy, phase, start_requested)
@@ -239,11 +223,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                     format!("released from node {node}: phase {p}, runStrategy {strategy:?}"),
                 ),
             );
-            w.events.push(Ev {
-                warning: false,
-                reason: "Released",
-                note: format!("guest {p} on node {node}; binding released"),
-            });
+            w.events.push(Note::normal("Released", format!("guest {p} on node {node}; binding released")));
         } else {
             node_health(&mut w, node, states.get(node));
             let keep = w.current_condition(condition::SCHEDULED).filter(|c| {
@@ -369,11 +349,7 @@ pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
                 Want::new(ConditionStatus::True, reason::HEARTBEAT_EXPIRED, c.message)
             }
             _ => {
-                w.events.push(Ev {
-                    warning: true,
-                    reason: "NodeLost",
-                    note: message.clone(),
-                });
+                w.events.push(Note::warning("NodeLost", message.clone()));
                 Want::new(ConditionStatus::True, reason::HEARTBEAT_EXPIRED, message)
             }
         };
@@ -399,11 +375,7 @@ pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
                     format!("node {node} is heartbeating again"),
                 ),
             );
-            w.events.push(Ev {
-                warning: false,
-                reason: "NodeRecovered",
-                note: format!("node {node} is heartbeating again"),
-            });
+            w.events.push(Note::normal("NodeRecovered", format!("node {node} is heartbeating again")));
         }
         if !operator_ready(w.current_condition(condition::READY).as_ref()) {
             w.drop_conditions.insert(condition::READY);

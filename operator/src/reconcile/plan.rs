@@ -72,11 +72,7 @@ pub(super) fn plan(
                         format!("bound to node {node}"),
                     ),
                 );
-                w.events.push(Ev {
-                    warning: false,
-                    reason: "Scheduled",
-                    note: format!("bound to node {node}"),
-                });
+                w.events.push(Note::normal("Scheduled", format!("bound to node {node}")));
                 w.bind = Some(node);
             }
             Err(u) => {
@@ -86,11 +82,7 @@ pub(super) fn plan(
                 });
                 if changed {
                     w.failure_reason = Some(u.reason);
-                    w.events.push(Ev {
-                        warning: true,
-                        reason: "FailedScheduling",
-                        note: u.message.clone(),
-                    });
+                    w.events.push(Note::warning("FailedScheduling", u.message.clone()));
                 }
                 w.conditions.insert(
                     condition::SCHEDULED,

@@ -23,10 +23,11 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource as _, ResourceExt as _};
 use kubevmm_crds::contract::ConditionStatus;
+use kubevmm_crds::events::{self, Note};
 use kubevmm_crds::image::{
     aggregate_phase, node_condition, ImageFormat, ImagePhase, NodeImageStatus, VirtualMachineImage,
 };
@@ -550,18 +551,8 @@ impl Importer {
         let Ok(Some(img)) = api.get_opt(name).await else {
             return;
         };
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Import".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &img.object_ref(&())).await {
+        let note = Note::new(warning, reason, note).with_action("Import");
+        if let Err(e) = events::publish(&self.recorder, &img.object_ref(&()), &note).await {
             tracing::debug!("event {reason} not recorded: {e}");
         }
     }

@@ -1,0 +1,165 @@
+//! Events about kubevmm objects, built and published the same way by the
+//! operator and node-vmm: the note bounded to what the API accepts, the
+//! action chosen so the recorder folds only true repeats into one series.
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+
+/// Longest note an Event carries (`events.k8s.io/v1` refuses more than 1 kB).
+pub const NOTE_MAX_CHARS: usize = 1000;
+
+/// An Event to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// `Warning` rather than `Normal`.
+    pub warning: bool,
+    /// Why (CamelCase, as condition reasons).
+    pub reason: String,
+    /// What happened, for people.
+    pub note: String,
+    /// The recorder folds Events with the same reason and action into one
+    /// series that keeps the first note.
+    pub action: String,
+}
+
+impl Note {
+    /// A `Normal` Event whose action is its reason: every Event of this
+    /// reason is one series.
+    pub fn normal(reason: &str, note: impl Into<String>) -> Self {
+        Self {
+            warning: false,
+            reason: reason.into(),
+            note: note.into(),
+            action: reason.into(),
+        }
+    }
+
+    /// A `Warning` Event whose action is its reason.
+    pub fn warning(reason: &str, note: impl Into<String>) -> Self {
+        Self {
+            warning: true,
+            ..Self::normal(reason, note)
+        }
+    }
+
+    /// `Warning` when `warning`, else `Normal`.
+    pub fn new(warning: bool, reason: &str, note: impl Into<String>) -> Self {
+        Self {
+            warning,
+            ..Self::normal(reason, note)
+        }
+    }
+
+    /// The same Event in its own series `action`.
+    #[must_use]
+    pub fn with_action(self, action: &str) -> Self {
+        Self {
+            action: action.into(),
+            ..self
+        }
+    }
+
+    /// The same Event in a series of its reason and note: a repeat of the
+    /// same message is counted, a different one (a second stop with another
+    /// grace period) is shown as written.
+    #[must_use]
+    pub fn folded_by_note(self) -> Self {
+        let action = note_action(&self.reason, &self.note);
+        Self { action, ..self }
+    }
+
+    /// The Event as the recorder takes it.
+    pub fn to_event(&self) -> Event {
+        Event {
+            type_: if self.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: self.reason.clone(),
+            note: Some(self.note.chars().take(NOTE_MAX_CHARS).collect()),
+            action: self.action.clone(),
+            secondary: None,
+        }
+    }
+}
+
+/// `reason` and a digest of `note` (FNV-1a), as an Event action.
+fn note_action(reason: &str, note: &str) -> String {
+    let digest = note.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{reason}-{digest:08x}")
+}
+
+/// Publishes `note` about the object `about`.
+///
+/// # Errors
+/// The API server refused the Event or could not be reached; callers log
+/// it (an Event is never worth failing a reconcile for).
+pub async fn publish(
+    recorder: &Recorder,
+    about: &ObjectReference,
+    note: &Note,
+) -> Result<(), kube::Error> {
+    recorder.publish(&note.to_event(), about).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_fold_only_when_their_note_repeats() {
+        let a =
+            Note::normal("Stopping", "ACPI shutdown requested; 60s grace period").folded_by_note();
+        let same =
+            Note::normal("Stopping", "ACPI shutdown requested; 60s grace period").folded_by_note();
+        let other =
+            Note::normal("Stopping", "ACPI shutdown requested; 20s grace period").folded_by_note();
+        assert_eq!(a.action, same.action);
+        assert_ne!(a.action, other.action);
+        assert!(
+            a.action.starts_with("Stopping-") && a.action.len() <= 128,
+            "{}",
+            a.action
+        );
+    }
+
+    #[test]
+    fn the_event_is_what_the_note_says_and_bounded() {
+        let table = [
+            (
+                Note::warning("NodeLost", "x"),
+                EventType::Warning,
+                "NodeLost",
+                1,
+            ),
+            (
+                Note::normal("Released", "y"),
+                EventType::Normal,
+                "Released",
+                1,
+            ),
+            (
+                Note::new(true, "VmmFailed", "z".repeat(5000)),
+                EventType::Warning,
+                "VmmFailed",
+                NOTE_MAX_CHARS,
+            ),
+            (
+                Note::normal("SlowStartStep", "s").with_action("VmmStart"),
+                EventType::Normal,
+                "VmmStart",
+                1,
+            ),
+        ];
+        for (note, ty, action, len) in table {
+            let ev = note.to_event();
+            assert_eq!(ev.type_, ty, "{note:?}");
+            assert_eq!(ev.reason, note.reason);
+            assert_eq!(ev.action, action);
+            assert_eq!(ev.note.map(|n| n.chars().count()), Some(len));
+        }
+    }
+}
