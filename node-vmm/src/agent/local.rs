@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
 use kubevmm_crds::contract::{condition, ConditionStatus};
-use kubevmm_crds::printable::{FailureRecord, PhaseTransition};
+use kubevmm_crds::printable::{record_transition, FailureRecord, PhaseTransition};
 use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::{VirtualMachineStatus, VmPhase};
 
@@ -27,6 +27,15 @@ pub struct ReadyCond {
     pub since: Timestamp,
 }
 
+/// The agent's `Paused` condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PausedCond {
+    /// The vCPUs are paused (`spec.paused`).
+    pub paused: bool,
+    /// When `paused` last changed.
+    pub since: Timestamp,
+}
+
 /// What the agent knows about one VM between reconciles.
 #[derive(Debug, Clone, Default)]
 pub struct LocalVm {
@@ -40,8 +49,8 @@ pub struct LocalVm {
     pub phase: Option<VmPhase>,
     /// Ready condition.
     pub ready: Option<ReadyCond>,
-    /// Paused condition (paused, since).
-    pub paused: Option<(bool, Timestamp)>,
+    /// Paused condition.
+    pub paused: Option<PausedCond>,
     /// `status.restartCount`.
     pub restarts: i32,
     /// `status.phaseTransitionTimestamps`.
@@ -128,12 +137,30 @@ impl LocalVm {
                     since: c.last_transition_time.0,
                 });
             } else if c.type_ == condition::PAUSED {
-                self.paused = Some((
-                    ConditionStatus::parse(&c.status) == ConditionStatus::True,
-                    c.last_transition_time.0,
-                ));
+                self.paused = Some(PausedCond {
+                    paused: ConditionStatus::parse(&c.status) == ConditionStatus::True,
+                    since: c.last_transition_time.0,
+                });
             }
         }
+    }
+
+    /// Records the local phase as a transition at `now` (after the newest
+    /// of the local and the live history `live`), for the next status
+    /// write: a phase that is never written on its own (Starting, when the
+    /// VMM answers at once) still shows in `phaseTransitionTimestamps`.
+    pub fn note_transition(
+        &mut self,
+        live: &[PhaseTransition],
+        created: Option<Timestamp>,
+        now: Timestamp,
+    ) {
+        self.transitions = record_transition(
+            &super::status_body::newest_transitions(&self.transitions, live),
+            self.phase,
+            created,
+            now,
+        );
     }
 
     /// What the end of a run (`ended`, and `after`, what
@@ -280,6 +307,6 @@ mod tests {
             local.ready.as_ref().map(|r| r.status),
             Some(ConditionStatus::False)
         );
-        assert_eq!(local.paused.map(|p| p.0), Some(true));
+        assert_eq!(local.paused.map(|p| p.paused), Some(true));
     }
 }

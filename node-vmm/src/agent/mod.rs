@@ -11,6 +11,7 @@
 pub mod access;
 pub mod binding;
 pub mod cgroups;
+pub mod decide;
 pub mod disks;
 pub mod handoff;
 pub mod holders;

@@ -1,7 +1,8 @@
 //! Converging one bound `VirtualMachine`: observe its VMM, decide with
-//! [`lifecycle`], act through [`supervisor`] and [`vmm_client`], report status.
+//! [`decide`], carry the effects out through [`supervisor`] and
+//! [`vmm_client`], report status. No decision is taken here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,15 +14,15 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt as _};
-use kubevmm_crds::contract::{self, reason, ConditionStatus, ANNOTATION_RESTART_DONE};
+use kubevmm_crds::contract::{self, reason, ANNOTATION_RESTART_DONE};
 use kubevmm_crds::vm::InterfaceStatus;
-use kubevmm_crds::{VirtualMachine, VmPhase};
+use kubevmm_crds::VirtualMachine;
 use serde_json::json;
 
+use super::decide::{self, Effect, GuestState, Plan, Seen, Started, Then, VmmSeen};
 use super::host::prepare_host;
-use super::lifecycle::{self, AfterExit, Ended, Move, Observed, StopAction};
 pub use super::local::{set_failed, set_ready, LocalVm, ReadyCond};
-use super::report::{event, note_transition, timed_step, write_status, StartStep};
+use super::report::{publish, timed_step, write_status, StartStep};
 use super::supervisor::{self, ProcessId, VmDir};
 use super::{prepare, vmm_client, AgentConfig};
 
@@ -122,9 +123,6 @@ fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileErro
     move |source| ReconcileError::Api { what, source }
 }
 
-/// How long a reconcile that spawned a VMM waits for its first answer.
-const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(1);
-
 /// Controller error policy: retry after a pause (signature fixed by kube-runtime).
 #[allow(clippy::needless_pass_by_value)]
 pub fn error_policy(vm: Arc<VirtualMachine>, err: &ReconcileError, _ctx: Arc<Ctx>) -> Action {
@@ -181,7 +179,8 @@ fn watch_exit(ctx: &Ctx, vm: &VirtualMachine, pid: ProcessId) {
     });
 }
 
-/// One pass; `Ok(None)` when the VM is gone from this node for good.
+/// One pass: observe, [`decide`], carry out the plan (and the plans of
+/// its follow-ups); `Ok(None)` when the VM is gone from this node for good.
 async fn step(
     vm: &VirtualMachine,
     ctx: &Ctx,
@@ -189,191 +188,149 @@ async fn step(
     local: &mut LocalVm,
 ) -> Result<Option<Action>, ReconcileError> {
     let dir = ctx.dir(uid);
-    let spec = &vm.spec;
-    let restart = contract::pending_restart(vm.annotations()).map(str::to_string);
     let deleting = vm.metadata.deletion_timestamp.is_some();
-    let mut requeue = Duration::from_secs(30);
-
-    // A new spec deserves a prompt new attempt.
-    if local.generation != vm.metadata.generation {
-        local.generation = vm.metadata.generation;
-        if local.prepare_failures > 0 {
-            local.prepare_failures = 0;
-            local.next_start = None;
-            local.held = None;
-        }
-    }
-
-    // 1. Did the VMM end?
-    if local.proc.is_some_and(|p| !p.alive()) {
-        handle_exit(ctx, vm, &dir, local, deleting).await;
-    }
-
-    // 2. What this pass does (lifecycle::next_move), then doing it.
-    let observed = Observed {
+    let vmm = observe_vmm(&dir, local).await;
+    let seen = Seen {
         deleting,
-        vmm_running: local.proc.is_some(),
-        strategy: spec.run_strategy,
-        restart_requested: restart.is_some(),
-        ever_ran: local.ever_ran,
-        held: local.held,
-        next_start: local.next_start,
+        strategy: vm.spec.run_strategy,
+        paused_wanted: vm.spec.paused,
+        restart: contract::pending_restart(vm.annotations()),
+        grace: contract::stop_grace(vm.annotations(), vm.spec.termination_grace_period_seconds),
+        generation: vm.metadata.generation,
         // Only a VM waiting to start consumes its wake-up.
-        image_ready: !deleting && local.proc.is_none() && ctx.importer.take_woken(uid),
+        image_ready: !deleting && vmm != VmmSeen::Alive && ctx.importer.take_woken(uid),
+        vmm,
+        live_transitions: vm
+            .status
+            .as_ref()
+            .map_or(&[][..], |s| &s.phase_transition_timestamps[..]),
+        created: vm.metadata.creation_timestamp.as_ref().map(|t| t.0),
         now: Instant::now(),
+        wall: Timestamp::now(),
     };
-    match (lifecycle::next_move(&observed), local.proc) {
-        (Move::StopForDeletion, Some(pid)) => {
-            stop_step(ctx, vm, &dir, local, pid).await;
-            write_status(ctx, vm, local).await?;
-            return Ok(Some(Action::requeue(Duration::from_millis(500))));
+    let plan = decide::decide(&seen, local);
+    let mut then = plan.then;
+    let mut queue: VecDeque<Effect> = plan.effects.into();
+    while let Some(effect) = queue.pop_front() {
+        if let Some(follow) = execute(ctx, vm, uid, &dir, &seen, local, effect).await? {
+            then = follow.then;
+            for e in follow.effects.into_iter().rev() {
+                queue.push_front(e);
+            }
         }
-        (Move::Release, _) => {
-            release(ctx, uid, &dir, vm);
-            remove_finalizer(ctx, vm).await?;
-            event(
-                ctx,
-                vm,
-                false,
-                "Deleted",
-                "the guest is stopped and its resources released".into(),
-            )
-            .await;
-            return Ok(None);
-        }
-        (Move::Stop, Some(pid)) => {
-            stop_step(ctx, vm, &dir, local, pid).await;
-            requeue = Duration::from_millis(500);
-        }
-        (Move::Observe, _) => requeue = observe_running(ctx, vm, &dir, local).await,
-        (Move::Start, _) => {
-            start(ctx, vm, uid, &dir, local).await;
-            requeue = Duration::from_millis(100);
-            if local.proc.is_some() {
-                // The agent bound the control socket: a request waits until
-                // the VMM serves it, once its vCPUs run. So the first status
-                // says Running, with no polling interval before it.
-                if let Ok(next) =
-                    tokio::time::timeout(FIRST_ANSWER_WAIT, observe_running(ctx, vm, &dir, local))
-                        .await
-                {
-                    requeue = next;
+    }
+    Ok(match then {
+        Then::After(d) => Some(Action::requeue(d)),
+        Then::Forget => None,
+    })
+}
+
+/// Whether the VM's VMM runs, or how it ended (the shim writes its record
+/// right after the VMM is reaped).
+async fn observe_vmm(dir: &VmDir, local: &LocalVm) -> VmmSeen {
+    match local.proc {
+        None => VmmSeen::Absent,
+        Some(pid) if pid.alive() => VmmSeen::Alive,
+        Some(_) => {
+            for _ in 0..20 {
+                if let Some(rec) = dir.exit_record() {
+                    return VmmSeen::Ended(Some(rec));
                 }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            // The new phase first: a stopped Manual VM whose request looked
-            // handled while its phase still read Stopped would be released.
-            if let Some(done) = &restart {
-                write_status(ctx, vm, local).await?;
-                mark_restart_handled(ctx, vm, done).await?;
-            }
+            VmmSeen::Ended(dir.exit_record())
         }
-        (Move::StartAt(at), _) => requeue = at.saturating_duration_since(observed.now),
-        (Move::Hold(phase), _) => {
-            local.next_start = None;
-            local.held = Some(phase);
-            local.phase = Some(phase);
-            if local
-                .ready
-                .as_ref()
-                .is_none_or(|r| r.status != ConditionStatus::False)
-            {
-                set_ready(
-                    local,
-                    ConditionStatus::False,
-                    reason::STOPPED,
-                    "the guest is not running".into(),
-                );
-            }
-        }
-        // A stop without a VMM: next_move never asks for one.
-        (Move::StopForDeletion | Move::Stop, None) => {}
     }
-    write_status(ctx, vm, local).await?;
-    Ok(Some(Action::requeue(requeue)))
 }
 
-/// The VMM ended: learn how from the shim's record and decide what follows.
-async fn handle_exit(
+/// Carries out one effect; the plan of its follow-up, for those whose
+/// outcome [`decide`] takes back.
+async fn execute(
     ctx: &Ctx,
     vm: &VirtualMachine,
+    uid: &str,
     dir: &VmDir,
+    seen: &Seen<'_>,
     local: &mut LocalVm,
-    deleting: bool,
-) {
-    let spec = &vm.spec;
-    local.proc = None;
-    // The shim writes the record right after the VMM is reaped.
-    let mut rec = dir.exit_record();
-    for _ in 0..20 {
-        if rec.is_some() {
-            break;
+    effect: Effect,
+) -> Result<Option<Plan>, ReconcileError> {
+    let sock = dir.api_socket();
+    let later = || seen.at(Instant::now(), Timestamp::now());
+    match effect {
+        Effect::Start => {
+            let outcome = start(ctx, vm, uid, dir).await;
+            return Ok(Some(decide::started(&later(), local, outcome)));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        rec = dir.exit_record();
-    }
-    let ended = rec.map_or_else(
-        || Ended::VmmFailure("the VMM vanished without an exit status".into()),
-        |r| r.ended(local.stopping.is_some()),
-    );
-    local.stopping = None;
-    let ran_for = local
-        .started_at
-        .and_then(|t| Duration::try_from(Timestamp::now().duration_since(t)).ok())
-        .unwrap_or(Duration::ZERO);
-    let after = lifecycle::after_exit(
-        spec.run_strategy,
-        &ended,
-        local.restarts.max(0) as u32,
-        ran_for,
-    );
-    event(ctx, vm, ended.is_failure(), ended.reason(), ended.message()).await;
-    local.after_exit(&ended, after, deleting, Instant::now());
-    let _ = std::fs::remove_file(dir.api_socket());
-}
-
-/// The cached files of the VM's boot images; `None` while one imports
-/// (status says so, the import wakes the VM) or when one failed.
-async fn boot_images(
-    ctx: &Ctx,
-    vm: &VirtualMachine,
-    local: &mut LocalVm,
-) -> Option<std::collections::BTreeMap<String, super::images::CachedImage>> {
-    match super::images::boot_images(&ctx.importer, vm).await {
-        super::images::BootImages::Ready(images) => {
-            if let Some(since) = local.importing_since.take() {
-                timed_step(ctx, vm, StartStep::ImageImport, since.elapsed()).await;
+        Effect::Probe(wait) => {
+            let answer = tokio::time::timeout(wait, vmm_client::state(&sock))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            return Ok(Some(decide::probed(&later(), local, answer)));
+        }
+        Effect::Steer { from, to } => {
+            let path = match to {
+                GuestState::Paused => "/vm/pause",
+                GuestState::Running => "/vm/resume",
+            };
+            let now = match vmm_client::request(&sock, "PUT", path).await {
+                Ok(_) => to,
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name_any(), "PUT {path} failed: {e}");
+                    from
+                }
+            };
+            return Ok(Some(decide::settled(&later(), local, now)));
+        }
+        Effect::WatchExit(pid) => watch_exit(ctx, vm, pid),
+        Effect::RequestShutdown => {
+            if let Err(e) = vmm_client::request(&sock, "PUT", "/vm/shutdown").await {
+                tracing::warn!(vm = %vm.name_any(), "ACPI shutdown request failed: {e}");
             }
-            Some(images)
         }
-        super::images::BootImages::Waiting(msg) => {
-            // The import wakes this VM when it ends; the poll (one GET of
-            // each image) refreshes the progress in the message.
-            local.importing_since.get_or_insert_with(Instant::now);
-            local.next_start = Some(Instant::now() + Duration::from_secs(5));
-            local.phase = Some(VmPhase::Scheduled);
-            set_ready(local, ConditionStatus::False, reason::IMAGE_IMPORTING, msg);
-            None
+        Effect::ForceStop => {
+            // A VMM that does not answer is killed at the next step.
+            let _ = vmm_client::request(&sock, "PUT", "/vm/stop").await;
         }
-        super::images::BootImages::Failed(field, f) => {
-            let msg = format!("{field}: {}: {}", f.reason, f.message);
-            let delay = lifecycle::backoff(local.prepare_failures);
-            local.importing_since = None;
-            local.next_start = Some(Instant::now() + delay);
-            local.prepare_failures = local.prepare_failures.saturating_add(1);
-            local.phase = Some(VmPhase::Failed);
-            // Not held: a server error or a full disk may pass; retried with backoff.
-            set_failed(local, reason::IMAGE_FAILED, &msg, Some(delay));
-            event(ctx, vm, true, reason::IMAGE_FAILED, msg).await;
-            None
+        Effect::Kill(pid) => supervisor::kill(pid),
+        Effect::ForgetSocket => {
+            let _ = std::fs::remove_file(&sock);
         }
+        Effect::ReadStats => {
+            if let Ok(stats) = vmm_client::request(&sock, "GET", "/vm/stats").await {
+                let mem = kubevmm_crds::quantity::parse_bytes(&vm.spec.memory.0).unwrap_or(0);
+                let ns = vm.namespace().unwrap_or_default();
+                ctx.metrics.observe_stats(&ns, &vm.name_any(), mem, &stats);
+            }
+        }
+        Effect::Booted(took) => {
+            ctx.metrics.booted(took.as_secs_f64());
+            timed_step(ctx, vm, StartStep::VmmStart, took).await;
+        }
+        Effect::CountRestart => ctx
+            .metrics
+            .restarted(&vm.namespace().unwrap_or_default(), &vm.name_any()),
+        Effect::Step(step, took) => timed_step(ctx, vm, step, took).await,
+        Effect::Release => {
+            release(ctx, uid, dir, vm);
+            remove_finalizer(ctx, vm).await?;
+        }
+        Effect::Event(note) => publish(ctx, vm, &note).await,
+        Effect::WriteStatus => write_status(ctx, vm, local).await?,
+        Effect::MarkRestartHandled(value) => mark_restart_handled(ctx, vm, &value).await?,
     }
+    Ok(None)
 }
 
-/// Prepares and starts the VMM; failures become status, not errors.
-async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &mut LocalVm) {
-    local.next_start = None;
-    let Some(images) = boot_images(ctx, vm, local).await else {
-        return;
+/// Prepares the host and spawns the VMM: what it came to, for
+/// [`decide::started`].
+async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir) -> Started {
+    let images = match super::images::boot_images(&ctx.importer, vm).await {
+        super::images::BootImages::Ready(images) => images,
+        super::images::BootImages::Waiting(msg) => return Started::ImagesImporting(msg),
+        super::images::BootImages::Failed(field, f) => {
+            return Started::ImagesFailed(format!("{field}: {}: {}", f.reason, f.message))
+        }
     };
     let ctx_node = prepare::NodeContext {
         allowed_dirs: ctx.cfg.allowed_dirs.clone(),
@@ -395,19 +352,12 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
                 prepare::PrepareError::Network { reason, .. } => reason,
                 _ => reason::INVALID_SPEC,
             };
-            // Retried with backoff (a missing bridge may appear; a spec
-            // edit triggers a reconcile at once), never in a tight loop.
-            let delay = lifecycle::backoff(local.prepare_failures);
-            local.next_start = Some(Instant::now() + delay);
-            local.prepare_failures = local.prepare_failures.saturating_add(1);
-            local.held = Some(VmPhase::Failed);
-            local.phase = Some(VmPhase::Failed);
-            set_failed(local, reason, &e.to_string(), Some(delay));
-            event(ctx, vm, true, reason, e.to_string()).await;
-            return;
+            return Started::PrepareFailed {
+                reason,
+                message: e.to_string(),
+            };
         }
     };
-    local.prepare_failures = 0;
     let owner = json!({"namespace": vm.namespace(), "name": vm.name_any(), "uid": uid});
     let _ = supervisor::write_atomic(&dir.owner_file(), owner.to_string().as_bytes());
     let (node_vmm, vmm, d) = (
@@ -420,20 +370,9 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
         tokio::task::spawn_blocking(move || supervisor::spawn(&node_vmm, &vmm, &d, &cg, &fds))
             .await;
     match spawned {
-        Ok(Ok(pid)) => {
-            if local.ever_ran {
-                local.restarts += 1;
-                ctx.metrics
-                    .restarted(&vm.namespace().unwrap_or_default(), &vm.name_any());
-            }
-            local.ever_ran = true;
-            local.held = None;
-            local.proc = Some(pid);
-            local.spawned = Some(Instant::now());
-            local.started_at = Some(Timestamp::now());
-            local.phase = Some(VmPhase::Starting);
-            note_transition(vm, local);
-            local.interfaces = plan
+        Ok(Ok(pid)) => Started::Spawned {
+            pid,
+            interfaces: plan
                 .interfaces
                 .iter()
                 .map(|i| InterfaceStatus {
@@ -442,164 +381,11 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir, local: &m
                     ip_address: None,
                     tap: Some(i.tap.clone()),
                 })
-                .collect();
-            set_ready(
-                local,
-                ConditionStatus::False,
-                reason::STARTING,
-                "the VMM is starting".into(),
-            );
-            watch_exit(ctx, vm, pid);
-        }
-        Ok(Err(e)) => spawn_failed(ctx, vm, local, e.to_string()).await,
-        Err(e) => spawn_failed(ctx, vm, local, format!("spawn task failed: {e}")).await,
+                .collect(),
+        },
+        Ok(Err(e)) => Started::SpawnFailed(e.to_string()),
+        Err(e) => Started::SpawnFailed(format!("spawn task failed: {e}")),
     }
-}
-
-/// The VMM could not be spawned: a VMM failure, restarted as the run
-/// strategy says.
-async fn spawn_failed(ctx: &Ctx, vm: &VirtualMachine, local: &mut LocalVm, why: String) {
-    let ended = Ended::VmmFailure(why);
-    let after = lifecycle::after_exit(
-        vm.spec.run_strategy,
-        &ended,
-        local.restarts.max(0) as u32,
-        Duration::ZERO,
-    );
-    let next_in = match after {
-        AfterExit::Restart(d) => {
-            local.next_start = Some(Instant::now() + d);
-            Some(d)
-        }
-        AfterExit::Stay(_) => {
-            local.held = Some(VmPhase::Failed);
-            None
-        }
-    };
-    local.phase = Some(if next_in.is_some() {
-        VmPhase::Starting
-    } else {
-        VmPhase::Failed
-    });
-    set_failed(local, reason::VMM_FAILED, &ended.message(), next_in);
-    event(ctx, vm, true, reason::VMM_FAILED, ended.message()).await;
-}
-
-/// Reads the VMM's state; applies `spec.paused`; polls stats for metrics.
-async fn observe_running(
-    ctx: &Ctx,
-    vm: &VirtualMachine,
-    dir: &VmDir,
-    local: &mut LocalVm,
-) -> Duration {
-    let sock = dir.api_socket();
-    let Ok(mut state) = vmm_client::state(&sock).await else {
-        // The control socket is not up yet: still starting.
-        if local.phase != Some(VmPhase::Running) && local.phase != Some(VmPhase::Paused) {
-            local.phase = Some(VmPhase::Starting);
-        }
-        return Duration::from_millis(50);
-    };
-    if vm.spec.paused && state == "running" {
-        if vmm_client::request(&sock, "PUT", "/vm/pause").await.is_ok() {
-            state = "paused".into();
-        }
-    } else if !vm.spec.paused
-        && state == "paused"
-        && vmm_client::request(&sock, "PUT", "/vm/resume")
-            .await
-            .is_ok()
-    {
-        state = "running".into();
-    }
-    let paused = state == "paused";
-    if let Some(spawned) = local.spawned.take() {
-        ctx.metrics.booted(spawned.elapsed().as_secs_f64());
-        timed_step(ctx, vm, StartStep::VmmStart, spawned.elapsed()).await;
-    }
-    local.phase = Some(if paused {
-        VmPhase::Paused
-    } else {
-        VmPhase::Running
-    });
-    if paused {
-        set_ready(
-            local,
-            ConditionStatus::False,
-            reason::PAUSED,
-            "the vCPUs are paused (spec.paused)".into(),
-        );
-    } else {
-        set_ready(
-            local,
-            ConditionStatus::True,
-            reason::GUEST_RUNNING,
-            "the VMM is up and the vCPUs run".into(),
-        );
-    }
-    let since = match local.paused {
-        Some((was, t)) if was == paused => t,
-        _ => Timestamp::now(),
-    };
-    local.paused = Some((paused, since));
-    if local
-        .last_stats
-        .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-    {
-        if let Ok(stats) = vmm_client::request(&sock, "GET", "/vm/stats").await {
-            let mem = kubevmm_crds::quantity::parse_bytes(&vm.spec.memory.0).unwrap_or(0);
-            ctx.metrics.observe_stats(
-                &vm.namespace().unwrap_or_default(),
-                &vm.name_any(),
-                mem,
-                &stats,
-            );
-            local.last_stats = Some(Instant::now());
-        }
-    }
-    Duration::from_secs(10)
-}
-
-/// Graceful stop: ACPI shutdown, then after the grace period a force stop,
-/// then SIGKILL.
-async fn stop_step(
-    ctx: &Ctx,
-    vm: &VirtualMachine,
-    dir: &VmDir,
-    local: &mut LocalVm,
-    pid: ProcessId,
-) {
-    let sock = dir.api_socket();
-    let grace = contract::stop_grace(vm.annotations(), vm.spec.termination_grace_period_seconds);
-    let (action, next) = lifecycle::stop_step(local.stopping, grace, Instant::now());
-    local.stopping = Some(next);
-    match action {
-        Some(StopAction::RequestShutdown) => {
-            if let Err(e) = vmm_client::request(&sock, "PUT", "/vm/shutdown").await {
-                tracing::warn!(vm = %vm.name_any(), "ACPI shutdown request failed: {e}");
-            }
-            let note = format!("ACPI shutdown requested; {}s grace period", grace.as_secs());
-            event(ctx, vm, false, "Stopping", note).await;
-        }
-        Some(StopAction::ForceStop { grace_over }) => {
-            let _ = vmm_client::request(&sock, "PUT", "/vm/stop").await;
-            let note = if grace_over {
-                "the guest did not power off within its grace period"
-            } else {
-                "stopped by force at once (grace period 0)"
-            };
-            event(ctx, vm, true, "ForceStopped", note.into()).await;
-        }
-        Some(StopAction::Kill) => supervisor::kill(pid),
-        None => {}
-    }
-    local.phase = Some(VmPhase::Stopping);
-    set_ready(
-        local,
-        ConditionStatus::False,
-        reason::STOPPING,
-        "the guest is shutting down".into(),
-    );
 }
 
 /// Releases taps, cgroup, metrics series, the state directory and, the VM

@@ -6,59 +6,25 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
 use kube::{Resource as _, ResourceExt as _};
 use kubevmm_crds::contract::{condition, reason, ConditionStatus, MANAGER_NODE};
-use kubevmm_crds::printable::record_transition;
+use kubevmm_crds::events::{self, Note};
 use kubevmm_crds::{VirtualMachine, VmPhase};
 
 use super::reconcile::{Ctx, LocalVm, ReconcileError};
 use super::status_body::{self, condition_json, live_matches, AgentPart};
 
-/// Records an Event about `vm`; a failure is logged, never fatal.
-///
-/// The recorder folds Events with the same reason and action into one
-/// series that keeps the first note, so the action names the note too:
-/// a repeat of the same message is counted, a different one (a second
-/// stop with another grace period) is shown as written.
-pub async fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
-    let action = note_action(reason, &note);
-    event_action(ctx, vm, warning, reason, &action, note).await;
-}
-
-/// `reason` and a digest of `note` (FNV-1a), as an Event action.
-fn note_action(reason: &str, note: &str) -> String {
-    let digest = note.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    format!("{reason}-{digest:08x}")
-}
-
-/// [`event`] with its own action: the recorder counts Events with the same
-/// reason and action as one series (keeping the first note), so a reason
-/// with several meanings needs one action per meaning.
-async fn event_action(
-    ctx: &Ctx,
-    vm: &VirtualMachine,
-    warning: bool,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let ev = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &vm.object_ref(&())).await {
-        tracing::debug!("event {reason} not recorded: {e}");
+/// Publishes `note` about `vm`; a failure is logged, never fatal.
+pub async fn publish(ctx: &Ctx, vm: &VirtualMachine, note: &Note) {
+    if let Err(e) = events::publish(&ctx.recorder, &vm.object_ref(&()), note).await {
+        tracing::debug!("event {} not recorded: {e}", note.reason);
     }
+}
+
+/// Records an Event about `vm`, folded into one series only when its note
+/// repeats (see [`Note::folded_by_note`]).
+pub async fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
+    publish(ctx, vm, &Note::new(warning, reason, note).folded_by_note()).await;
 }
 
 /// A step of starting a VM whose duration is watched.
@@ -108,26 +74,23 @@ pub fn slow_step_note(step: StartStep, took: Duration, threshold: Duration) -> O
 pub async fn timed_step(ctx: &Ctx, vm: &VirtualMachine, step: StartStep, took: Duration) {
     if let Some(note) = slow_step_note(step, took, ctx.cfg.slow_start_step) {
         tracing::info!(vm = %vm.name_any(), "{note}");
-        event_action(ctx, vm, false, "SlowStartStep", step.action(), note).await;
+        publish(
+            ctx,
+            vm,
+            &Note::normal("SlowStartStep", note).with_action(step.action()),
+        )
+        .await;
     }
 }
 
-/// Records the local phase as a transition now (after the newest of the
-/// local and the live history), for the next status write: a phase that
-/// is never written on its own (Starting, when the VMM answers at once)
-/// still shows in `phaseTransitionTimestamps`.
+/// [`LocalVm::note_transition`] against the live status, now.
 pub fn note_transition(vm: &VirtualMachine, local: &mut LocalVm) {
     let live = vm
         .status
         .as_ref()
         .map_or(&[][..], |s| &s.phase_transition_timestamps[..]);
     let created = vm.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    local.transitions = record_transition(
-        &status_body::newest_transitions(&local.transitions, live),
-        local.phase,
-        created,
-        Timestamp::now(),
-    );
+    local.note_transition(live, created, Timestamp::now());
 }
 
 /// Writes this agent's part of the status when it differs from the live one.
@@ -155,17 +118,17 @@ pub async fn write_status(
             generation,
         ));
     }
-    if let Some((paused, since)) = local.paused {
+    if let Some(p) = local.paused {
         conditions.push(condition_json(
             condition::PAUSED,
-            ConditionStatus::from_bool(paused).as_str(),
-            if paused {
+            ConditionStatus::from_bool(p.paused).as_str(),
+            if p.paused {
                 reason::PAUSED_BY_USER
             } else {
                 reason::NOT_PAUSED
             },
             "spec.paused",
-            since,
+            p.since,
             generation,
         ));
     }
@@ -218,20 +181,6 @@ pub async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_fold_only_when_their_note_repeats() {
-        let a = note_action("Stopping", "ACPI shutdown requested; 60s grace period");
-        assert_eq!(
-            a,
-            note_action("Stopping", "ACPI shutdown requested; 60s grace period")
-        );
-        assert_ne!(
-            a,
-            note_action("Stopping", "ACPI shutdown requested; 20s grace period")
-        );
-        assert!(a.starts_with("Stopping-") && a.len() <= 128, "{a}");
-    }
 
     #[test]
     fn only_steps_over_the_threshold_are_reported() {

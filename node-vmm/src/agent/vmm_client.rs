@@ -7,6 +7,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 
+use super::decide::GuestState;
+
 /// Errors talking to a VMM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmClientError {
@@ -71,11 +73,15 @@ pub async fn request(socket: &Path, method: &str, path: &str) -> Result<Value, V
     }
 }
 
-/// `GET /vm`: `running` or `paused`.
-pub async fn state(socket: &Path) -> Result<String, VmmClientError> {
+/// `GET /vm`: whether the vCPUs run or are paused.
+pub async fn state(socket: &Path) -> Result<GuestState, VmmClientError> {
     let v = request(socket, "GET", "/vm").await?;
-    Ok(v.get("state")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-        .to_string())
+    match v.get("state").and_then(Value::as_str) {
+        Some("running") => Ok(GuestState::Running),
+        Some("paused") => Ok(GuestState::Paused),
+        other => Err(VmmClientError::Protocol {
+            path: socket.display().to_string(),
+            what: format!("GET /vm: state {other:?}, expected \"running\" or \"paused\""),
+        }),
+    }
 }
