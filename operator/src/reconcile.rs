@@ -41,9 +41,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::Recorder;
-use kubevmm_crds::events::{self, Note};
 use kube::ResourceExt;
 use kubevmm_crds::contract::{self, condition, reason, ConditionStatus};
+use kubevmm_crds::events::{self, Note};
 use kubevmm_crds::quantity::parse_bytes;
 use kubevmm_crds::{HypervisorNode, RunStrategy, VirtualMachine, VmPhase};
 use serde_json::{json, Value};
@@ -59,9 +59,11 @@ use crate::scheduling::{self, BoundVm, NodeInfo, Overcommit, Request};
 mod decide;
 mod plan;
 mod status;
+mod writes;
 use decide::{decide, object_ref, owned_by_operator};
 use plan::plan;
 use status::status_apply;
+use writes::{writes, Write};
 
 /// How many VMs a pass writes at once.
 const WRITES_AT_ONCE: usize = 16;
@@ -310,6 +312,32 @@ enum FinalizerChange {
     Remove,
 }
 
+/// The status fields a pass decided for one VM (the rest of the
+/// operator's part is re-applied as it is, see [`status::status_apply`]).
+#[derive(Debug, Default)]
+struct StatusChange {
+    phase: Option<VmPhase>,
+    restart_count: Option<i32>,
+    conditions: BTreeMap<&'static str, Want>,
+    /// Operator-owned condition types to drop.
+    drop: BTreeSet<&'static str>,
+}
+
+/// Whether a VM looks for a node in this pass, and what came of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// It does not (bound and staying, released, down, being deleted).
+    NotWanted,
+    /// It does: [`plan`] places it.
+    Wanted,
+    /// It was bound to a node in this pass; `first` when this is its first
+    /// binding (the scheduling-latency histogram counts those).
+    Placed { first: bool },
+    /// Its spec cannot be placed, or no node fits; `report` is the reason
+    /// counted in the scheduling-failure metric when this pass first says so.
+    Refused { report: Option<&'static str> },
+}
+
 /// What one pass decided for one VM.
 #[derive(Debug)]
 #[allow(clippy::struct_excessive_bools)] // independent decisions, not a state machine
@@ -326,16 +354,12 @@ struct Work {
     disk_node: Option<String>,
     /// What happens to the guest-cleanup finalizer.
     finalizer: FinalizerChange,
-    phase: Option<VmPhase>,
-    restart_count: Option<i32>,
-    conditions: BTreeMap<&'static str, Want>,
-    /// Operator-owned condition types to drop.
-    drop_conditions: BTreeSet<&'static str>,
-    /// Wants placement in this pass.
-    candidate: bool,
+    /// The VM's demand (counted on its node while it is bound).
     request: Option<Request>,
-    first_binding: bool,
-    failure_reason: Option<&'static str>,
+    /// The status fields decided in this pass.
+    status: StatusChange,
+    /// Whether it looks for a node in this pass, and what came of it.
+    placement: Placement,
     events: Vec<Note>,
 }
 
@@ -550,7 +574,10 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
                     publish(
                         ctx,
                         &reference,
-                        &Note::warning("ReconcileFailed", format!("{e}; retrying this VM with backoff")),
+                        &Note::warning(
+                            "ReconcileFailed",
+                            format!("{e}; retrying this VM with backoff"),
+                        ),
                     )
                     .await;
                 }
@@ -565,148 +592,143 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
     Ok(report)
 }
 
-/// Writes one VM's decisions in a safe order: finalizer, status, label (with
-/// the finalizer when the VM is bound in this pass), finalizer removal, then
-/// Events. Each write is conditional on the
-/// resourceVersion the decision was made on (and chained).
-#[allow(clippy::too_many_lines)] // the writes in their required order
+/// Carries out one VM's [`writes`], in order. Each is conditional on the
+/// resourceVersion the decision was made on (and chained); a failed one
+/// stops the rest, retried with this VM's backoff.
 async fn execute(
     ctx: &Context,
     api: &Api<DynamicObject>,
     mut w: Work,
     now: Timestamp,
 ) -> Result<(), ReconcileError> {
+    let reference = object_ref(&w);
+    for write in writes(&w, now) {
+        if !matches!(write, Write::Event(_)) && !ctx.leadership.is_leader() {
+            return Err(ReconcileError::NotLeader);
+        }
+        let rv = w.obj.metadata.resource_version.clone();
+        let written = write_one(ctx, api, &mut w, write, &reference).await?;
+        // The next write is conditional on this one's version, and the
+        // ledger keeps it until the cache shows it.
+        if let Some(mut out) = written {
+            Arc::make_mut(&mut w.obj)
+                .metadata
+                .resource_version
+                .clone_from(&out.metadata.resource_version);
+            strip_foreign_managed_fields(&mut out);
+            ctx.ledger().record(rv, out);
+        }
+    }
+    Ok(())
+}
+
+/// One write of [`execute`]; the object the API server returned, if any.
+async fn write_one(
+    ctx: &Context,
+    api: &Api<DynamicObject>,
+    w: &mut Work,
+    write: Write,
+    reference: &ObjectReference,
+) -> Result<Option<DynamicObject>, ReconcileError> {
     let werr = |action: &'static str, w: &Work, source: kube::Error| ReconcileError::Write {
         action,
         namespace: w.namespace.clone(),
         name: w.name.clone(),
         source: Box::new(source),
     };
-    let leader = || {
-        if ctx.leadership.is_leader() {
-            Ok(())
-        } else {
-            Err(ReconcileError::NotLeader)
-        }
-    };
-    // Each successful write: the next one is conditional on its version,
-    // and the ledger keeps it until the cache shows it.
-    let wrote = |w: &mut Work, mut out: DynamicObject| {
-        let replaced = w.obj.metadata.resource_version.clone();
-        Arc::make_mut(&mut w.obj)
-            .metadata
-            .resource_version
-            .clone_from(&out.metadata.resource_version);
-        strip_foreign_managed_fields(&mut out);
-        ctx.ledger().record(replaced, out);
-    };
-    let merge = |rv: Option<String>, meta: Value| {
+    let vm = format!("{}/{}", w.namespace, w.name);
+    let rv = w.obj.metadata.resource_version.clone();
+    let merge = |meta: Value| {
         let mut m = meta;
         m["resourceVersion"] = json!(rv);
         Patch::Merge(json!({ "metadata": m }))
     };
-
-    let with_finalizer = |obj: &DynamicObject| {
-        let mut fins = obj.finalizers().to_vec();
+    let with_finalizer = || {
+        let mut fins = w.obj.finalizers().to_vec();
         fins.push(contract::FINALIZER.to_string());
         fins
     };
-    // A VM bound in this pass gets its finalizer with its label, in one
-    // write: no agent runs it before the label, so nothing needs the
-    // finalizer before then (and the label never exists without it).
-    let adding = w.finalizer == FinalizerChange::Add;
-    let finalizer_with_label = adding && w.bind.is_some() && w.label() != w.bind;
-    if adding && !finalizer_with_label {
-        leader()?;
-        let fins = with_finalizer(&w.obj);
-        let patch = merge(
-            w.obj.metadata.resource_version.clone(),
-            json!({ "finalizers": fins }),
-        );
-        let out = api
-            .patch(&w.name, &PatchParams::default(), &patch)
-            .await
-            .map_err(|e| werr("add finalizer to", &w, e))?;
-        Arc::make_mut(&mut w.obj)
-            .metadata
-            .finalizers
-            .clone_from(&out.metadata.finalizers);
-        wrote(&mut w, out);
-    }
-
-    if let Some(body) = status_apply(&w, now) {
-        leader()?;
-        let pp = PatchParams::apply(contract::MANAGER_OPERATOR).force();
-        let out = api
-            .patch_status(&w.name, &pp, &Patch::Apply(body))
-            .await
-            .map_err(|e| werr("update status of", &w, e))?;
-        wrote(&mut w, out);
-        if let Some(reason) = w.failure_reason {
-            ctx.metrics
-                .scheduling_failures_total
-                .with_label_values(&[reason])
-                .inc();
+    let written = match write {
+        Write::AddFinalizer => {
+            let patch = merge(json!({ "finalizers": with_finalizer() }));
+            let out = api
+                .patch(&w.name, &PatchParams::default(), &patch)
+                .await
+                .map_err(|e| werr("add finalizer to", w, e))?;
+            Arc::make_mut(&mut w.obj)
+                .metadata
+                .finalizers
+                .clone_from(&out.metadata.finalizers);
+            Some(out)
         }
-    }
-
-    if w.label() != w.bind {
-        leader()?;
-        let mut meta = json!({ "labels": { contract::LABEL_NODE: w.bind } });
-        if finalizer_with_label {
-            meta["finalizers"] = json!(with_finalizer(&w.obj));
+        Write::ApplyStatus(mut body) => {
+            body["metadata"]["resourceVersion"] = json!(rv);
+            let pp = PatchParams::apply(contract::MANAGER_OPERATOR).force();
+            let out = api
+                .patch_status(&w.name, &pp, &Patch::Apply(body))
+                .await
+                .map_err(|e| werr("update status of", w, e))?;
+            if let Placement::Refused {
+                report: Some(reason),
+            } = w.placement
+            {
+                ctx.metrics
+                    .scheduling_failures_total
+                    .with_label_values(&[reason])
+                    .inc();
+            }
+            Some(out)
         }
-        let patch = merge(w.obj.metadata.resource_version.clone(), meta);
-        // Under the operator's field manager: a label it wrote is told
-        // apart from one somebody else set.
-        let pp = PatchParams {
-            field_manager: Some(contract::MANAGER_OPERATOR.into()),
-            ..PatchParams::default()
-        };
-        let out = api
-            .patch(&w.name, &pp, &patch)
-            .await
-            .map_err(|e| werr("set the node label of", &w, e))?;
-        wrote(&mut w, out);
-        if let Some(node) = &w.bind {
-            tracing::info!(vm = %format!("{}/{}", w.namespace, w.name), %node, "bound");
-            if w.first_binding {
+        Write::Label {
+            node,
+            with_finalizer: fin,
+        } => {
+            let mut meta = json!({ "labels": { contract::LABEL_NODE: node } });
+            if fin {
+                meta["finalizers"] = json!(with_finalizer());
+            }
+            // Under the operator's field manager: a label it wrote is
+            // told apart from one somebody else set.
+            let pp = PatchParams {
+                field_manager: Some(contract::MANAGER_OPERATOR.into()),
+                ..PatchParams::default()
+            };
+            let out = api
+                .patch(&w.name, &pp, &merge(meta))
+                .await
+                .map_err(|e| werr("set the node label of", w, e))?;
+            if let Some(node) = &node {
+                tracing::info!(%vm, %node, "bound");
+            } else {
+                tracing::info!(%vm, "unbound");
+            }
+            if w.placement == (Placement::Placed { first: true }) {
                 if let Some(created) = &w.obj.metadata.creation_timestamp {
                     let secs = Timestamp::now().duration_since(created.0).as_secs_f64();
                     ctx.metrics.scheduling_duration.observe(secs.max(0.0));
                 }
             }
-        } else {
-            tracing::info!(vm = %format!("{}/{}", w.namespace, w.name), "unbound");
+            Some(out)
         }
-    }
-
-    let removal = (w.finalizer == FinalizerChange::Remove)
-        .then(|| {
-            contract::finalizer_removal(
-                w.obj.finalizers(),
-                w.obj.metadata.resource_version.as_deref(),
-            )
-        })
-        .flatten();
-    if let Some(patch) = removal {
-        leader()?;
-        match api
-            .patch(&w.name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => return Err(werr("remove the finalizer of", &w, e)),
+        Write::RemoveFinalizer => {
+            let patch =
+                contract::finalizer_removal(w.obj.finalizers(), rv.as_deref()).map(Patch::Merge);
+            if let Some(patch) = patch {
+                match api.patch(&w.name, &PatchParams::default(), &patch).await {
+                    Ok(_) => {}
+                    Err(e) if is_status(&e, 404) => {}
+                    Err(e) => return Err(werr("remove the finalizer of", w, e)),
+                }
+                tracing::info!(%vm, "finalizer removed");
+            }
+            None
         }
-        tracing::info!(vm = %format!("{}/{}", w.namespace, w.name), "finalizer removed");
-    }
-
-    let reference = object_ref(&w);
-    for ev in &w.events {
-        publish(ctx, &reference, ev).await;
-    }
-    Ok(())
+        Write::Event(note) => {
+            publish(ctx, reference, &note).await;
+            None
+        }
+    };
+    Ok(written)
 }
 
 /// Publishes an Event about a VM; a failure is counted and logged, never fatal.

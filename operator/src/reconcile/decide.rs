@@ -63,14 +63,9 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
         bind: None,
         disk_node: None,
         finalizer: FinalizerChange::Keep,
-        phase: None,
-        restart_count: None,
-        conditions: BTreeMap::new(),
-        drop_conditions: BTreeSet::new(),
-        candidate: false,
         request: None,
-        first_binding: false,
-        failure_reason: None,
+        status: StatusChange::default(),
+        placement: Placement::NotWanted,
         events: Vec::new(),
     };
     // The binding is what the operator wrote, never the label alone.
@@ -78,10 +73,13 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
     w.bind.clone_from(&bound);
     if let Some(l) = w.label().filter(|l| Some(l) != bound.as_ref()) {
         if !w.owned.label {
-            w.events.push(Note::warning("NodeLabelIgnored", format!(
+            w.events.push(Note::warning(
+                "NodeLabelIgnored",
+                format!(
                     "label {}={l} was not set by the operator and binds nothing; it is corrected",
                     contract::LABEL_NODE
-                )));
+                ),
+            ));
         }
     }
     let deleting = w.obj.metadata.deletion_timestamp.is_some();
@@ -94,7 +92,10 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                 Some(node) => {
                     if let Some(why) = gone_reason(node, states.get(node)) {
                         w.finalizer = FinalizerChange::Remove;
-                        w.events.push(Note::normal("FinalizerRemoved", format!("{why}: its guest is gone, deletion completes")));
+                        w.events.push(Note::normal(
+                            "FinalizerRemoved",
+                            format!("{why}: its guest is gone, deletion completes"),
+                        ));
                     }
                 }
             }
@@ -115,7 +116,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
     let vm = match parsed {
         Ok(vm) => vm,
         Err(e) => {
-            w.conditions.insert(
+            w.status.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
                     ConditionStatus::False,
@@ -124,9 +125,11 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                 ),
             );
             if w.bind.is_none() {
-                w.phase = Some(VmPhase::Pending);
+                w.status.phase = Some(VmPhase::Pending);
             }
-            w.failure_reason = Some(crate::scheduling::reason::INVALID_SPEC);
+            w.placement = Placement::Refused {
+                report: Some(crate::scheduling::reason::INVALID_SPEC),
+            };
             return w;
         }
     };
@@ -150,9 +153,9 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
             if scheduling::wants_to_run(strategy, phase, start_requested)
                 && matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure)
             {
-                w.phase = Some(VmPhase::Pending);
-                w.restart_count = Some(w.current_status().restart_count.saturating_add(1));
-                w.conditions.insert(
+                w.status.phase = Some(VmPhase::Pending);
+                w.status.restart_count = Some(w.current_status().restart_count.saturating_add(1));
+                w.status.conditions.insert(
                     condition::NODE_LOST,
                     Want::new(
                         ConditionStatus::False,
@@ -161,7 +164,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                     ),
                 );
                 // Stated, not dropped: see `operator_ready`.
-                w.conditions.insert(
+                w.status.conditions.insert(
                     condition::READY,
                     Want::new(
                         ConditionStatus::False,
@@ -169,20 +172,25 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                         format!("{why}; the guest is gone, waiting for its next node to start it"),
                     ),
                 );
-                w.events.push(Note::warning("Rescheduled", match &w.disk_node {
+                w.events.push(Note::warning(
+                    "Rescheduled",
+                    match &w.disk_node {
                         Some(d) => format!("{why}; its disks are on {d}: it starts again there"),
                         None => format!("{why}; placing the VM on another node"),
-                    }));
-                w.candidate = request.is_ok();
+                    },
+                ));
+                if request.is_ok() {
+                    w.placement = Placement::Wanted;
+                }
             } else {
                 if !scheduling::is_terminal(phase) {
-                    w.phase = Some(if strategy == RunStrategy::Halted {
+                    w.status.phase = Some(if strategy == RunStrategy::Halted {
                         VmPhase::Stopped
                     } else {
                         VmPhase::Failed
                     });
                 }
-                w.conditions.insert(
+                w.status.conditions.insert(
                     condition::NODE_LOST,
                     Want::new(
                         ConditionStatus::True,
@@ -190,7 +198,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                         format!("{why}; the guest is gone"),
                     ),
                 );
-                w.conditions.insert(
+                w.status.conditions.insert(
                     condition::READY,
                     Want::new(
                         ConditionStatus::False,
@@ -198,7 +206,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                         format!("{why}; the guest is gone"),
                     ),
                 );
-                w.conditions.insert(
+                w.status.conditions.insert(
                     condition::SCHEDULED,
                     Want::new(
                         ConditionStatus::False,
@@ -208,14 +216,17 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                         ),
                     ),
                 );
-                w.events.push(Note::warning("NodeGone", format!("{why}; runStrategy {strategy:?}: not restarted elsewhere")));
+                w.events.push(Note::warning(
+                    "NodeGone",
+                    format!("{why}; runStrategy {strategy:?}: not restarted elsewhere"),
+                ));
             }
         } else if scheduling::is_terminal(phase)
             && !scheduling::wants_to_run(strategy, phase, start_requested)
         {
             w.bind = None;
             let p = phase.map_or("unknown", VmPhase::as_str);
-            w.conditions.insert(
+            w.status.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
                     ConditionStatus::False,
@@ -223,7 +234,10 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                     format!("released from node {node}: phase {p}, runStrategy {strategy:?}"),
                 ),
             );
-            w.events.push(Note::normal("Released", format!("guest {p} on node {node}; binding released")));
+            w.events.push(Note::normal(
+                "Released",
+                format!("guest {p} on node {node}; binding released"),
+            ));
         } else {
             node_health(&mut w, node, states.get(node));
             let keep = w.current_condition(condition::SCHEDULED).filter(|c| {
@@ -231,7 +245,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                     && c.message.ends_with(&format!("node {node}"))
             });
             if keep.is_none() {
-                w.conditions.insert(
+                w.status.conditions.insert(
                     condition::SCHEDULED,
                     Want::new(
                         ConditionStatus::True,
@@ -241,7 +255,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                 );
             }
             if matches!(phase, None | Some(VmPhase::Pending)) {
-                w.phase = Some(VmPhase::Scheduled);
+                w.status.phase = Some(VmPhase::Scheduled);
             }
         }
         return w;
@@ -256,13 +270,13 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
         });
         if explained {
             if strategy == RunStrategy::Halted && !scheduling::is_terminal(phase) {
-                w.phase = Some(VmPhase::Stopped);
+                w.status.phase = Some(VmPhase::Stopped);
             }
         } else if strategy == RunStrategy::Halted {
             if !scheduling::is_terminal(phase) {
-                w.phase = Some(VmPhase::Stopped);
+                w.status.phase = Some(VmPhase::Stopped);
             }
-            w.conditions.insert(
+            w.status.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
                     ConditionStatus::False,
@@ -271,7 +285,7 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
                 ),
             );
         } else if w.current_condition(condition::SCHEDULED).is_none() {
-            w.conditions.insert(
+            w.status.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(
                     ConditionStatus::False,
@@ -286,14 +300,16 @@ pub(super) fn decide(obj: Arc<DynamicObject>, states: &BTreeMap<String, NodeStat
         return w;
     }
     match request {
-        Ok(_) => w.candidate = true,
+        Ok(_) => w.placement = Placement::Wanted,
         Err(msg) => {
-            w.phase = Some(VmPhase::Pending);
-            w.conditions.insert(
+            w.status.phase = Some(VmPhase::Pending);
+            w.status.conditions.insert(
                 condition::SCHEDULED,
                 Want::new(ConditionStatus::False, reason::INVALID_SPEC, msg),
             );
-            w.failure_reason = Some(crate::scheduling::reason::INVALID_SPEC);
+            w.placement = Placement::Refused {
+                report: Some(crate::scheduling::reason::INVALID_SPEC),
+            };
         }
     }
     w
@@ -353,8 +369,8 @@ pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
                 Want::new(ConditionStatus::True, reason::HEARTBEAT_EXPIRED, message)
             }
         };
-        w.conditions.insert(condition::NODE_LOST, want);
-        w.conditions.insert(
+        w.status.conditions.insert(condition::NODE_LOST, want);
+        w.status.conditions.insert(
             condition::READY,
             Want::new(
                 ConditionStatus::Unknown,
@@ -367,7 +383,7 @@ pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
             .as_ref()
             .is_some_and(|c| ConditionStatus::of(c) == ConditionStatus::True)
         {
-            w.conditions.insert(
+            w.status.conditions.insert(
                 condition::NODE_LOST,
                 Want::new(
                     ConditionStatus::False,
@@ -375,10 +391,13 @@ pub(super) fn node_health(w: &mut Work, node: &str, state: Option<&NodeState>) {
                     format!("node {node} is heartbeating again"),
                 ),
             );
-            w.events.push(Note::normal("NodeRecovered", format!("node {node} is heartbeating again")));
+            w.events.push(Note::normal(
+                "NodeRecovered",
+                format!("node {node} is heartbeating again"),
+            ));
         }
         if !operator_ready(w.current_condition(condition::READY).as_ref()) {
-            w.drop_conditions.insert(condition::READY);
+            w.status.drop.insert(condition::READY);
         }
     }
 }
@@ -580,9 +599,9 @@ pub(super) mod tests {
         let mut obj = DynamicObject::new("bad", &vm_resource()).within("ns");
         obj.data = json!({"spec": {"memory": "lots", "boot": {"kernel": {"path": "/k"}}}});
         let w = decide(Arc::new(obj), &BTreeMap::new());
-        assert!(!w.candidate);
-        assert_eq!(w.phase, Some(VmPhase::Pending));
-        let c = &w.conditions[condition::SCHEDULED];
+        assert_ne!(w.placement, Placement::Wanted);
+        assert_eq!(w.status.phase, Some(VmPhase::Pending));
+        let c = &w.status.conditions[condition::SCHEDULED];
         assert_eq!(c.reason, "InvalidSpec");
         assert!(c.message.contains("spec.memory"), "{}", c.message);
         assert_eq!(w.finalizer, FinalizerChange::Add);
@@ -645,16 +664,17 @@ pub(super) mod tests {
             let states = BTreeMap::from([("a".to_string(), state)]);
             let w = decide(Arc::new(bound_vm("a", "Always")), &states);
             assert_eq!(w.bind.is_none(), moved, "{liveness:?}");
-            assert_eq!(w.candidate, moved, "{liveness:?}");
+            assert_eq!(w.placement == Placement::Wanted, moved, "{liveness:?}");
             assert_eq!(
-                w.conditions
+                w.status
+                    .conditions
                     .get(condition::NODE_LOST)
                     .map(|c| c.status.as_str()),
                 lost,
                 "{liveness:?}"
             );
             if lost == Some("True") {
-                let msg = &w.conditions[condition::NODE_LOST].message;
+                let msg = &w.status.conditions[condition::NODE_LOST].message;
                 assert!(msg.contains("HypervisorNode was deleted"), "{msg}");
             }
         }
@@ -668,9 +688,9 @@ pub(super) mod tests {
         let states = BTreeMap::from([("a".to_string(), state)]);
         let w = decide(Arc::new(bound_vm("a", "Always")), &states);
         assert_eq!(w.bind.as_deref(), Some("a"));
-        assert!(!w.conditions.contains_key(condition::NODE_LOST));
-        assert!(!w.conditions.contains_key(condition::READY));
-        assert!(!w.drop_conditions.contains(condition::READY));
+        assert!(!w.status.conditions.contains_key(condition::NODE_LOST));
+        assert!(!w.status.conditions.contains_key(condition::READY));
+        assert!(!w.status.drop.contains(condition::READY));
     }
 
     #[test]
@@ -751,7 +771,11 @@ pub(super) mod tests {
         )]);
         let w = decide(Arc::new(obj), &states);
         assert_eq!(w.bind, None);
-        assert!(w.candidate, "placed by the scheduler like any unbound VM");
+        assert_eq!(
+            w.placement,
+            Placement::Wanted,
+            "placed by the scheduler like any unbound VM"
+        );
         assert!(w.events.iter().any(|e| e.reason == "NodeLabelIgnored"));
     }
 }

@@ -37,7 +37,7 @@ pub(super) fn plan(
                 node,
                 cpus: req.map_or(0, |r| r.cpus),
                 memory: req.map_or(0, |r| r.memory),
-                phase: w.phase.or(w.phase_now()),
+                phase: w.status.phase.or(w.phase_now()),
                 strategy: w.vm.as_ref().map(|v| v.spec.run_strategy),
                 start_requested: w
                     .vm
@@ -52,7 +52,10 @@ pub(super) fn plan(
         .filter(|s| !s.deleted)
         .map(|s| s.info.clone())
         .collect();
-    for w in works.iter_mut().filter(|w| w.candidate) {
+    for w in works
+        .iter_mut()
+        .filter(|w| w.placement == Placement::Wanted)
+    {
         let Some(req) = w.request.clone() else {
             continue;
         };
@@ -61,10 +64,12 @@ pub(super) fn plan(
                 used.entry(node.clone())
                     .or_default()
                     .add(req.cpus, req.memory);
-                w.first_binding = w.current_status().restart_count == 0
-                    && matches!(w.phase_now(), None | Some(VmPhase::Pending));
-                w.phase = Some(VmPhase::Scheduled);
-                w.conditions.insert(
+                w.placement = Placement::Placed {
+                    first: w.current_status().restart_count == 0
+                        && matches!(w.phase_now(), None | Some(VmPhase::Pending)),
+                };
+                w.status.phase = Some(VmPhase::Scheduled);
+                w.status.conditions.insert(
                     condition::SCHEDULED,
                     Want::new(
                         ConditionStatus::True,
@@ -72,19 +77,23 @@ pub(super) fn plan(
                         format!("bound to node {node}"),
                     ),
                 );
-                w.events.push(Note::normal("Scheduled", format!("bound to node {node}")));
+                w.events
+                    .push(Note::normal("Scheduled", format!("bound to node {node}")));
                 w.bind = Some(node);
             }
             Err(u) => {
-                w.phase = Some(VmPhase::Pending);
+                w.status.phase = Some(VmPhase::Pending);
                 let changed = w.current_condition(condition::SCHEDULED).is_none_or(|c| {
                     c.message != u.message || ConditionStatus::of(&c) != ConditionStatus::False
                 });
+                w.placement = Placement::Refused {
+                    report: changed.then_some(u.reason),
+                };
                 if changed {
-                    w.failure_reason = Some(u.reason);
-                    w.events.push(Note::warning("FailedScheduling", u.message.clone()));
+                    w.events
+                        .push(Note::warning("FailedScheduling", u.message.clone()));
                 }
-                w.conditions.insert(
+                w.status.conditions.insert(
                     condition::SCHEDULED,
                     Want::new(ConditionStatus::False, reason::UNSCHEDULABLE, u.message),
                 );
@@ -225,7 +234,7 @@ mod tests {
         assert_eq!(got["z"], None, "z must wait: n has 1 vCPU free");
         let z = works.iter().find(|w| w.name == "z").expect("z");
         assert_eq!(
-            z.conditions[condition::SCHEDULED].status,
+            z.status.conditions[condition::SCHEDULED].status,
             ConditionStatus::False
         );
     }

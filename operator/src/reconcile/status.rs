@@ -24,7 +24,7 @@ pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
         status.insert("diskNode".into(), json!(n));
     }
     merged.disk_node = disk_node;
-    let phase = match w.phase {
+    let phase = match w.status.phase {
         Some(p) => {
             changed |= current.phase != Some(p);
             Some(p)
@@ -36,7 +36,7 @@ pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
         status.insert("phase".into(), json!(p.as_str()));
         merged.phase = Some(p);
     }
-    match w.restart_count {
+    match w.status.restart_count {
         Some(r) => {
             changed |= current.restart_count != r;
             status.insert("restartCount".into(), json!(r));
@@ -46,42 +46,7 @@ pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
         }
         None => {}
     }
-    let generation = w.obj.metadata.generation;
-    let mut conditions = Vec::new();
-    let mut types: BTreeSet<String> = w.owned.conditions.clone();
-    types.extend(w.conditions.keys().map(|k| (*k).to_string()));
-    for ty in types {
-        let existing = w.current_condition(&ty);
-        merged.conditions.retain(|c| c.type_ != ty);
-        if let Some(want) = w.conditions.get(ty.as_str()) {
-            let same = existing.as_ref().is_some_and(|c| {
-                c.status == want.status.as_str()
-                    && c.reason == want.reason
-                    && c.message == want.message
-            });
-            changed |= !same;
-            let transition = existing
-                .as_ref()
-                .filter(|c| c.status == want.status.as_str())
-                .map_or(Time(now), |c| c.last_transition_time.clone());
-            let c = Condition {
-                type_: ty,
-                status: want.status.as_str().into(),
-                reason: want.reason.clone(),
-                message: want.message.clone(),
-                last_transition_time: transition,
-                observed_generation: generation,
-            };
-            conditions.push(serde_json::to_value(&c).unwrap_or(Value::Null));
-            merged.conditions.push(c);
-        } else if w.drop_conditions.contains(ty.as_str()) {
-            // Owned but no longer wanted: omitting it removes it.
-            changed |= existing.is_some();
-        } else if let Some(c) = existing {
-            conditions.push(serde_json::to_value(&c).unwrap_or(Value::Null));
-            merged.conditions.push(c);
-        }
-    }
+    let conditions = conditions_apply(w, &mut merged, &mut changed, now);
     if !conditions.is_empty() {
         status.insert("conditions".into(), Value::Array(conditions));
     }
@@ -93,8 +58,12 @@ pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
         changed |= current.printable_status != Some(printable);
         status.insert("printableStatus".into(), json!(printable));
         let created = w.obj.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        let transitions =
-            record_transition(&current.phase_transition_timestamps, w.phase, created, now);
+        let transitions = record_transition(
+            &current.phase_transition_timestamps,
+            w.status.phase,
+            created,
+            now,
+        );
         if !transitions.is_empty() {
             status.insert("phaseTransitionTimestamps".into(), json!(transitions));
         }
@@ -111,6 +80,55 @@ pub(super) fn status_apply(w: &Work, now: Timestamp) -> Option<Value> {
             "status": status,
         })
     })
+}
+
+/// The operator's conditions for the apply: the decided ones (with their
+/// transition time kept while their status holds), the owned ones it did
+/// not decide as they are, the dropped ones left out; `merged` and
+/// `changed` follow.
+fn conditions_apply(
+    w: &Work,
+    merged: &mut kubevmm_crds::VirtualMachineStatus,
+    changed: &mut bool,
+    now: Timestamp,
+) -> Vec<Value> {
+    let generation = w.obj.metadata.generation;
+    let mut conditions = Vec::new();
+    let mut types: BTreeSet<String> = w.owned.conditions.clone();
+    types.extend(w.status.conditions.keys().map(|k| (*k).to_string()));
+    for ty in types {
+        let existing = w.current_condition(&ty);
+        merged.conditions.retain(|c| c.type_ != ty);
+        if let Some(want) = w.status.conditions.get(ty.as_str()) {
+            let same = existing.as_ref().is_some_and(|c| {
+                c.status == want.status.as_str()
+                    && c.reason == want.reason
+                    && c.message == want.message
+            });
+            *changed |= !same;
+            let transition = existing
+                .as_ref()
+                .filter(|c| c.status == want.status.as_str())
+                .map_or(Time(now), |c| c.last_transition_time.clone());
+            let c = Condition {
+                type_: ty,
+                status: want.status.as_str().into(),
+                reason: want.reason.clone(),
+                message: want.message.clone(),
+                last_transition_time: transition,
+                observed_generation: generation,
+            };
+            conditions.push(serde_json::to_value(&c).unwrap_or(Value::Null));
+            merged.conditions.push(c);
+        } else if w.status.drop.contains(ty.as_str()) {
+            // Owned but no longer wanted: omitting it removes it.
+            *changed |= existing.is_some();
+        } else if let Some(c) = existing {
+            conditions.push(serde_json::to_value(&c).unwrap_or(Value::Null));
+            merged.conditions.push(c);
+        }
+    }
+    conditions
 }
 
 #[cfg(test)]
@@ -195,7 +213,7 @@ mod tests {
         let mut w = decide(Arc::new(obj), &alive("a"));
         // What the pass does on a successful placement.
         w.bind = Some("a".into());
-        w.phase = Some(VmPhase::Scheduled);
+        w.status.phase = Some(VmPhase::Scheduled);
         let now = Timestamp::from_second(101).unwrap();
         let body = status_apply(&w, now).expect("a write");
         assert_eq!(body["status"]["printableStatus"], "Starting", "{body}");
