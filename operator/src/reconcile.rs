@@ -57,10 +57,15 @@ use crate::retry::{self, Retries};
 use crate::scheduling::{self, BoundVm, NodeInfo, Overcommit, Request};
 
 mod decide;
+mod nodes;
 mod plan;
 mod status;
 mod writes;
 use decide::{decide, object_ref, owned_by_operator};
+use nodes::{
+    deleted_node_state, gone_reason, hidden_node_state, lease_record, node_state, unknown_bindings,
+    NodeState,
+};
 use plan::plan;
 use status::status_apply;
 use writes::{writes, Write};
@@ -183,89 +188,6 @@ pub struct PassReport {
     /// When the next pass is due even if nothing changes (a heartbeat Lease
     /// that will expire, a VM whose backoff ends).
     pub wake_in: Option<Duration>,
-}
-
-/// The state of one node a VM may be bound to.
-#[derive(Debug, Clone)]
-struct NodeState {
-    info: NodeInfo,
-    /// Its heartbeat, on the operator's clock.
-    liveness: Liveness,
-    /// Annotated `kubevmm.io/fenced=true`: its guests are certainly dead.
-    fenced: bool,
-    /// Its `HypervisorNode` no longer exists (VMs may still be bound to it).
-    deleted: bool,
-}
-
-/// Why the bound node is confirmed gone (its guests are dead), if it is.
-///
-/// Only fencing confirms it. A deleted `HypervisorNode` does not: deleting
-/// the object stops no VMM, so its VMs are treated as on a lost node (kept
-/// bound, `NodeLost` once the heartbeat expires) until it is fenced —
-/// recreate it with the annotation.
-fn gone_reason(node: &str, state: Option<&NodeState>) -> Option<String> {
-    state.filter(|s| s.fenced).map(|s| {
-        let deleted = if s.deleted { " (after deletion)" } else { "" };
-        format!(
-            "HypervisorNode {node} is fenced{deleted} ({}=true)",
-            contract::ANNOTATION_FENCED
-        )
-    })
-}
-
-/// The Lease of a node as the heartbeat clock records it; `None` without `renewTime`.
-fn lease_record(lease: &Lease) -> Option<LeaseRecord> {
-    let spec = lease.spec.as_ref()?;
-    Some(LeaseRecord {
-        renew_time: spec.renew_time.as_ref()?.0,
-        duration: Duration::from_secs(
-            u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
-        ),
-    })
-}
-
-/// A node whose `HypervisorNode` is gone but to which VMs are still bound.
-fn deleted_node_state(name: &str, liveness: Liveness) -> NodeState {
-    NodeState {
-        info: NodeInfo {
-            name: name.to_string(),
-            cordoned: true,
-            ..NodeInfo::default()
-        },
-        liveness,
-        fenced: false,
-        deleted: true,
-    }
-}
-
-fn node_state(node: &HypervisorNode, liveness: Liveness) -> NodeState {
-    let status = node.status.clone().unwrap_or_default();
-    let alloc = status.allocatable.unwrap_or_default();
-    let allocatable_memory = if alloc.memory.0.is_empty() {
-        0
-    } else {
-        parse_bytes(&alloc.memory.0).unwrap_or_else(|e| {
-            tracing::warn!(node = %node.name_any(), error = %e, "HypervisorNode allocatable memory unusable; treating as 0");
-            0
-        })
-    };
-    NodeState {
-        info: NodeInfo {
-            name: node.name_any(),
-            labels: node.labels().clone(),
-            cordoned: node.spec.cordoned,
-            ready: liveness.is_alive(),
-            kvm_available: status.kvm.is_some_and(|k| k.available),
-            allocatable_cpus: alloc.cpus,
-            allocatable_memory,
-        },
-        liveness,
-        fenced: node
-            .annotations()
-            .get(contract::ANNOTATION_FENCED)
-            .is_some_and(|v| v == "true"),
-        deleted: false,
-    }
 }
 
 /// Which fields the operator's field manager owns now.
@@ -470,14 +392,7 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
 
     let mut report = PassReport::default();
 
-    // Nodes VMs are bound to that the node cache does not hold: outside
-    // --node-selector (look them up, so a node is never taken for deleted
-    // just because the selector hides it), or deleted (treated as lost).
-    let missing: BTreeSet<String> = vms
-        .iter()
-        .filter_map(|o| binding_of(o, &owned_by_operator(o)))
-        .filter(|n| !states.contains_key(n))
-        .collect();
+    let missing = unknown_bindings(&vms, &states);
     for name in missing {
         let found = if ctx.settings.node_selector.is_some() {
             node_api
@@ -491,11 +406,7 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
             None
         };
         let state = match found {
-            Some(n) => {
-                let mut s = node_state(&n, heartbeats(&name));
-                s.info.cordoned = true; // never place onto a node outside the selector
-                s
-            }
+            Some(n) => hidden_node_state(&n, heartbeats(&name)),
             None => deleted_node_state(&name, heartbeats(&name)),
         };
         states.insert(name, state);
