@@ -163,6 +163,14 @@ pub mod reason {
     pub const GUEST_REBOOTED: &str = "GuestRebooted";
     /// `Ready=False`: the guest powered off after an ACPI shutdown request.
     pub const SHUT_DOWN: &str = "ShutDown";
+    /// `Ready=False`: the masquerade subnet collides with a host route.
+    pub const SUBNET_OVERLAP: &str = "SubnetOverlap";
+    /// `Ready=False`: the masquerade network cannot be set up on the node.
+    pub const MASQUERADE_UNAVAILABLE: &str = "MasqueradeUnavailable";
+    /// `Ready=False`: the masquerade network has no address left.
+    pub const ADDRESS_POOL_EXHAUSTED: &str = "AddressPoolExhausted";
+    /// `Ready=False`: another VM on the node has this NIC's MAC address.
+    pub const MAC_ADDRESS_IN_USE: &str = "MacAddressInUse";
     /// `Paused=True`: `spec.paused` is true.
     pub const PAUSED_BY_USER: &str = "PausedByUser";
     /// `Paused=False`.

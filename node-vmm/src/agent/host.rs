@@ -2,6 +2,7 @@
 //! cgroups, user id and files before a start ([`prepare_host`]), and releasing
 //! what it had on this node ([`Ctx::release_runtime`], [`Ctx::remove_host_state`]).
 
+use kubevmm_crds::contract::reason;
 use kubevmm_crds::VirtualMachine;
 
 use super::handoff::Handoff;
@@ -118,8 +119,8 @@ fn reserve_addresses(
     net.ensure().map_err(|e| PrepareError::Network {
         field: format!("{}.masquerade", first.field),
         reason: match e {
-            NetworkError::Masquerade(_) => "SubnetOverlap",
-            _ => "MasqueradeUnavailable",
+            NetworkError::Masquerade(_) => reason::SUBNET_OVERLAP,
+            _ => reason::MASQUERADE_UNAVAILABLE,
         },
         what: e.to_string(),
     })?;
@@ -133,9 +134,9 @@ fn reserve_addresses(
             .map_err(|e| PrepareError::Network {
                 field: l.field.clone(),
                 reason: match e {
-                    DhcpError::PoolExhausted { .. } => "AddressPoolExhausted",
-                    DhcpError::MacInUse { .. } => "MacAddressInUse",
-                    _ => "MasqueradeUnavailable",
+                    DhcpError::PoolExhausted { .. } => reason::ADDRESS_POOL_EXHAUSTED,
+                    DhcpError::MacInUse { .. } => reason::MAC_ADDRESS_IN_USE,
+                    _ => reason::MASQUERADE_UNAVAILABLE,
                 },
                 what: match e {
                     DhcpError::PoolExhausted { subnet } => format!(

@@ -10,6 +10,7 @@
 //! starts and from its sweep, so an agent restart re-creates what is
 //! missing exactly once.
 
+use kubevmm_crds::contract::reason;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -240,8 +241,8 @@ impl Network {
                     s.subnet.gateway()
                 ),
             ),
-            Err(NetworkError::Masquerade(e)) => (false, "SubnetOverlap", e.to_string()),
-            Err(e) => (false, "MasqueradeUnavailable", e.to_string()),
+            Err(NetworkError::Masquerade(e)) => (false, reason::SUBNET_OVERLAP, e.to_string()),
+            Err(e) => (false, reason::MASQUERADE_UNAVAILABLE, e.to_string()),
         };
         super::node::NodeCondition {
             type_: "MasqueradeReady",

@@ -13,6 +13,7 @@ use super::images::CachedImage;
 use super::seed::{self, SeedFile};
 use std::collections::BTreeMap;
 
+use kubevmm_crds::contract::reason;
 use kubevmm_crds::image::ImageFormat;
 use kubevmm_crds::vm::BootSource;
 use kubevmm_crds::VirtualMachineSpec;
@@ -86,6 +87,21 @@ pub enum PrepareError {
         /// The error.
         why: String,
     },
+}
+
+impl PrepareError {
+    /// The `Ready` condition reason that names this failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Host { .. } => reason::HOST_SETUP_FAILED,
+            Self::NoSpace { .. } => reason::INSUFFICIENT_SPACE,
+            Self::Network { reason, .. } => reason,
+            Self::Unsupported { .. }
+            | Self::Path(_)
+            | Self::BridgeNotAllowed { .. }
+            | Self::Invalid { .. } => reason::INVALID_SPEC,
+        }
+    }
 }
 
 /// A sparse file to create (once) for an `emptyDisk`.

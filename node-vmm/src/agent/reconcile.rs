@@ -14,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt as _};
-use kubevmm_crds::contract::{self, reason, ANNOTATION_RESTART_DONE};
+use kubevmm_crds::contract::{self, ANNOTATION_RESTART_DONE};
 use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::VirtualMachine;
 use serde_json::json;
@@ -346,14 +346,8 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir) -> Starte
     let (plan, fds) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            let reason = match e {
-                prepare::PrepareError::Host { .. } => reason::HOST_SETUP_FAILED,
-                prepare::PrepareError::NoSpace { .. } => reason::INSUFFICIENT_SPACE,
-                prepare::PrepareError::Network { reason, .. } => reason,
-                _ => reason::INVALID_SPEC,
-            };
             return Started::PrepareFailed {
-                reason,
+                reason: e.reason(),
                 message: e.to_string(),
             };
         }

@@ -434,3 +434,52 @@ fn macs_are_stable_unicast_and_local() {
     assert_ne!(m, stable_mac("uid", "wan"));
     assert!(m.starts_with("52:54:00:"));
 }
+
+#[test]
+fn each_preparation_failure_names_its_reason() {
+    let s = String::new;
+    let table = [
+        (
+            PrepareError::Host {
+                what: s(),
+                why: s(),
+            },
+            reason::HOST_SETUP_FAILED,
+        ),
+        (
+            PrepareError::NoSpace {
+                field: s(),
+                need: 2,
+                free: 1,
+                dir: s(),
+            },
+            reason::INSUFFICIENT_SPACE,
+        ),
+        (
+            PrepareError::Network {
+                field: s(),
+                reason: reason::SUBNET_OVERLAP,
+                what: s(),
+            },
+            reason::SUBNET_OVERLAP,
+        ),
+        (
+            PrepareError::Unsupported {
+                field: s(),
+                what: s(),
+            },
+            reason::INVALID_SPEC,
+        ),
+        (
+            PrepareError::BridgeNotAllowed {
+                field: s(),
+                bridge: s(),
+                allowed: s(),
+            },
+            reason::INVALID_SPEC,
+        ),
+    ];
+    for (err, want) in table {
+        assert_eq!(err.reason(), want, "{err:?}");
+    }
+}
