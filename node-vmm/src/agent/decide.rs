@@ -216,11 +216,16 @@ pub fn decide(seen: &Seen<'_>, local: &mut LocalVm) -> Plan {
     if let VmmSeen::Ended(record) = &seen.vmm {
         vmm_ended(seen, local, record.as_ref(), &mut effects);
     }
+    // A request this agent handled is not handled twice while the watch
+    // still shows the VM from before its mark.
+    let restart = seen
+        .restart
+        .filter(|r| local.restart_handled.as_deref() != Some(*r));
     let observed = Observed {
         deleting: seen.deleting,
         vmm_running: seen.vmm == VmmSeen::Alive,
         strategy: seen.strategy,
-        restart_requested: seen.restart.is_some(),
+        restart_requested: restart.is_some(),
         ever_ran: local.ever_ran,
         held: local.held,
         next_start: local.next_start,
@@ -253,7 +258,8 @@ pub fn decide(seen: &Seen<'_>, local: &mut LocalVm) -> Plan {
             effects.push(Effect::Start);
             // The new phase first: a stopped Manual VM whose request looked
             // handled while its phase still read Stopped would be released.
-            if let Some(request) = seen.restart {
+            if let Some(request) = restart {
+                local.restart_handled = Some(request.to_string());
                 effects.push(Effect::WriteStatus);
                 effects.push(Effect::MarkRestartHandled(request.to_string()));
                 return Plan::after(effects, AFTER_START);

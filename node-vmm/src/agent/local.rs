@@ -67,6 +67,9 @@ pub struct LocalVm {
     pub(super) held: Option<VmPhase>,
     /// Consecutive failures to prepare the VM (backoff between retries).
     pub(super) prepare_failures: u32,
+    /// The restart request this agent last handled: the watch may show the
+    /// VM without its "handled" mark for a moment after the write.
+    pub(super) restart_handled: Option<String>,
     /// The spec generation last acted on.
     pub(super) generation: Option<i64>,
     /// It ran on this node before.
