@@ -217,10 +217,12 @@ pub fn decide(seen: &Seen<'_>, local: &mut LocalVm) -> Plan {
         vmm_ended(seen, local, record.as_ref(), &mut effects);
     }
     // A request this agent handled is not handled twice while the watch
-    // still shows the VM from before its mark.
-    let restart = seen
-        .restart
-        .filter(|r| local.restart_handled.as_deref() != Some(*r));
+    // still shows the VM from before its mark; the mark is written again
+    // (the same value: a no-op once it landed) in case it failed.
+    let (restart, unmarked) = match seen.restart {
+        Some(r) if local.restart_handled.as_deref() == Some(r) => (None, Some(r)),
+        r => (r, None),
+    };
     let observed = Observed {
         deleting: seen.deleting,
         vmm_running: seen.vmm == VmmSeen::Alive,
@@ -287,6 +289,7 @@ pub fn decide(seen: &Seen<'_>, local: &mut LocalVm) -> Plan {
         }
     };
     effects.push(Effect::WriteStatus);
+    effects.extend(unmarked.map(|r| Effect::MarkRestartHandled(r.to_string())));
     Plan::after(effects, then)
 }
 
