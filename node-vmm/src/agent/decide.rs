@@ -491,7 +491,11 @@ pub fn probed(seen: &Seen<'_>, local: &mut LocalVm, answer: Option<GuestState>) 
 /// the counters when due.
 pub fn settled(seen: &Seen<'_>, local: &mut LocalVm, state: GuestState) -> Plan {
     let mut effects = Vec::new();
-    if let Some(spawned) = local.spawned.take() {
+    // The first look after a spawn reports Running without reading the
+    // counters first (they are all but zero): one round trip less before
+    // the status says Running; the next look reads them.
+    let just_booted = local.spawned.take();
+    if let Some(spawned) = just_booted {
         effects.push(Effect::Booted(seen.now.saturating_duration_since(spawned)));
     }
     let paused = state == GuestState::Paused;
@@ -517,10 +521,10 @@ pub fn settled(seen: &Seen<'_>, local: &mut LocalVm, state: GuestState) -> Plan 
         _ => seen.wall,
     };
     local.paused = Some(PausedCond { paused, since });
-    if local
+    let stats_due = local
         .last_stats
-        .is_none_or(|t| seen.now.saturating_duration_since(t) >= OBSERVE_EVERY)
-    {
+        .is_none_or(|t| seen.now.saturating_duration_since(t) >= OBSERVE_EVERY);
+    if stats_due && just_booted.is_none() {
         local.last_stats = Some(seen.now);
         effects.push(Effect::ReadStats);
     }
