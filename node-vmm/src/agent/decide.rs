@@ -36,6 +36,8 @@ const STARTING_POLL: Duration = Duration::from_millis(50);
 const STOP_POLL: Duration = Duration::from_millis(500);
 /// How soon a pass follows a start.
 const AFTER_START: Duration = Duration::from_millis(100);
+/// How often a VM kept down is looked at (a change wakes it sooner).
+const HOLD_RECHECK: Duration = Duration::from_secs(30);
 /// How often an image import's progress is read into the status.
 const IMPORT_POLL: Duration = Duration::from_secs(5);
 
@@ -285,7 +287,7 @@ pub fn decide(seen: &Seen<'_>, local: &mut LocalVm) -> Plan {
                     "the guest is not running".into(),
                 );
             }
-            OBSERVE_EVERY
+            HOLD_RECHECK
         }
     };
     effects.push(Effect::WriteStatus);

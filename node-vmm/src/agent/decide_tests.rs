@@ -203,7 +203,7 @@ fn every_pass_of_a_vm() {
             },
             effects: CRASHED,
             phase: Some(VmPhase::Failed),
-            then: secs(10),
+            then: secs(30),
         },
         Row {
             what: "Manual crashed: Failed",
@@ -214,7 +214,7 @@ fn every_pass_of_a_vm() {
             },
             effects: CRASHED,
             phase: Some(VmPhase::Failed),
-            then: secs(10),
+            then: secs(30),
         },
         Row {
             what: "Once powered off: Succeeded",
@@ -225,7 +225,7 @@ fn every_pass_of_a_vm() {
             },
             effects: &["Event:GuestPoweredOff", "ForgetSocket", "WriteStatus"],
             phase: Some(VmPhase::Succeeded),
-            then: secs(10),
+            then: secs(30),
         },
         Row {
             what: "Manual powered off: Stopped",
@@ -236,7 +236,7 @@ fn every_pass_of_a_vm() {
             },
             effects: &["Event:GuestPoweredOff", "ForgetSocket", "WriteStatus"],
             phase: Some(VmPhase::Stopped),
-            then: secs(10),
+            then: secs(30),
         },
         Row {
             what: "a reboot after a long run: started again at once",
@@ -283,6 +283,36 @@ fn every_pass_of_a_vm() {
             then: ms(100),
         },
         Row {
+            what: "a request handled here, shown unmarked by a lagging watch: not run twice, marked again",
+            local: LocalVm {
+                restart_handled: Some("r2".into()),
+                ..held(VmPhase::Stopped)
+            },
+            seen: Seen {
+                strategy: Manual,
+                restart: Some("r2"),
+                ..base(VmmSeen::Absent)
+            },
+            effects: &["WriteStatus", "MarkRestartHandled:r2"],
+            phase: Some(VmPhase::Stopped),
+            then: secs(30),
+        },
+        Row {
+            what: "a newer request after one handled here: started",
+            local: LocalVm {
+                restart_handled: Some("r2".into()),
+                ..held(VmPhase::Stopped)
+            },
+            seen: Seen {
+                strategy: Manual,
+                restart: Some("r3"),
+                ..base(VmmSeen::Absent)
+            },
+            effects: &["Start", "WriteStatus", "MarkRestartHandled:r3"],
+            phase: Some(VmPhase::Stopped),
+            then: ms(100),
+        },
+        Row {
             what: "Manual, powered off: held",
             local: held(VmPhase::Stopped),
             seen: Seen {
@@ -291,7 +321,7 @@ fn every_pass_of_a_vm() {
             },
             effects: &["WriteStatus"],
             phase: Some(VmPhase::Stopped),
-            then: secs(10),
+            then: secs(30),
         },
         Row {
             what: "Halted and down: held Stopped",
@@ -302,7 +332,7 @@ fn every_pass_of_a_vm() {
             },
             effects: &["WriteStatus"],
             phase: Some(VmPhase::Stopped),
-            then: secs(10),
+            then: secs(30),
         },
         Row {
             what: "in backoff: waits",
