@@ -21,17 +21,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DynamicObject};
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use kubevmm_crds::contract;
-use kubevmm_crds::HypervisorNode;
+use kubevmm_crds::{HypervisorNode, VirtualMachine};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
-use crate::reconcile::{vm_resource, Settings};
+use crate::settings::Settings;
 
 /// The three caches, and the tasks that fill them (stopped on drop).
 pub struct Caches {
@@ -67,6 +67,11 @@ pub fn strip_foreign_managed_fields(obj: &mut DynamicObject) {
     if let Some(entries) = obj.meta_mut().managed_fields.as_mut() {
         entries.retain(|e| e.manager.as_deref() == Some(contract::MANAGER_OPERATOR));
     }
+}
+
+/// The `VirtualMachine` resource, for dynamic (schema-free) reads and writes.
+pub fn vm_resource() -> ApiResource {
+    ApiResource::erase::<VirtualMachine>(&())
 }
 
 impl Caches {

@@ -13,6 +13,7 @@ mod metrics;
 mod reconcile;
 mod retry;
 mod scheduling;
+mod settings;
 mod telemetry;
 mod uninstall;
 

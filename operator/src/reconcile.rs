@@ -39,7 +39,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::Recorder;
 use kube::ResourceExt;
 use kubevmm_crds::contract::{self, condition, reason, ConditionStatus};
@@ -48,13 +48,14 @@ use kubevmm_crds::quantity::parse_bytes;
 use kubevmm_crds::{HypervisorNode, RunStrategy, VirtualMachine, VmPhase};
 use serde_json::{json, Value};
 
-use crate::cache::{strip_foreign_managed_fields, Caches};
+use crate::cache::{strip_foreign_managed_fields, vm_resource, Caches};
 use crate::heartbeat::{HeartbeatClock, LeaseRecord, Liveness};
 use crate::leader::{is_status, Leadership};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::retry::{self, Retries};
 use crate::scheduling::{self, BoundVm, NodeInfo, Overcommit, Request};
+pub use crate::settings::Settings;
 
 mod decide;
 mod nodes;
@@ -111,17 +112,6 @@ impl ReconcileError {
             Self::NotLeader => "not_leader",
         }
     }
-}
-
-/// Operator settings that shape decisions.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// vCPU and memory overcommit.
-    pub overcommit: Overcommit,
-    /// Only VMs in this namespace (all when `None`).
-    pub namespace: Option<String>,
-    /// Only `HypervisorNode`s matching this label selector (all when `None`).
-    pub node_selector: Option<String>,
 }
 
 /// Everything a pass needs.
@@ -334,11 +324,6 @@ fn binding_of(obj: &DynamicObject, owned: &Owned) -> Option<String> {
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
         .map(String::from)
-}
-
-/// The `VirtualMachine` resource, for dynamic (schema-free) reads and writes.
-pub fn vm_resource() -> ApiResource {
-    ApiResource::erase::<VirtualMachine>(&())
 }
 
 /// Runs one pass over the caches. `Err` only when the pass must stop (no

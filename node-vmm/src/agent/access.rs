@@ -19,7 +19,7 @@ use kubevmm_access::node_api::{NodeRequest, Stream, UPGRADE};
 use kubevmm_access::tls::{Files, TlsError};
 use kubevmm_vmm::ring::{Chunk, RingError, RingReader};
 
-use super::reconcile::Ctx;
+use super::ctx::Ctx;
 
 /// How often a followed log looks for new output.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);

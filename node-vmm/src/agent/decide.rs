@@ -17,9 +17,9 @@ use kubevmm_crds::printable::PhaseTransition;
 use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::{RunStrategy, VmPhase};
 
-use super::lifecycle::{self, AfterExit, Ended, Move, Observed, StopAction};
+pub use super::lifecycle::GuestState;
+use super::lifecycle::{self, AfterExit, Ended, Move, Observed, StartStep, StopAction};
 use super::local::{set_failed, set_ready, LocalVm, PausedCond};
-use super::report::StartStep;
 use super::supervisor::{ExitRecord, ProcessId};
 
 /// How long the first look at a new VMM waits for its answer: the agent
@@ -50,15 +50,6 @@ pub enum VmmSeen {
     Alive,
     /// It ended; the shim's record of how, when it wrote one.
     Ended(Option<ExitRecord>),
-}
-
-/// What a VMM says its vCPUs do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GuestState {
-    /// They run.
-    Running,
-    /// They are paused.
-    Paused,
 }
 
 /// What a pass observed of one VM.

@@ -5,9 +5,9 @@
 use kubevmm_crds::contract::reason;
 use kubevmm_crds::VirtualMachine;
 
+use super::ctx::Ctx;
 use super::handoff::Handoff;
 use super::prepare::{self, NodeContext, Plan, PrepareError};
-use super::reconcile::Ctx;
 use super::supervisor::VmDir;
 use super::{cgroups, jail_ids};
 

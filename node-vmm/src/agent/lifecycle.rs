@@ -262,6 +262,58 @@ pub fn next_move(o: &Observed) -> Move {
     }
 }
 
+/// What a VMM says its vCPUs do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestState {
+    /// They run.
+    Running,
+    /// They are paused.
+    Paused,
+}
+
+/// A step of starting a VM whose duration is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartStep {
+    /// Waiting for the images the VM needs to be imported on this node.
+    ImageImport,
+    /// Disks, seeds, taps, addresses and cgroups.
+    HostPreparation,
+    /// From spawning the VMM to its vCPUs running.
+    VmmStart,
+}
+
+impl StartStep {
+    /// The Event's action (one series per step).
+    pub fn action(self) -> &'static str {
+        match self {
+            Self::ImageImport => "ImageImport",
+            Self::HostPreparation => "HostPreparation",
+            Self::VmmStart => "VmmStart",
+        }
+    }
+
+    /// The step as people read it in the Event.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::ImageImport => "image import",
+            Self::HostPreparation => "disk and network preparation",
+            Self::VmmStart => "VMM start (spawn to running vCPUs)",
+        }
+    }
+}
+
+/// The note of a `SlowStartStep` Event, or `None` within the threshold.
+pub fn slow_step_note(step: StartStep, took: Duration, threshold: Duration) -> Option<String> {
+    (took > threshold).then(|| {
+        format!(
+            "start step {} took {:.3}s (threshold {:.3}s)",
+            step.describe(),
+            took.as_secs_f64(),
+            threshold.as_secs_f64()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,5 +546,19 @@ mod tests {
         for (what, o, want) in table {
             assert_eq!(next_move(&o), want, "{what}");
         }
+    }
+
+    #[test]
+    fn only_steps_over_the_threshold_are_reported() {
+        let t = Duration::from_secs(2);
+        assert_eq!(
+            slow_step_note(StartStep::HostPreparation, Duration::from_millis(1999), t),
+            None
+        );
+        assert_eq!(slow_step_note(StartStep::VmmStart, t, t), None);
+        assert_eq!(
+            slow_step_note(StartStep::ImageImport, Duration::from_millis(12_345), t).as_deref(),
+            Some("start step image import took 12.345s (threshold 2.000s)")
+        );
     }
 }

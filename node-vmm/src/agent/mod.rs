@@ -11,6 +11,7 @@
 pub mod access;
 pub mod binding;
 pub mod cgroups;
+pub mod ctx;
 pub mod decide;
 pub mod disks;
 pub mod handoff;
@@ -54,8 +55,9 @@ use kube::Client;
 use kubevmm_crds::contract::LABEL_NODE;
 use kubevmm_crds::VirtualMachine;
 
+use self::ctx::Ctx;
+use self::local::LocalVm;
 use self::node::{NodeReporter, Reserve};
-use self::reconcile::{Ctx, LocalVm};
 
 /// Agent settings (flags of `node-vmm agent`).
 #[derive(Debug, Clone)]

@@ -13,8 +13,8 @@ use kube::ResourceExt;
 use kubevmm_crds::contract::LABEL_NODE;
 use kubevmm_crds::VirtualMachine;
 
+use super::ctx::Ctx;
 use super::disks::Owner;
-use super::reconcile::Ctx;
 use super::retention::{self, Found, Lookup, Verdict};
 use super::supervisor::{self, ProcessId};
 use super::{cgroups, vmm_client};

@@ -2,29 +2,28 @@
 //! [`decide`], carry the effects out through [`supervisor`] and
 //! [`vmm_client`], report status. No decision is taken here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, ResourceExt as _};
+use kube::ResourceExt as _;
 use kubevmm_crds::contract::{self, ANNOTATION_RESTART_DONE};
 use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::VirtualMachine;
 use serde_json::json;
 
+pub use super::ctx::Ctx;
 use super::decide::{self, Effect, GuestState, Plan, Seen, Started, Then, VmmSeen};
 use super::host::prepare_host;
 pub use super::local::{set_failed, set_ready, LocalVm, ReadyCond};
 use super::report::{publish, timed_step, write_status, StartStep};
 use super::supervisor::{self, ProcessId, VmDir};
-use super::{prepare, vmm_client, AgentConfig};
+use super::{prepare, vmm_client};
 
 /// Errors of one reconcile; the VM is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -40,82 +39,6 @@ pub enum ReconcileError {
     /// The object lacks a namespace or uid (not from the API server).
     #[error("VirtualMachine without namespace or uid")]
     Incomplete,
-}
-
-/// Shared agent state.
-pub struct Ctx {
-    /// API client.
-    pub client: Client,
-    /// Event recorder.
-    pub recorder: Recorder,
-    /// Imports the images VMs boot from.
-    pub importer: Arc<super::images::Importer>,
-    /// The masquerade network.
-    pub network: Arc<super::network::Network>,
-    /// This binary (runs the shim).
-    pub node_vmm: PathBuf,
-    /// Settings.
-    pub cfg: AgentConfig,
-    /// Metrics.
-    pub metrics: Arc<super::metrics::Metrics>,
-    /// Per-VM state, by uid.
-    pub vms: Mutex<HashMap<String, LocalVm>>,
-    /// Wakes the controller for a VM whose VMM ended.
-    pub trigger: UnboundedSender<ObjectRef<VirtualMachine>>,
-    /// The VMs whose VMM is alive here, by uid. Kept apart from `vms`, whose
-    /// entry is taken out while its VM reconciles (a heartbeat then would
-    /// count one VM short and write that).
-    pub running: Mutex<std::collections::HashSet<String>>,
-    /// Signalled when a VMM starts or ends here, so `HypervisorNode`'s
-    /// running-VM count follows at once rather than at the next heartbeat.
-    pub running_changed: tokio::sync::Notify,
-}
-
-impl std::fmt::Debug for Ctx {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx")
-            .field("cfg", &self.cfg)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Ctx {
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, LocalVm>> {
-        self.vms
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// VMMs alive on this node.
-    pub fn running_count(&self) -> i32 {
-        i32::try_from(self.running_set().len()).unwrap_or(i32::MAX)
-    }
-
-    fn running_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Records whether VM `uid`'s VMM is alive; wakes the heartbeat when
-    /// that changes the count.
-    pub(super) fn set_running(&self, uid: &str, alive: bool) {
-        let changed = {
-            let mut running = self.running_set();
-            if alive {
-                running.insert(uid.to_string())
-            } else {
-                running.remove(uid)
-            }
-        };
-        if changed {
-            self.running_changed.notify_one();
-        }
-    }
-
-    pub(super) fn dir(&self, uid: &str) -> VmDir {
-        VmDir(self.cfg.state_dir.join("vms").join(uid))
-    }
 }
 
 fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ReconcileError {
@@ -316,7 +239,9 @@ async fn execute(
             remove_finalizer(ctx, vm).await?;
         }
         Effect::Event(note) => publish(ctx, vm, &note).await,
-        Effect::WriteStatus => write_status(ctx, vm, local).await?,
+        Effect::WriteStatus => write_status(ctx, vm, local)
+            .await
+            .map_err(api_err(format!("write status of {}", vm.name_any())))?,
         Effect::MarkRestartHandled(value) => mark_restart_handled(ctx, vm, &value).await?,
     }
     Ok(None)

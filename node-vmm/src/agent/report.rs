@@ -1,6 +1,7 @@
 //! What the agent tells about a VM: its part of the status (built by
 //! [`super::status_body`]), Events, and the `SlowStartStep` Event for a
-//! start step that took longer than the configured threshold.
+//! start step that took longer than the configured threshold
+//! ([`super::lifecycle::slow_step_note`] decides).
 
 use std::time::Duration;
 
@@ -11,7 +12,10 @@ use kubevmm_crds::contract::{condition, reason, ConditionStatus, MANAGER_NODE};
 use kubevmm_crds::events::{self, Note};
 use kubevmm_crds::{VirtualMachine, VmPhase};
 
-use super::reconcile::{Ctx, LocalVm, ReconcileError};
+use super::ctx::Ctx;
+use super::lifecycle::slow_step_note;
+pub use super::lifecycle::StartStep;
+use super::local::LocalVm;
 use super::status_body::{self, condition_json, live_matches, AgentPart};
 
 /// Publishes `note` about `vm`; a failure is logged, never fatal.
@@ -25,49 +29,6 @@ pub async fn publish(ctx: &Ctx, vm: &VirtualMachine, note: &Note) {
 /// repeats (see [`Note::folded_by_note`]).
 pub async fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
     publish(ctx, vm, &Note::new(warning, reason, note).folded_by_note()).await;
-}
-
-/// A step of starting a VM whose duration is watched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartStep {
-    /// Waiting for the images the VM needs to be imported on this node.
-    ImageImport,
-    /// Disks, seeds, taps, addresses and cgroups.
-    HostPreparation,
-    /// From spawning the VMM to its vCPUs running.
-    VmmStart,
-}
-
-impl StartStep {
-    /// The Event's action (one series per step).
-    pub fn action(self) -> &'static str {
-        match self {
-            Self::ImageImport => "ImageImport",
-            Self::HostPreparation => "HostPreparation",
-            Self::VmmStart => "VmmStart",
-        }
-    }
-
-    /// The step as people read it in the Event.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::ImageImport => "image import",
-            Self::HostPreparation => "disk and network preparation",
-            Self::VmmStart => "VMM start (spawn to running vCPUs)",
-        }
-    }
-}
-
-/// The note of a `SlowStartStep` Event, or `None` within the threshold.
-pub fn slow_step_note(step: StartStep, took: Duration, threshold: Duration) -> Option<String> {
-    (took > threshold).then(|| {
-        format!(
-            "start step {} took {:.3}s (threshold {:.3}s)",
-            step.describe(),
-            took.as_secs_f64(),
-            threshold.as_secs_f64()
-        )
-    })
 }
 
 /// Publishes `SlowStartStep` when `step` took longer than the threshold.
@@ -98,7 +59,7 @@ pub async fn write_status(
     ctx: &Ctx,
     vm: &VirtualMachine,
     local: &mut LocalVm,
-) -> Result<(), ReconcileError> {
+) -> Result<(), kube::Error> {
     let generation = vm.metadata.generation;
     for i in &mut local.interfaces {
         let bound = i.mac.as_deref().and_then(|m| ctx.network.bound_ip(m));
@@ -154,11 +115,7 @@ pub async fn write_status(
         &PatchParams::apply(MANAGER_NODE).force(),
         &Patch::Apply(&body),
     )
-    .await
-    .map_err(|source| ReconcileError::Api {
-        what: format!("write status of {}", vm.name_any()),
-        source,
-    })?;
+    .await?;
     if let Some(phase) = local
         .phase
         .filter(|p| Some(*p) != live.and_then(|s| s.phase))
@@ -176,23 +133,4 @@ pub async fn write_status(
         .await;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_steps_over_the_threshold_are_reported() {
-        let t = Duration::from_secs(2);
-        assert_eq!(
-            slow_step_note(StartStep::HostPreparation, Duration::from_millis(1999), t),
-            None
-        );
-        assert_eq!(slow_step_note(StartStep::VmmStart, t, t), None);
-        assert_eq!(
-            slow_step_note(StartStep::ImageImport, Duration::from_millis(12_345), t).as_deref(),
-            Some("start step image import took 12.345s (threshold 2.000s)")
-        );
-    }
 }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 
-use super::decide::GuestState;
+use super::lifecycle::GuestState;
 
 /// Errors talking to a VMM.
 #[derive(Debug, thiserror::Error)]
