@@ -64,8 +64,8 @@ mod status;
 mod writes;
 use decide::{decide, object_ref, owned_by_operator};
 use nodes::{
-    deleted_node_state, gone_reason, hidden_node_state, lease_record, node_state, unknown_bindings,
-    NodeState,
+    deleted_node_state, gone_reason, hidden_node_state, lease_record, lease_wake, node_state,
+    unknown_bindings, NodeState,
 };
 use plan::plan;
 use status::status_apply;
@@ -110,6 +110,18 @@ impl ReconcileError {
             Self::Write { source, .. } if is_status(source.as_ref(), 409) => "conflict",
             Self::Write { .. } => "write",
             Self::NotLeader => "not_leader",
+        }
+    }
+
+    /// How the VM's backoff counts this error: a conflict (a stale
+    /// decision, decided again at once after the next watch event) or an
+    /// error (reported in a `ReconcileFailed` Event when new).
+    pub fn retry_failure(&self) -> retry::Failure {
+        match self {
+            Self::Write { source, .. } if is_status(source.as_ref(), 409) => {
+                retry::Failure::Conflict
+            }
+            _ => retry::Failure::Error,
         }
     }
 }
@@ -411,14 +423,7 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
 
     let works = plan(vms, &states, ctx.settings.overcommit);
 
-    // Next wake-up: the earliest expiry of a Lease a VM waits on (bound
-    // VMs watch their node; unconfirmed nodes become placeable or lost).
-    let soonest = states
-        .values()
-        .filter_map(|s| s.liveness.deadline())
-        .filter(|d| *d > mono)
-        .min();
-    let mut wake = soonest.map(|d| d.duration_since(mono) + Duration::from_millis(100));
+    let mut wake = lease_wake(&states, mono);
 
     let present: BTreeSet<String> = works.iter().map(Work::uid).collect();
     ctx.retries().retain(&present);
@@ -455,11 +460,7 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
             Ok(()) => ctx.retries().succeeded(&uid),
             Err(ReconcileError::NotLeader) => not_leader = true,
             Err(e) => {
-                let kind = if e.kind() == "conflict" {
-                    retry::Failure::Conflict
-                } else {
-                    retry::Failure::Error
-                };
+                let kind = e.retry_failure();
                 let report_it = ctx
                     .retries()
                     .failed(&uid, kind, e.to_string(), Instant::now());
@@ -640,5 +641,40 @@ async fn publish(ctx: &Context, reference: &ObjectReference, note: &Note) {
             reference.name.as_deref().unwrap_or_default()
         );
         tracing::warn!(%vm, error = %e, "cannot publish Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conflict_is_told_apart_from_other_errors() {
+        let write = |code: u16| ReconcileError::Write {
+            action: "update status of",
+            namespace: "ns".into(),
+            name: "vm".into(),
+            source: Box::new(kube::Error::Api(
+                kube::core::Status {
+                    code,
+                    ..kube::core::Status::failure("x", "y")
+                }
+                .boxed(),
+            )),
+        };
+        let table = [
+            (write(409), "conflict", retry::Failure::Conflict),
+            (write(422), "write", retry::Failure::Error),
+            (write(500), "write", retry::Failure::Error),
+            (
+                ReconcileError::NotLeader,
+                "not_leader",
+                retry::Failure::Error,
+            ),
+        ];
+        for (err, kind, failure) in table {
+            assert_eq!(err.kind(), kind, "{err}");
+            assert_eq!(err.retry_failure(), failure, "{err}");
+        }
     }
 }

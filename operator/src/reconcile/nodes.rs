@@ -110,6 +110,21 @@ pub(super) fn unknown_bindings(
         .collect()
 }
 
+/// How long past a Lease's expiry the pass that judges it runs.
+const LEASE_WAKE_SLACK: Duration = Duration::from_millis(100);
+
+/// When a pass is due for the heartbeats alone: just after the earliest
+/// Lease expiry still ahead (a bound VM's node may turn lost, an
+/// unconfirmed node placeable or lost).
+pub(super) fn lease_wake(states: &BTreeMap<String, NodeState>, now: Instant) -> Option<Duration> {
+    states
+        .values()
+        .filter_map(|s| s.liveness.deadline())
+        .filter(|d| *d > now)
+        .min()
+        .map(|d| d.duration_since(now) + LEASE_WAKE_SLACK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +231,34 @@ mod tests {
             unknown_bindings(&vms, &states),
             BTreeSet::from(["b".to_string()])
         );
+    }
+
+    #[test]
+    fn the_pass_wakes_just_after_the_next_lease_expiry() {
+        let now = Instant::now();
+        let at = |s: u64| now + Duration::from_secs(s);
+        let state = |liveness| deleted_node_state("n", liveness);
+        let expired = Liveness::Expired {
+            silent_for: Duration::from_secs(50),
+            duration: Duration::from_secs(40),
+            last_renew: Timestamp::UNIX_EPOCH,
+        };
+        // (what, livenesses | wake)
+        #[rustfmt::skip]
+        let table: [(&str, Vec<Liveness>, Option<Duration>); 5] = [
+            ("no nodes", vec![], None),
+            ("the earliest of two alive", vec![Liveness::Alive { expires_at: at(30) }, Liveness::Alive { expires_at: at(5) }], Some(Duration::from_millis(5100))),
+            ("an unconfirmed node counts", vec![Liveness::Unconfirmed { expires_at: at(7) }, Liveness::Alive { expires_at: at(9) }], Some(Duration::from_millis(7100))),
+            ("expired and lease-less nodes have nothing ahead", vec![expired, Liveness::NoLease], None),
+            ("a deadline already past is not waited for", vec![Liveness::Alive { expires_at: now }, Liveness::Alive { expires_at: at(2) }], Some(Duration::from_millis(2100))),
+        ];
+        for (what, livenesses, want) in table {
+            let states: BTreeMap<String, NodeState> = livenesses
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| (format!("n{i}"), state(l)))
+                .collect();
+            assert_eq!(lease_wake(&states, now), want, "{what}");
+        }
     }
 }
