@@ -17,10 +17,10 @@ use kubevmm_crds::vm::InterfaceStatus;
 use kubevmm_crds::VirtualMachine;
 use serde_json::json;
 
-pub use super::ctx::Ctx;
+use super::ctx::Ctx;
 use super::decide::{self, Effect, GuestState, Plan, Seen, Started, Then, VmmSeen};
 use super::host::prepare_host;
-pub use super::local::{set_failed, set_ready, LocalVm, ReadyCond};
+use super::local::LocalVm;
 use super::report::{publish, timed_step, write_status, StartStep};
 use super::supervisor::{self, ProcessId, VmDir};
 use super::{prepare, vmm_client};
