@@ -89,9 +89,11 @@ pub fn run(config: VmConfig) -> Result<ExitReason, RunError> {
     };
     boot_trace::mark(boot_trace::Step::Seccomp);
     let mut machine = vm::Vm::build(config)?;
-    machine.start_vcpus(filters.clone())?;
-    // Before the main thread's filter: the vCPU threads run meanwhile.
+    // Stamped as the vCPU threads are started, not after: once started, a
+    // vCPU may run and print before this thread is scheduled again, and
+    // the report (printed at the first output) would miss this step.
     boot_trace::mark(boot_trace::Step::Threads);
+    machine.start_vcpus(filters.clone())?;
     if let Some(f) = &filters {
         f.apply()?;
     }
