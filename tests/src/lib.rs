@@ -6,6 +6,7 @@
 //! and stops it when the binary exits. Tests never talk to a cluster they
 //! did not start. Every test gets its own namespace.
 
+pub mod apiserver;
 pub mod http_server;
 pub mod node_sim;
 pub mod pki;

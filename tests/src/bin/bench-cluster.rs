@@ -17,6 +17,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::ResourceExt as _;
 use kubevmm_crds::contract::LABEL_NODE;
 use kubevmm_crds::{VirtualMachine, VirtualMachineImage, VmPhase};
+use kubevmm_e2e::apiserver::{apiserver_requests, writes_between};
 use kubevmm_e2e::{bench_agent, build_guests, free_port, ControlPlane, Daemon};
 
 const SINGLE_RUNS: usize = 10;
@@ -143,6 +144,220 @@ async fn watch_start(api: &Api<VirtualMachine>, vm: &VirtualMachine) -> Seen {
         }
     }
     seen
+}
+
+/// Creates [`BURST`] VMs one after another, as `kubectl apply -f` of a
+/// directory does, and follows them all through one watch (opened first)
+/// until each is Running: each VM's steps from the first create, and when
+/// the last create returned.
+async fn burst_start(api: &Api<VirtualMachine>, kernel: &std::path::Path) -> (Vec<Seen>, Duration) {
+    let mut events = watcher::watcher(api.clone(), watcher::Config::default()).boxed();
+    while let Some(ev) = events.try_next().await.expect("watch") {
+        if matches!(ev, Event::InitDone) {
+            break;
+        }
+    }
+    let start = Instant::now();
+    // The creates run beside the watch, which stamps each event as it comes.
+    let creates = {
+        let (api, kernel) = (api.clone(), kernel.to_path_buf());
+        tokio::spawn(async move {
+            for i in 0..BURST {
+                api.create(
+                    &PostParams::default(),
+                    &manifest(&format!("burst-{i}"), &kernel),
+                )
+                .await
+                .expect("create");
+            }
+            start.elapsed()
+        })
+    };
+    let mut seen = vec![Seen::default(); BURST];
+    while seen.iter().any(|s| s.running.is_none()) {
+        let left = Duration::from_secs(120).saturating_sub(start.elapsed());
+        let ev = tokio::time::timeout(left, events.try_next())
+            .await
+            .unwrap_or_else(|_| panic!("the burst is not Running after 120 s: {seen:?}"))
+            .expect("watch")
+            .expect("the watch ended");
+        if let Event::Apply(vm) | Event::InitApply(vm) = ev {
+            let index = vm
+                .name_any()
+                .strip_prefix("burst-")
+                .and_then(|i| i.parse::<usize>().ok());
+            if let Some(s) = index.and_then(|i| seen.get_mut(i)) {
+                s.record(&vm, start.elapsed());
+            }
+        }
+    }
+    (seen, creates.await.expect("the creates"))
+}
+
+/// CPU time (user + system) of each part of the node and control plane,
+/// from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuUse {
+    etcd: Duration,
+    apiserver: Duration,
+    controller_manager: Duration,
+    operator: Duration,
+    agent: Duration,
+    /// Every VMM of the bench's node, alive now.
+    vmms: Duration,
+    /// This benchmark (its creates and its watch).
+    bench: Duration,
+    /// All CPUs of the machine (busy time).
+    machine: Duration,
+}
+
+/// Time on CPU of all threads of `pid` (`schedstat`, in nanoseconds).
+fn cpu_of(pid: i32) -> Duration {
+    let nanos: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| {
+            std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    Duration::from_nanos(nanos)
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+fn machine_busy() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<u64> = s
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal: busy = all but idle, iowait.
+            Some(f.iter().take(8).sum::<u64>() - f.get(3)? - f.get(4)?)
+        })
+        .unwrap_or(0);
+    ticks_to_duration(ticks)
+}
+
+impl CpuUse {
+    fn now(cp: &ControlPlane, agent: &Daemon, operator: &Daemon, state: &std::path::Path) -> Self {
+        let component = |name: &str| {
+            std::fs::read_to_string(cp.dir().join("run").join(format!("{name}.pid")))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .map_or(Duration::ZERO, cpu_of)
+        };
+        let vmms = std::fs::read_dir(state.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|d| {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(d.path().join("vmm.pid")).ok()?).ok()?;
+                Some(cpu_of(i32::try_from(v["pid"].as_i64()?).ok()?))
+            })
+            .sum();
+        Self {
+            etcd: component("etcd"),
+            apiserver: component("kube-apiserver"),
+            controller_manager: component("kube-controller-manager"),
+            operator: cpu_of(operator.pid()),
+            agent: cpu_of(agent.pid()),
+            vmms,
+            bench: cpu_of(std::process::id() as i32),
+            machine: machine_busy(),
+        }
+    }
+
+    /// The use since `before` (VMMs started since count whole).
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            etcd: self.etcd.saturating_sub(before.etcd),
+            apiserver: self.apiserver.saturating_sub(before.apiserver),
+            controller_manager: self
+                .controller_manager
+                .saturating_sub(before.controller_manager),
+            operator: self.operator.saturating_sub(before.operator),
+            agent: self.agent.saturating_sub(before.agent),
+            vmms: self.vmms,
+            bench: self.bench.saturating_sub(before.bench),
+            machine: self.machine.saturating_sub(before.machine),
+        }
+    }
+}
+
+/// The burst step by step (from the first create), and where the CPU went.
+fn print_burst(
+    runs: &[Seen],
+    created: Duration,
+    cpu: &CpuUse,
+    writes: &[((String, String, String), u64)],
+) {
+    println!();
+    println!(
+        "{BURST} VMs at once, step by step as one watch sees them (from the first create; the last create returned at {})",
+        ms(created)
+    );
+    println!();
+    println!("| step | p50 | p95 | last |");
+    println!("| --- | --- | --- | --- |");
+    let rows: [(&str, StepOf); 2] = [
+        ("operator: bound (status.nodeName, label)", |s| s.bound),
+        ("agent: Running (VMM up, vCPUs run)", |s| s.running),
+    ];
+    for (what, step) in rows {
+        let mut v: Vec<Duration> = runs.iter().filter_map(step).collect();
+        v.sort();
+        if v.is_empty() {
+            continue;
+        }
+        let (p50, p95, last) = (pct(&v, 50), pct(&v, 95), v[v.len() - 1]);
+        println!("| {what} | {} | {} | {} |", ms(p50), ms(p95), ms(last));
+    }
+    println!();
+    println!("CPU time used from the first create to the last Running (2 cores):");
+    println!();
+    println!("| part | CPU |");
+    println!("| --- | --- |");
+    for (what, d) in [
+        ("kube-apiserver", cpu.apiserver),
+        ("etcd", cpu.etcd),
+        ("kube-controller-manager", cpu.controller_manager),
+        ("operator", cpu.operator),
+        ("node-vmm agent", cpu.agent),
+        (&*format!("{BURST} VMMs (their whole lives)"), cpu.vmms),
+        ("this benchmark (creates, watch)", cpu.bench),
+        ("the whole machine", cpu.machine),
+    ] {
+        println!("| {what} | {} |", ms(d));
+    }
+    println!();
+    println!("API writes meanwhile (kube-apiserver's apiserver_request_total, taken after the last Running):");
+    println!();
+    println!("| verb | resource | per VM |");
+    println!("| --- | --- | --- |");
+    for ((verb, resource, sub), n) in writes {
+        let resource = if sub.is_empty() {
+            resource.clone()
+        } else {
+            format!("{resource}/{sub}")
+        };
+        println!("| {verb} | {resource} | {:.2} |", *n as f64 / BURST as f64);
+    }
 }
 
 /// (passes, mean duration) from the operator's reconcile histogram.
@@ -294,17 +509,12 @@ async fn main() {
     single.sort();
     let passes = pass_times(op_metrics);
 
-    let start = Instant::now();
-    let mut burst = Vec::new();
-    for i in 0..BURST {
-        let name = format!("burst-{i}");
-        api.create(&PostParams::default(), &manifest(&name, &kernel))
-            .await
-            .expect("create");
-    }
-    for i in 0..BURST {
-        burst.push(until_running(&api, &format!("burst-{i}"), start).await);
-    }
+    let requests_before = apiserver_requests(cp);
+    let cpu_before = CpuUse::now(cp, &agent, &operator, &state);
+    let (burst_seen, created) = burst_start(&api, &kernel).await;
+    let cpu = CpuUse::now(cp, &agent, &operator, &state).since(&cpu_before);
+    let burst_writes = writes_between(&apiserver_requests(cp), &requests_before);
+    let mut burst: Vec<Duration> = burst_seen.iter().filter_map(|s| s.running).collect();
     burst.sort();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let agent_rss = rss_kib(agent.pid());
@@ -451,6 +661,7 @@ async fn main() {
         );
     }
     print_breakdown(&steps);
+    print_burst(&burst_seen, created, &cpu, &burst_writes);
     if let Some((count, mean)) = passes {
         println!();
         println!(

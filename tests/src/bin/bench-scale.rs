@@ -34,6 +34,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use kubevmm_crds::contract::{self, condition, ConditionStatus};
 use kubevmm_crds::{HypervisorNode, HypervisorNodeSpec, VirtualMachine, VmPhase};
+use kubevmm_e2e::apiserver::{apiserver_requests, delta};
 use kubevmm_e2e::{free_port, node_sim, operator_command, ControlPlane, Daemon};
 use node_vmm::agent::node::{NodeReporter, Reserve, DEFAULT_LEASE_SECONDS};
 use serde_json::json;
@@ -131,47 +132,6 @@ impl World {
         }
         sent.map(|_| ())
     }
-}
-
-/// `apiserver_request_total` summed over codes, by (verb, resource, subresource).
-type Requests = BTreeMap<(String, String, String), u64>;
-
-fn apiserver_requests(cp: &ControlPlane) -> Requests {
-    let out = cp
-        .kubectl()
-        .args(["get", "--raw", "/metrics"])
-        .output()
-        .expect("kubectl get --raw /metrics");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut by = Requests::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let label = |k: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
-                .map(|v| v.trim_end_matches('"').to_string())
-                .unwrap_or_default()
-        };
-        let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
-        *by.entry((label("verb"), label("resource"), label("subresource")))
-            .or_default() += n;
-    }
-    by
-}
-
-fn delta(after: &Requests, before: &Requests, verb: &str, resource: &str, sub: &str) -> u64 {
-    let key = (verb.to_string(), resource.to_string(), sub.to_string());
-    after
-        .get(&key)
-        .copied()
-        .unwrap_or(0)
-        .saturating_sub(before.get(&key).copied().unwrap_or(0))
 }
 
 /// CPU seconds (user + system) and peak RSS in MiB of a process.
