@@ -131,6 +131,37 @@ pub fn judge_cgroup(mounts: &str) -> Finding {
     }
 }
 
+/// Judges how fast a VMM can be moved into its cgroups, from the text of
+/// `/proc/self/mountinfo` (see `agent::favordynmods`).
+pub fn judge_cgroup_moves(mountinfo: &str) -> Finding {
+    use crate::agent::favordynmods::{parse_mountinfo, plan, Plan};
+    let item = "cgroup moves";
+    match plan(&parse_mountinfo(mountinfo)) {
+        Plan::AlreadyOn(at) => finding(
+            Level::Ok,
+            item,
+            format!("fast: favordynmods is on ({})", at.display()),
+        ),
+        Plan::Reconfigure { mount, .. } => finding(
+            Level::Warn,
+            item,
+            format!(
+                "each VM start waits for an RCU grace period (5-16 ms here and there); \
+                 the agent turns favordynmods on at {} when it starts, or run \
+                 `mount -o remount,favordynmods {}` yourself",
+                mount.display(),
+                mount.display()
+            ),
+        ),
+        Plan::NoCgroup2 => finding(
+            Level::Warn,
+            item,
+            "each VM start waits for an RCU grace period; no cgroup2 mount to set favordynmods on: \
+             boot with cgroup_favordynmods=true",
+        ),
+    }
+}
+
 /// Judges `MemAvailable` from the text of `/proc/meminfo`.
 pub fn judge_memory(meminfo: &str) -> Finding {
     let avail_kib = meminfo
@@ -179,6 +210,9 @@ pub fn examine() -> Vec<Finding> {
     ));
     out.push(judge_cgroup(
         &fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
+    ));
+    out.push(judge_cgroup_moves(
+        &fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
     ));
     out.push(judge_memory(
         &fs::read_to_string("/proc/meminfo").unwrap_or_default(),
@@ -272,6 +306,34 @@ mod tests {
         let hybrid = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
         assert!(judge_cgroup(hybrid).detail.contains("hybrid"));
         assert_eq!(judge_cgroup("").level, Level::Warn);
+    }
+
+    #[test]
+    fn cgroup_moves() {
+        let v2 = "9 1 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        // mountinfo | level | detail contains
+        let table = [
+            (
+                v2.to_string(),
+                Level::Warn,
+                "remount,favordynmods /sys/fs/cgroup",
+            ),
+            (
+                v2.replace("nsdelegate", "nsdelegate,favordynmods"),
+                Level::Ok,
+                "fast",
+            ),
+            (
+                "3 1 0:27 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n".into(),
+                Level::Warn,
+                "cgroup_favordynmods=true",
+            ),
+        ];
+        for (text, level, detail) in table {
+            let f = judge_cgroup_moves(&text);
+            assert_eq!(f.level, level, "{text}: {f:?}");
+            assert!(f.detail.contains(detail), "{text}: {f:?}");
+        }
     }
 
     #[test]

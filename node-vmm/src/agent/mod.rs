@@ -14,6 +14,7 @@ pub mod cgroups;
 pub mod ctx;
 pub mod decide;
 pub mod disks;
+pub mod favordynmods;
 pub mod handoff;
 pub mod holders;
 pub mod host;
