@@ -9,7 +9,7 @@
 //! and learns how a VMM ended from `exit.json`.
 
 use std::fs;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::fd::{FromRawFd as _, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -218,7 +218,8 @@ pub fn spawn(
     }
     cmd.arg("--fds").arg(fds.count().to_string());
     fds.install(&mut cmd);
-    // The shim forks away at once; this waits only for that first process.
+    // The shim's first process returns once its forked half has recorded
+    // the VMM's pid, or failed (see `shim_main`): no polling here.
     let status = cmd.status().map_err(|source| SupervisorError::Spawn {
         exe: node_vmm.to_path_buf(),
         source,
@@ -228,18 +229,12 @@ pub fn spawn(
             "the shim exited with {status}"
         )));
     }
-    for _ in 0..200 {
-        if let Some(pid) = dir.vmm_pid() {
-            return Ok(pid);
-        }
-        if let Some(rec) = dir.exit_record() {
-            return Err(SupervisorError::NoVmm(rec.message));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if let Some(pid) = dir.vmm_pid() {
+        return Ok(pid);
     }
-    Err(SupervisorError::NoVmm(format!(
-        "no pid file after 2s; see {}",
-        dir.vmm_log().display()
+    Err(SupervisorError::NoVmm(dir.exit_record().map_or_else(
+        || format!("the shim recorded no VMM; see {}", dir.vmm_log().display()),
+        |rec| rec.message,
     )))
 }
 
@@ -337,13 +332,55 @@ fn enter_cgroups_and_pid_ns(cgroups: &[PathBuf]) -> Result<Option<String>, Strin
 /// `node-vmm shim --dir DIR --vmm BIN [--cgroup CG]... --fds N`: see the
 /// module docs. Fds `3..3+N` are the VMM's, inherited from the agent.
 pub fn shim_main(dir: &Path, vmm: &Path, cgroups: &[PathBuf], fds: usize) -> ExitCode {
+    // The forked half says on this pipe (close-on-exec: the VMM never holds
+    // it) that the VMM's pid is recorded; its end closing (it failed and
+    // exited) says the same of the exit record.
+    let Ok((mut recorded, recording)) = cloexec_pipe() else {
+        return ExitCode::FAILURE;
+    };
     // SAFETY: the shim has started no threads yet, so fork is safe; the
-    // parent only returns.
+    // parent only waits on the pipe and returns.
     match unsafe { libc::fork() } {
-        -1 => return ExitCode::FAILURE,
-        0 => {}
-        _ => return ExitCode::SUCCESS,
+        -1 => ExitCode::FAILURE,
+        0 => {
+            drop(recorded);
+            supervise(dir, vmm, cgroups, fds, recording)
+        }
+        _ => {
+            drop(recording);
+            let _ = recorded.read(&mut [0u8]);
+            ExitCode::SUCCESS
+        }
     }
+}
+
+/// A pipe whose ends close on exec: (read end, write end).
+fn cloexec_pipe() -> std::io::Result<(fs::File, fs::File)> {
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `ends`, which we own
+    // from here on.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just returned by pipe2 and belong to nothing else.
+    Ok(unsafe {
+        (
+            fs::File::from_raw_fd(ends[0]),
+            fs::File::from_raw_fd(ends[1]),
+        )
+    })
+}
+
+/// The shim's forked half: joins the VM's cgroups, starts the VMM, records
+/// its pid (then says so on `recording`), waits for it and records how it
+/// ended.
+fn supervise(
+    dir: &Path,
+    vmm: &Path,
+    cgroups: &[PathBuf],
+    fds: usize,
+    recording: fs::File,
+) -> ExitCode {
     // SAFETY: setsid has no memory effects; it detaches from the agent's session.
     unsafe {
         libc::setsid();
@@ -421,6 +458,8 @@ pub fn shim_main(dir: &Path, vmm: &Path, cgroups: &[PathBuf], fds: usize) -> Exi
         let _ = child.kill();
         return fail(e.to_string());
     }
+    let _ = (&recording).write_all(b"1");
+    drop(recording);
     let status = child.wait();
     let rec = match status {
         Ok(st) => {
