@@ -105,6 +105,88 @@ pub async fn publish(
     recorder.publish(&note.to_event(), about).await
 }
 
+/// How many Events may wait to be sent; more are dropped, as client-go's
+/// recorder drops them when its queue is full: an Event is never worth
+/// memory without bound.
+pub const QUEUE_LIMIT: usize = 1024;
+
+/// What a sender does with an Event it could not send (log it, count it).
+pub type FailureHook = Box<dyn Fn(&ObjectReference, &Note, &kube::Error) + Send + Sync>;
+
+#[derive(Debug)]
+enum Job {
+    Publish(Box<(ObjectReference, Note)>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Events sent in the background, one at a time and in order, so that no
+/// reconcile waits for them: the writes that move VMs forward go first,
+/// and a pass or a start never waits for an Event's round trip.
+#[derive(Debug, Clone)]
+pub struct EventSink {
+    queue: tokio::sync::mpsc::Sender<Job>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl EventSink {
+    /// Starts the sender on the current tokio runtime; `failed` hears of
+    /// each Event the API server refused or could not be sent.
+    pub fn start(recorder: Recorder, failed: FailureHook) -> Self {
+        let (queue, mut jobs) = tokio::sync::mpsc::channel(QUEUE_LIMIT);
+        tokio::spawn(async move {
+            while let Some(job) = jobs.recv().await {
+                match job {
+                    Job::Publish(event) => {
+                        let (about, note) = *event;
+                        if let Err(e) = publish(&recorder, &about, &note).await {
+                            failed(&about, &note, &e);
+                        }
+                    }
+                    Job::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Self {
+            queue,
+            dropped: std::sync::Arc::default(),
+        }
+    }
+
+    /// Queues `note` about `about`; never waits. Dropped (and counted) when
+    /// [`QUEUE_LIMIT`] Events are waiting already.
+    pub fn send(&self, about: ObjectReference, note: Note) {
+        use std::sync::atomic::Ordering;
+        if self
+            .queue
+            .try_send(Job::Publish(Box::new((about, note))))
+            .is_err()
+        {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == 1 || n % 100 == 0 {
+                tracing::warn!(
+                    "{n} Events dropped: more than {QUEUE_LIMIT} were waiting to be sent"
+                );
+            }
+        }
+    }
+
+    /// How many Events were dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until every Event queued before this call was sent (or failed),
+    /// e.g. before the process exits.
+    pub async fn flush(&self) {
+        let (done, sent) = tokio::sync::oneshot::channel();
+        if self.queue.send(Job::Flush(done)).await.is_ok() {
+            let _ = sent.await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{Recorder, Reporter};
 use kubevmm_crds::contract;
+use kubevmm_crds::events::{EventSink, FailureHook};
 use tokio::sync::{watch, Notify};
 
 use crate::leader::{Elector, LeaderConfig};
@@ -242,12 +243,15 @@ async fn run(flags: Flags) -> Result<(), MainError> {
 
     let notify = std::sync::Arc::new(Notify::new());
     let ctx = Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: contract::MANAGER_OPERATOR.into(),
-                instance: Some(identity),
-            },
+        events: EventSink::start(
+            Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: contract::MANAGER_OPERATOR.into(),
+                    instance: Some(identity),
+                },
+            ),
+            event_failed(metrics.clone()),
         ),
         client,
         settings: Settings {
@@ -261,6 +265,7 @@ async fn run(flags: Flags) -> Result<(), MainError> {
         retries: std::sync::Mutex::default(),
         ledger: std::sync::Mutex::default(),
     };
+    let events = ctx.events.clone();
     let control = tokio::spawn(controller::run(
         ctx,
         notify,
@@ -276,8 +281,25 @@ async fn run(flags: Flags) -> Result<(), MainError> {
     tracing::info!("shutting down");
     control.abort();
     shutdown_tx.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), events.flush()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
     Ok(())
+}
+
+/// An Event that could not be sent is counted and logged, never fatal.
+fn event_failed(metrics: Metrics) -> FailureHook {
+    Box::new(move |about, note, e| {
+        metrics
+            .reconcile_errors_total
+            .with_label_values(&["event"])
+            .inc();
+        let vm = format!(
+            "{}/{}",
+            about.namespace.as_deref().unwrap_or_default(),
+            about.name.as_deref().unwrap_or_default()
+        );
+        tracing::warn!(%vm, reason = %note.reason, error = %e, "cannot publish Event");
+    })
 }
 
 fn main() {

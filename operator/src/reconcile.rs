@@ -40,10 +40,9 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::runtime::events::Recorder;
 use kube::ResourceExt;
 use kubevmm_crds::contract::{self, condition, reason, ConditionStatus};
-use kubevmm_crds::events::{self, Note};
+use kubevmm_crds::events::{EventSink, Note};
 use kubevmm_crds::quantity::parse_bytes;
 use kubevmm_crds::{HypervisorNode, RunStrategy, VirtualMachine, VmPhase};
 use serde_json::{json, Value};
@@ -136,8 +135,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Whether we may write.
     pub leadership: Leadership,
-    /// Event publisher.
-    pub recorder: Recorder,
+    /// Event publisher (in the background: no pass waits for an Event).
+    pub events: EventSink,
     /// When each heartbeat Lease was last seen to change (operator clock).
     pub heartbeats: Mutex<HeartbeatClock>,
     /// VMs whose writes failed, and when to try them again.
@@ -468,15 +467,13 @@ pub async fn reconcile_all(ctx: &Context, caches: &Caches) -> Result<PassReport,
                     wake = Some(wake.map_or(d, |w| w.min(d)));
                 }
                 if report_it && kind == retry::Failure::Error {
-                    publish(
-                        ctx,
-                        &reference,
-                        &Note::warning(
+                    ctx.events.send(
+                        reference,
+                        Note::warning(
                             "ReconcileFailed",
                             format!("{e}; retrying this VM with backoff"),
                         ),
-                    )
-                    .await;
+                    );
                 }
                 report.errors.push(e);
             }
@@ -621,27 +618,11 @@ async fn write_one(
             None
         }
         Write::Event(note) => {
-            publish(ctx, reference, &note).await;
+            ctx.events.send(reference.clone(), note);
             None
         }
     };
     Ok(written)
-}
-
-/// Publishes an Event about a VM; a failure is counted and logged, never fatal.
-async fn publish(ctx: &Context, reference: &ObjectReference, note: &Note) {
-    if let Err(e) = events::publish(&ctx.recorder, reference, note).await {
-        ctx.metrics
-            .reconcile_errors_total
-            .with_label_values(&["event"])
-            .inc();
-        let vm = format!(
-            "{}/{}",
-            reference.namespace.as_deref().unwrap_or_default(),
-            reference.name.as_deref().unwrap_or_default()
-        );
-        tracing::warn!(%vm, error = %e, "cannot publish Event");
-    }
 }
 
 #[cfg(test)]

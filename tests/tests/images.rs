@@ -85,11 +85,8 @@ fn a_vm_boots_its_kernel_from_an_imported_image_and_qcow2_kernels_are_refused() 
         &std::fs::metadata(&cached).expect("cached").permissions(),
     );
     assert_eq!(mode & 0o777, 0o444, "cached images are read-only");
-    assert!(
-        w.env.events("counter").contains("Imported"),
-        "{}",
-        w.env.events("counter")
-    );
+    let events = w.env.events_mentioning("counter", "Imported");
+    assert!(events.contains("Imported"), "{events}");
 
     // A qcow2 named as a kernel: imported (format and size in status), refused naming the field.
     let q = qcow2(&w.dir, "disk.qcow2");
@@ -360,7 +357,7 @@ fn each_bad_input_has_its_reason_and_leaves_nothing_behind() {
             "{name}: {m}"
         );
         assert_eq!(w.image_json(name)["status"]["phase"], "Failed");
-        let ev = w.env.events(name);
+        let ev = w.env.events_mentioning(name, reason);
         assert!(ev.contains(reason), "{name}: no {reason} event:\n{ev}");
     }
     // Nothing half-made: once no VM asks any more, no partial file is left

@@ -372,16 +372,25 @@ async fn one_failing_vm_does_not_stall_the_others() {
         "a healthy VM waited {took:?} behind a failing one\n{}",
         op.log_tail()
     );
-    let events = events_with_reason(&client, &ns, "ReconcileFailed").await;
-    assert!(
-        events.iter().any(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("poison")
-                && e.note
-                    .as_deref()
-                    .is_some_and(|n| n.contains("test refuses"))
-        }),
-        "no ReconcileFailed Event on the poison VM: {events:?}"
-    );
+    // Events go out in the background, after the writes.
+    wait_for(
+        "a ReconcileFailed Event on the poison VM",
+        &[&op],
+        || async {
+            let events = events_with_reason(&client, &ns, "ReconcileFailed").await;
+            if events.iter().any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("poison")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("test refuses"))
+            }) {
+                Ok(())
+            } else {
+                Err(format!("{events:?}"))
+            }
+        },
+    )
+    .await;
     // Still retried (not given up on), with backoff.
     let before = metric_sum(
         &op,

@@ -214,7 +214,7 @@ fn start_is_explained(env: &Env) {
         "{phases:?}"
     );
     assert_eq!(phases.last(), Some(&"Running"), "{phases:?}");
-    let events = env.events("running");
+    let events = env.events_mentioning("running", "start step VMM start");
     assert!(
         events.contains("SlowStartStep")
             && events.contains("start step disk and network preparation took"),

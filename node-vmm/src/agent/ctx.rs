@@ -1,4 +1,4 @@
-//! The node agent's shared state: the API client and recorder, settings,
+//! The node agent's shared state: the API client and Event sender, settings,
 //! metrics, the images and network it serves VMs from, and its record of
 //! each VM on the node.
 
@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use futures::channel::mpsc::UnboundedSender;
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::Client;
+use kubevmm_crds::events::EventSink;
 use kubevmm_crds::VirtualMachine;
 
 use super::local::LocalVm;
@@ -20,8 +20,8 @@ use super::AgentConfig;
 pub struct Ctx {
     /// API client.
     pub client: Client,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Events, sent in the background.
+    pub events: EventSink,
     /// Imports the images VMs boot from.
     pub importer: Arc<super::images::Importer>,
     /// The masquerade network.

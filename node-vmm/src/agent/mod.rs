@@ -54,6 +54,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::Client;
 use kubevmm_crds::contract::LABEL_NODE;
+use kubevmm_crds::events::EventSink;
 use kubevmm_crds::VirtualMachine;
 
 use self::ctx::Ctx;
@@ -149,7 +150,7 @@ pub enum AgentError {
 fn importer(
     cfg: &AgentConfig,
     client: &Client,
-    recorder: &Recorder,
+    events: &EventSink,
     metrics: &Arc<metrics::Metrics>,
     trigger: futures::channel::mpsc::UnboundedSender<
         kube::runtime::reflector::ObjectRef<VirtualMachine>,
@@ -164,7 +165,7 @@ fn importer(
                 grace: cfg.image_grace,
             },
             client.clone(),
-            recorder.clone(),
+            events.clone(),
             metrics.clone(),
             trigger,
         )
@@ -265,19 +266,22 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     tokio::spawn(server::serve(listener, metrics.clone()));
 
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "node-vmm".into(),
-            instance: Some(cfg.node_name.clone()),
-        },
+    let events = EventSink::start(
+        Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "node-vmm".into(),
+                instance: Some(cfg.node_name.clone()),
+            },
+        ),
+        Box::new(|_, note, e| tracing::debug!("event {} not recorded: {e}", note.reason)),
     );
-    let importer = importer(&cfg, &client, &recorder, &metrics, trigger_tx.clone())?;
+    let importer = importer(&cfg, &client, &events, &metrics, trigger_tx.clone())?;
     tokio::spawn(importer.clone().collect_garbage());
     let network = network(&cfg, &metrics, trigger_tx.clone())?;
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        recorder,
+        events: events.clone(),
         importer,
         network,
         node_vmm: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("node-vmm")),
@@ -311,6 +315,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
         })
         .await;
+    // What is left of the Events goes out before the agent exits.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), events.flush()).await;
     Ok(())
 }
 

@@ -228,17 +228,17 @@ async fn execute(
         }
         Effect::Booted(took) => {
             ctx.metrics.booted(took.as_secs_f64());
-            timed_step(ctx, vm, StartStep::VmmStart, took).await;
+            timed_step(ctx, vm, StartStep::VmmStart, took);
         }
         Effect::CountRestart => ctx
             .metrics
             .restarted(&vm.namespace().unwrap_or_default(), &vm.name_any()),
-        Effect::Step(step, took) => timed_step(ctx, vm, step, took).await,
+        Effect::Step(step, took) => timed_step(ctx, vm, step, took),
         Effect::Release => {
             release(ctx, uid, dir, vm);
             remove_finalizer(ctx, vm).await?;
         }
-        Effect::Event(note) => publish(ctx, vm, &note).await,
+        Effect::Event(note) => publish(ctx, vm, &note),
         Effect::WriteStatus => write_status(ctx, vm, local)
             .await
             .map_err(api_err(format!("write status of {}", vm.name_any())))?,
@@ -267,7 +267,7 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir) -> Starte
     let cg = ctx.cgroups(uid, Some(vm));
     let began = Instant::now();
     let prepared = prepare_host(ctx, vm, uid, dir, &ctx_node, &cg);
-    timed_step(ctx, vm, StartStep::HostPreparation, began.elapsed()).await;
+    timed_step(ctx, vm, StartStep::HostPreparation, began.elapsed());
     let (plan, fds) = match prepared {
         Ok(p) => p,
         Err(e) => {

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource as _, ResourceExt as _};
 use kubevmm_crds::contract::{condition, reason, ConditionStatus, MANAGER_NODE};
-use kubevmm_crds::events::{self, Note};
+use kubevmm_crds::events::Note;
 use kubevmm_crds::{VirtualMachine, VmPhase};
 
 use super::ctx::Ctx;
@@ -19,28 +19,25 @@ use super::local::LocalVm;
 use super::status_body::{self, condition_json, live_matches, AgentPart};
 
 /// Publishes `note` about `vm`; a failure is logged, never fatal.
-pub async fn publish(ctx: &Ctx, vm: &VirtualMachine, note: &Note) {
-    if let Err(e) = events::publish(&ctx.recorder, &vm.object_ref(&()), note).await {
-        tracing::debug!("event {} not recorded: {e}", note.reason);
-    }
+pub fn publish(ctx: &Ctx, vm: &VirtualMachine, note: &Note) {
+    ctx.events.send(vm.object_ref(&()), note.clone());
 }
 
 /// Records an Event about `vm`, folded into one series only when its note
 /// repeats (see [`Note::folded_by_note`]).
-pub async fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
-    publish(ctx, vm, &Note::new(warning, reason, note).folded_by_note()).await;
+pub fn event(ctx: &Ctx, vm: &VirtualMachine, warning: bool, reason: &str, note: String) {
+    publish(ctx, vm, &Note::new(warning, reason, note).folded_by_note());
 }
 
 /// Publishes `SlowStartStep` when `step` took longer than the threshold.
-pub async fn timed_step(ctx: &Ctx, vm: &VirtualMachine, step: StartStep, took: Duration) {
+pub fn timed_step(ctx: &Ctx, vm: &VirtualMachine, step: StartStep, took: Duration) {
     if let Some(note) = slow_step_note(step, took, ctx.cfg.slow_start_step) {
         tracing::info!(vm = %vm.name_any(), "{note}");
         publish(
             ctx,
             vm,
             &Note::normal("SlowStartStep", note).with_action(step.action()),
-        )
-        .await;
+        );
     }
 }
 
@@ -129,8 +126,7 @@ pub async fn write_status(
             phase == VmPhase::Failed,
             name,
             format!("phase {name} on node {}", ctx.cfg.node_name),
-        )
-        .await;
+        );
     }
     Ok(())
 }

@@ -303,6 +303,20 @@ impl Env {
             "custom-columns=REASON:.reason,NOTE:.note,MESSAGE:.message",
         ])
     }
+
+    /// [`Self::events`] once they mention `needle`, or after 10 s: Events
+    /// go out in the background, after the status writes that tests wait
+    /// for.
+    pub fn events_mentioning(&self, name: &str, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let events = self.events(name);
+            if events.contains(needle) || std::time::Instant::now() > deadline {
+                return events;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
 }
 
 pub fn alive(pid: i32) -> bool {

@@ -23,11 +23,11 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::Recorder;
+
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource as _, ResourceExt as _};
 use kubevmm_crds::contract::ConditionStatus;
-use kubevmm_crds::events::{self, Note};
+use kubevmm_crds::events::{EventSink, Note};
 use kubevmm_crds::image::{
     aggregate_phase, node_condition, ImageFormat, ImagePhase, NodeImageStatus, VirtualMachineImage,
 };
@@ -93,7 +93,7 @@ pub struct Importer {
     allowed_dirs: Vec<PathBuf>,
     node: String,
     kube: Client,
-    recorder: Recorder,
+    events: EventSink,
     metrics: Arc<Metrics>,
     grace: Duration,
     jobs: Mutex<HashMap<String, Job>>,
@@ -147,7 +147,7 @@ impl Importer {
     pub fn new(
         cfg: &ImporterConfig,
         kube: Client,
-        recorder: Recorder,
+        events: EventSink,
         metrics: Arc<Metrics>,
         trigger: UnboundedSender<ObjectRef<VirtualMachine>>,
     ) -> std::io::Result<Self> {
@@ -161,7 +161,7 @@ impl Importer {
             allowed_dirs: cfg.allowed_dirs.clone(),
             node: cfg.node.clone(),
             kube,
-            recorder,
+            events,
             metrics,
             grace: cfg.grace,
             jobs: Mutex::new(HashMap::new()),
@@ -552,9 +552,7 @@ impl Importer {
             return;
         };
         let note = Note::new(warning, reason, note).with_action("Import");
-        if let Err(e) = events::publish(&self.recorder, &img.object_ref(&()), &note).await {
-            tracing::debug!("event {reason} not recorded: {e}");
-        }
+        self.events.send(img.object_ref(&()), note);
     }
 
     /// Whether an import VM `uid` waited for ended since it last asked.
