@@ -30,6 +30,9 @@ pub const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(1);
 pub const PROBE_WAIT: Duration = Duration::from_secs(5);
 /// How often a running VM is looked at, and its counters read.
 pub const OBSERVE_EVERY: Duration = Duration::from_secs(10);
+/// An answer younger than this stands for a look: a pass that only follows
+/// the agent's own status write asks the VMM nothing.
+const ANSWER_FRESH: Duration = Duration::from_secs(2);
 /// How soon a VM whose VMM does not answer yet is looked at again.
 const STARTING_POLL: Duration = Duration::from_millis(50);
 /// How soon a stop is taken to its next step.
@@ -245,8 +248,17 @@ pub fn decide(seen: &Seen<'_>, local: &mut LocalVm) -> Plan {
             };
         }
         Move::Observe => {
-            effects.push(Effect::Probe(PROBE_WAIT));
-            OBSERVE_EVERY
+            let age = local
+                .last_answer
+                .map(|t| seen.now.saturating_duration_since(t));
+            let as_wanted = local.paused.is_some_and(|p| p.paused == seen.paused_wanted);
+            match age {
+                Some(age) if age < ANSWER_FRESH && as_wanted => OBSERVE_EVERY.saturating_sub(age),
+                _ => {
+                    effects.push(Effect::Probe(PROBE_WAIT));
+                    OBSERVE_EVERY
+                }
+            }
         }
         Move::Start => {
             local.next_start = None;
@@ -487,6 +499,7 @@ pub fn settled(seen: &Seen<'_>, local: &mut LocalVm, state: GuestState) -> Plan 
     // The first look after a spawn reports Running without reading the
     // counters first (they are all but zero): one round trip less before
     // the status says Running; the next look reads them.
+    local.last_answer = Some(seen.now);
     let just_booted = local.spawned.take();
     if let Some(spawned) = just_booted {
         effects.push(Effect::Booted(seen.now.saturating_duration_since(spawned)));

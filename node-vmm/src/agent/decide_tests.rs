@@ -56,6 +56,18 @@ fn running() -> LocalVm {
     }
 }
 
+/// A running VM whose VMM last answered at `at`, running as wanted.
+fn answered(at: Instant) -> LocalVm {
+    LocalVm {
+        last_answer: Some(at),
+        paused: Some(PausedCond {
+            paused: false,
+            since: wall(),
+        }),
+        ..running()
+    }
+}
+
 fn fresh() -> LocalVm {
     LocalVm {
         loaded: true,
@@ -121,6 +133,33 @@ fn every_pass_of_a_vm() {
         Row {
             what: "a running VM is looked at",
             local: running(),
+            seen: base(VmmSeen::Alive),
+            effects: &["Probe(5000)", "WriteStatus"],
+            phase: Some(VmPhase::Running),
+            then: secs(10),
+        },
+        Row {
+            what: "a VM whose VMM answered a moment ago is not asked again (the pass after the agent's own write)",
+            local: answered(now.checked_sub(Duration::from_millis(500)).expect("uptime")),
+            seen: base(VmmSeen::Alive),
+            effects: &["WriteStatus"],
+            phase: Some(VmPhase::Running),
+            then: ms(9500),
+        },
+        Row {
+            what: "... unless a pause is asked for meanwhile",
+            local: answered(now.checked_sub(Duration::from_millis(500)).expect("uptime")),
+            seen: Seen {
+                paused_wanted: true,
+                ..base(VmmSeen::Alive)
+            },
+            effects: &["Probe(5000)", "WriteStatus"],
+            phase: Some(VmPhase::Running),
+            then: secs(10),
+        },
+        Row {
+            what: "an answer older than 2 s is asked for again",
+            local: answered(now.checked_sub(Duration::from_secs(3)).expect("uptime")),
             seen: base(VmmSeen::Alive),
             effects: &["Probe(5000)", "WriteStatus"],
             phase: Some(VmPhase::Running),

@@ -78,6 +78,8 @@ pub struct LocalVm {
     pub interfaces: Vec<InterfaceStatus>,
     /// When the VMM's counters were last read.
     pub(super) last_stats: Option<Instant>,
+    /// When the VMM last said what its vCPUs do.
+    pub(super) last_answer: Option<Instant>,
     /// Filled from the VM's status (first sight by this agent process).
     pub(super) loaded: bool,
 }
