@@ -320,8 +320,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// How long the running count may settle before the node status says it.
+const COUNT_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Heartbeat: the `HypervisorNode` status and the Lease every third of the
-/// Lease; the status also as soon as the number of running VMMs changes.
+/// Lease; the status also within [`COUNT_SETTLE`] of a change in the
+/// number of running VMMs.
 async fn heartbeat(hb_ctx: Arc<Ctx>, reporter: NodeReporter) {
     loop {
         let mut written = hb_ctx.running_count();
@@ -334,8 +338,10 @@ async fn heartbeat(hb_ctx: Arc<Ctx>, reporter: NodeReporter) {
             tokio::select! {
                 () = tokio::time::sleep_until(next) => break,
                 () = hb_ctx.running_changed.notified() => {
-                    // A burst of starts is one write.
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    // A burst of starts is one write, made after it: the
+                    // count is for people, and the API server's time goes
+                    // to the VMs' own status first.
+                    tokio::time::sleep(COUNT_SETTLE).await;
                     let running = hb_ctx.running_count();
                     if running != written {
                         let masquerade = hb_ctx.network.condition();
