@@ -266,7 +266,10 @@ async fn start(ctx: &Ctx, vm: &VirtualMachine, uid: &str, dir: &VmDir) -> Starte
     };
     let cg = ctx.cgroups(uid, Some(vm));
     let began = Instant::now();
-    let prepared = prepare_host(ctx, vm, uid, dir, &ctx_node, &cg);
+    // Files, cgroups and netlink, synchronous: the runtime hands this
+    // worker's other tasks (other VMs' starts and status writes) to another
+    // thread meanwhile.
+    let prepared = tokio::task::block_in_place(|| prepare_host(ctx, vm, uid, dir, &ctx_node, &cg));
     timed_step(ctx, vm, StartStep::HostPreparation, began.elapsed());
     let (plan, fds) = match prepared {
         Ok(p) => p,

@@ -315,9 +315,12 @@ fn print_burst(
     println!();
     println!("| step | p50 | p95 | last |");
     println!("| --- | --- | --- | --- |");
-    let rows: [(&str, StepOf); 2] = [
+    let rows: [(&str, StepOf); 3] = [
         ("operator: bound (status.nodeName, label)", |s| s.bound),
         ("agent: Running (VMM up, vCPUs run)", |s| s.running),
+        ("agent: bound → Running, each VM's own", |s| {
+            s.running?.checked_sub(s.bound?)
+        }),
     ];
     for (what, step) in rows {
         let mut v: Vec<Duration> = runs.iter().filter_map(step).collect();
