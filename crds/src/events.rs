@@ -110,6 +110,85 @@ pub async fn publish(
 /// memory without bound.
 pub const QUEUE_LIMIT: usize = 1024;
 
+/// Events wait until none has been queued for this long: they come with
+/// the writes that move VMs forward, so a burst of starts is written
+/// before its Events.
+pub const QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+/// ... but never longer than this.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How much longer the Events waiting since `oldest` (the newest queued at
+/// `newest`, `waiting` of them) are held at `now`; `None`: send them now.
+pub fn hold(
+    now: std::time::Instant,
+    oldest: std::time::Instant,
+    newest: std::time::Instant,
+    waiting: usize,
+) -> Option<std::time::Duration> {
+    let quiet_for = now.saturating_duration_since(newest);
+    let waited = now.saturating_duration_since(oldest);
+    if waiting >= QUEUE_LIMIT || quiet_for >= QUIET || waited >= MAX_DELAY {
+        return None;
+    }
+    Some(
+        QUIET
+            .saturating_sub(quiet_for)
+            .min(MAX_DELAY.saturating_sub(waited)),
+    )
+}
+
+/// The sender's task: takes Events off the queue, holds them while more
+/// keep coming ([`hold`]), then sends them in order; a flush sends what
+/// waits at once.
+async fn send_when_quiet(
+    mut jobs: tokio::sync::mpsc::Receiver<Job>,
+    recorder: Recorder,
+    failed: FailureHook,
+) {
+    use std::time::Instant;
+    let mut waiting: Vec<(ObjectReference, Note)> = Vec::new();
+    let (mut oldest, mut newest) = (Instant::now(), Instant::now());
+    loop {
+        if waiting.is_empty() {
+            match jobs.recv().await {
+                None => return,
+                Some(Job::Publish(event)) => {
+                    (oldest, newest) = (Instant::now(), Instant::now());
+                    waiting.push(*event);
+                }
+                Some(Job::Flush(done)) => {
+                    let _ = done.send(());
+                }
+            }
+            continue;
+        }
+        // Something waits: more may come while it is held.
+        let flush = match hold(Instant::now(), oldest, newest, waiting.len()) {
+            None => None,
+            Some(wait) => match tokio::time::timeout(wait, jobs.recv()).await {
+                // Held long enough: due at the next look.
+                Err(_) => continue,
+                Ok(Some(Job::Publish(event))) => {
+                    newest = Instant::now();
+                    waiting.push(*event);
+                    continue;
+                }
+                Ok(Some(Job::Flush(done))) => Some(done),
+                // Every sender is gone: what waits goes out, then the task ends.
+                Ok(None) => None,
+            },
+        };
+        for (about, note) in waiting.drain(..) {
+            if let Err(e) = publish(&recorder, &about, &note).await {
+                failed(&about, &note, &e);
+            }
+        }
+        if let Some(done) = flush {
+            let _ = done.send(());
+        }
+    }
+}
+
 /// What a sender does with an Event it could not send (log it, count it).
 pub type FailureHook = Box<dyn Fn(&ObjectReference, &Note, &kube::Error) + Send + Sync>;
 
@@ -132,22 +211,8 @@ impl EventSink {
     /// Starts the sender on the current tokio runtime; `failed` hears of
     /// each Event the API server refused or could not be sent.
     pub fn start(recorder: Recorder, failed: FailureHook) -> Self {
-        let (queue, mut jobs) = tokio::sync::mpsc::channel(QUEUE_LIMIT);
-        tokio::spawn(async move {
-            while let Some(job) = jobs.recv().await {
-                match job {
-                    Job::Publish(event) => {
-                        let (about, note) = *event;
-                        if let Err(e) = publish(&recorder, &about, &note).await {
-                            failed(&about, &note, &e);
-                        }
-                    }
-                    Job::Flush(done) => {
-                        let _ = done.send(());
-                    }
-                }
-            }
-        });
+        let (queue, jobs) = tokio::sync::mpsc::channel(QUEUE_LIMIT);
+        tokio::spawn(send_when_quiet(jobs, recorder, failed));
         Self {
             queue,
             dropped: std::sync::Arc::default(),
@@ -190,6 +255,31 @@ impl EventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_wait_for_a_quiet_moment_but_not_long() {
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        // oldest, newest, now (ms after t0), waiting | held for
+        let table = [
+            (0, 0, 0, 1, Some(ms(100))),
+            (0, 0, 40, 1, Some(ms(60))),
+            (0, 0, 100, 1, None),
+            // A burst keeps them waiting...
+            (0, 1950, 1990, 20, Some(ms(10))),
+            // ... up to MAX_DELAY.
+            (0, 1990, 2000, 20, None),
+            // A full queue goes out at once.
+            (0, 10, 10, QUEUE_LIMIT, None),
+        ];
+        for (oldest, newest, now, waiting, want) in table {
+            assert_eq!(
+                hold(t0 + ms(now), t0 + ms(oldest), t0 + ms(newest), waiting),
+                want,
+                "oldest {oldest} ms, newest {newest} ms, now {now} ms, {waiting} waiting"
+            );
+        }
+    }
 
     #[test]
     fn events_fold_only_when_their_note_repeats() {
