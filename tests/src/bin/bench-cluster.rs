@@ -116,6 +116,25 @@ impl Seen {
     }
 }
 
+/// The next VM the watch shows; panics (saying `what`) 120 s after `start`.
+async fn next_vm(
+    events: &mut (impl futures::Stream<Item = Result<Event<VirtualMachine>, watcher::Error>> + Unpin),
+    start: Instant,
+    what: impl Fn() -> String,
+) -> VirtualMachine {
+    loop {
+        let left = Duration::from_secs(120).saturating_sub(start.elapsed());
+        let ev = tokio::time::timeout(left, events.try_next())
+            .await
+            .unwrap_or_else(|_| panic!("not Running after 120 s: {}", what()))
+            .expect("watch")
+            .expect("the watch ended");
+        if let Event::Apply(vm) | Event::InitApply(vm) = ev {
+            return vm;
+        }
+    }
+}
+
 /// Creates `vm` and follows it through a watch (opened first) until it is
 /// Running.
 async fn watch_start(api: &Api<VirtualMachine>, vm: &VirtualMachine) -> Seen {
@@ -133,15 +152,8 @@ async fn watch_start(api: &Api<VirtualMachine>, vm: &VirtualMachine) -> Seen {
         .expect("create");
     let mut seen = Seen::default();
     while seen.running.is_none() {
-        let left = Duration::from_secs(120).saturating_sub(start.elapsed());
-        let ev = tokio::time::timeout(left, events.try_next())
-            .await
-            .unwrap_or_else(|_| panic!("{name} not Running after 120 s: {seen:?}"))
-            .expect("watch")
-            .expect("the watch ended");
-        if let Event::Apply(vm) | Event::InitApply(vm) = ev {
-            seen.record(&vm, start.elapsed());
-        }
+        let vm = next_vm(&mut events, start, || format!("{name}: {seen:?}")).await;
+        seen.record(&vm, start.elapsed());
     }
     seen
 }
@@ -175,20 +187,13 @@ async fn burst_start(api: &Api<VirtualMachine>, kernel: &std::path::Path) -> (Ve
     };
     let mut seen = vec![Seen::default(); BURST];
     while seen.iter().any(|s| s.running.is_none()) {
-        let left = Duration::from_secs(120).saturating_sub(start.elapsed());
-        let ev = tokio::time::timeout(left, events.try_next())
-            .await
-            .unwrap_or_else(|_| panic!("the burst is not Running after 120 s: {seen:?}"))
-            .expect("watch")
-            .expect("the watch ended");
-        if let Event::Apply(vm) | Event::InitApply(vm) = ev {
-            let index = vm
-                .name_any()
-                .strip_prefix("burst-")
-                .and_then(|i| i.parse::<usize>().ok());
-            if let Some(s) = index.and_then(|i| seen.get_mut(i)) {
-                s.record(&vm, start.elapsed());
-            }
+        let vm = next_vm(&mut events, start, || format!("the burst: {seen:?}")).await;
+        let index = vm
+            .name_any()
+            .strip_prefix("burst-")
+            .and_then(|i| i.parse::<usize>().ok());
+        if let Some(s) = index.and_then(|i| seen.get_mut(i)) {
+            s.record(&vm, start.elapsed());
         }
     }
     (seen, creates.await.expect("the creates"))
