@@ -226,7 +226,9 @@ pub fn spawn(
     })?;
     if !status.success() {
         return Err(SupervisorError::NoVmm(format!(
-            "the shim exited with {status}"
+            "the shim exited with {status}: no VMM recorded (no fork, or its forked half took over {}s); see {}",
+            RECORD_WITHIN.as_secs(),
+            dir.vmm_log().display()
         )));
     }
     if let Some(pid) = dir.vmm_pid() {
@@ -348,10 +350,33 @@ pub fn shim_main(dir: &Path, vmm: &Path, cgroups: &[PathBuf], fds: usize) -> Exi
         }
         _ => {
             drop(recording);
-            let _ = recorded.read(&mut [0u8]);
-            ExitCode::SUCCESS
+            if recorded_within(&recorded, RECORD_WITHIN) {
+                let _ = recorded.read(&mut [0u8]);
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// How long the shim's first process waits for its forked half to record
+/// the VMM (a fork, cgroup writes and an exec; milliseconds as a rule): a
+/// stuck half must not hold the agent's start for ever.
+const RECORD_WITHIN: Duration = Duration::from_secs(5);
+
+/// Whether `pipe` has something to read (a byte, or its end closed) within
+/// `limit`.
+fn recorded_within(pipe: &fs::File, limit: Duration) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut fd = libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: poll reads and writes the one pollfd we pass, for the call only.
+    unsafe { libc::poll(&raw mut fd, 1, ms) > 0 }
 }
 
 /// A pipe whose ends close on exec: (read end, write end).
