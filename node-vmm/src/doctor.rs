@@ -104,30 +104,71 @@ pub fn judge_tun(open: Result<(), std::io::Error>) -> Finding {
     }
 }
 
-/// Judges the cgroup layout from the text of `/proc/self/mounts`.
-pub fn judge_cgroup(mounts: &str) -> Finding {
+/// The controllers per-VM limits need (memory, pids, CPU quota).
+const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// Judges where per-VM limits go, from the text of `/proc/self/mounts` and
+/// of the cgroup2 root's `cgroup.controllers`, as the agent decides it
+/// (`agent::cgroups::Layout::detect`): cgroup v2 when it has the three
+/// controllers, else the v1 hierarchies that have them.
+pub fn judge_cgroup(mounts: &str, v2_controllers: &str) -> Finding {
     let mut v2_at = None;
-    let mut v1 = false;
+    let mut v1: Vec<&str> = Vec::new();
     for line in mounts.lines() {
-        let mut f = line.split_whitespace();
-        let (_, Some(dir), Some(fstype)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        match fstype {
-            "cgroup2" => v2_at = Some(dir.to_string()),
-            "cgroup" => v1 = true,
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match (f.get(1), f.get(2), f.get(3)) {
+            (Some(dir), Some(&"cgroup2"), _) => v2_at = Some(*dir),
+            (Some(_), Some(&"cgroup"), Some(opts)) => v1.extend(opts.split(',')),
             _ => {}
         }
     }
-    match (v2_at, v1) {
-        (Some(dir), false) => finding(Level::Ok, "cgroup", format!("v2 (unified) at {dir}")),
-        (Some(dir), true) => finding(
+    let in_v2: Vec<&str> = v2_controllers.split_whitespace().collect();
+    if let Some(dir) = v2_at.filter(|_| LIMIT_CONTROLLERS.iter().all(|c| in_v2.contains(c))) {
+        return finding(
+            Level::Ok,
+            "cgroup",
+            format!("v2 at {dir}: per-VM memory, pids and CPU limits there"),
+        );
+    }
+    let missing: Vec<&str> = LIMIT_CONTROLLERS
+        .iter()
+        .copied()
+        .filter(|c| !v1.contains(c))
+        .collect();
+    let v2_note = v2_at.map_or_else(String::new, |dir| {
+        format!(" (v2 at {dir} lacks some of memory, pids, cpu)")
+    });
+    if let (Some(dir), 3) = (v2_at, missing.len()) {
+        return finding(
             Level::Warn,
             "cgroup",
-            format!("hybrid: v1 controllers plus v2 at {dir}; per-VM resource limits use v2 only where controllers are enabled"),
+            format!(
+                "v2 at {dir} offers only \"{}\" and no v1 hierarchy has memory, pids or cpu: \
+                 per-VM limits are not applied",
+                in_v2.join(" ")
+            ),
+        );
+    }
+    match missing.len() {
+        0 => finding(
+            Level::Ok,
+            "cgroup",
+            format!("v1 memory, pids and cpu hierarchies: per-VM limits there{v2_note}"),
         ),
-        (None, true) => finding(Level::Warn, "cgroup", "v1 only: per-VM cgroup limits are not applied; boot with systemd.unified_cgroup_hierarchy=1"),
-        (None, false) => finding(Level::Warn, "cgroup", "no cgroup filesystem mounted: per-VM limits are not applied"),
+        3 if v1.is_empty() && v2_at.is_none() => finding(
+            Level::Warn,
+            "cgroup",
+            "no cgroup filesystem mounted: per-VM limits are not applied",
+        ),
+        _ => finding(
+            Level::Warn,
+            "cgroup",
+            format!(
+                "no {} controller mounted{v2_note}: per-VM {} limits are not applied",
+                missing.join(", "),
+                missing.join(", ")
+            ),
+        ),
     }
 }
 
@@ -208,9 +249,18 @@ pub fn examine() -> Vec<Finding> {
             .open("/dev/net/tun")
             .map(drop),
     ));
-    out.push(judge_cgroup(
-        &fs::read_to_string("/proc/self/mounts").unwrap_or_default(),
-    ));
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let v2_controllers = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2"))
+                .then(|| f.get(1).copied())
+                .flatten()
+        })
+        .and_then(|dir| fs::read_to_string(format!("{dir}/cgroup.controllers")).ok())
+        .unwrap_or_default();
+    out.push(judge_cgroup(&mounts, &v2_controllers));
     out.push(judge_cgroup_moves(
         &fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
     ));
@@ -299,13 +349,35 @@ mod tests {
 
     #[test]
     fn cgroup_layouts() {
-        assert_eq!(
-            judge_cgroup("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n").level,
-            Level::Ok
-        );
-        let hybrid = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert!(judge_cgroup(hybrid).detail.contains("hybrid"));
-        assert_eq!(judge_cgroup("").level, Level::Warn);
+        let v2 = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        let hybrid = "cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n\
+                      cgroup /sys/fs/cgroup/pids cgroup rw,nosuid,pids 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        let no_pids = hybrid.replace("rw,nosuid,pids", "rw,freezer");
+        // mounts, v2 controllers | level, detail contains
+        let table = [
+            (
+                v2,
+                "cpuset cpu io memory pids",
+                Level::Ok,
+                "v2 at /sys/fs/cgroup: per-VM",
+            ),
+            (
+                v2,
+                "cpu io",
+                Level::Warn,
+                "offers only \"cpu io\"",
+            ),
+            (hybrid, "", Level::Ok, "v1 memory, pids and cpu hierarchies"),
+            (&no_pids, "", Level::Warn, "no pids controller mounted"),
+            ("", "", Level::Warn, "no cgroup filesystem mounted"),
+        ];
+        for (mounts, controllers, level, detail) in table {
+            let f = judge_cgroup(mounts, controllers);
+            assert_eq!(f.level, level, "{mounts}: {f:?}");
+            assert!(f.detail.contains(detail), "{mounts}: {f:?}");
+        }
     }
 
     #[test]
