@@ -363,12 +363,7 @@ mod tests {
                 Level::Ok,
                 "v2 at /sys/fs/cgroup: per-VM",
             ),
-            (
-                v2,
-                "cpu io",
-                Level::Warn,
-                "offers only \"cpu io\"",
-            ),
+            (v2, "cpu io", Level::Warn, "offers only \"cpu io\""),
             (hybrid, "", Level::Ok, "v1 memory, pids and cpu hierarchies"),
             (&no_pids, "", Level::Warn, "no pids controller mounted"),
             ("", "", Level::Warn, "no cgroup filesystem mounted"),
