@@ -237,11 +237,6 @@ impl EventSink {
         }
     }
 
-    /// How many Events were dropped so far.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Waits until every Event queued before this call was sent (or failed),
     /// e.g. before the process exits.
     pub async fn flush(&self) {
